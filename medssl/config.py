@@ -1,0 +1,198 @@
+"""YAML (data only) -> frozen dataclasses, with dotted ``key.sub=value`` overrides.
+
+Schemas are plain frozen dataclasses declared next to the code they configure; this module only knows how to
+fill them. Unknown keys are rejected with a "did you mean" hint, values are checked against the type hints, and
+the resolved config (``to_dict``) is what runs write to ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import types
+import typing
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+import yaml
+
+from medssl.errors import InputError
+from medssl.registry import did_you_mean
+
+T = TypeVar("T")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.steps=200"`` -> ``(["train", "steps"], 200)``; the value is parsed as YAML (lists too)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise InputError(f"override '{text}' is not of the form key.sub=value (e.g. train.steps=200)")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as err:
+        raise InputError(f"override '{text}': value is not valid YAML ({err.__class__.__name__})") from None
+    return key.strip().split("."), parsed
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with every ``key.sub=value`` override set (creating nested dicts as needed)."""
+    result = _deep_copy(data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = result
+        for key in keys[:-1]:
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise InputError(f"override '{text}': '{key}' holds a value, not a section")
+            node = child
+        node[keys[-1]] = value
+    return result
+
+
+def from_dict(schema: type[T], data: dict[str, Any] | None, where: str = "") -> T:
+    """Build dataclass ``schema`` from ``data``; unknown keys and wrong types raise ``InputError``."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise InputError(f"config section '{where or '<top>'}' must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(schema)}  # type: ignore[arg-type]
+    hints = typing.get_type_hints(schema)
+    for key in data:
+        if key not in fields:
+            raise InputError(
+                f"unknown config key '{where}{key}'{did_you_mean(key, list(fields))}; "
+                f"known keys here: {', '.join(fields)}"
+            )
+    values = {}
+    for name, value in data.items():
+        values[name] = _coerce(value, hints[name], f"{where}{name}")
+    try:
+        return schema(**values)
+    except TypeError as err:  # a required field is missing
+        raise InputError(f"config section '{where or '<top>'}': {err}") from None
+
+
+def to_dict(config: Any) -> Any:
+    """The resolved config as plain YAML-able data (tuples become lists)."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, (list, tuple)):
+        return [to_dict(v) for v in config]
+    if isinstance(config, dict):
+        return {k: to_dict(v) for k, v in config.items()}
+    return config
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing or malformed file is an ``InputError`` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("config file not found; pass one of the files in configs/ or your own YAML", path=path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise InputError(f"not valid YAML: {err}", path=path) from None
+    if not isinstance(data, dict):
+        raise InputError("a config file must hold a mapping of keys to values", path=path)
+    return data
+
+
+def load_config(path: str | Path, schema: type[T], overrides: Sequence[str] = ()) -> T:
+    """Read ``path``, apply ``overrides`` and build ``schema``; errors name the file."""
+    data = apply_overrides(read_yaml(path), overrides)
+    try:
+        return from_dict(schema, data)
+    except InputError as err:
+        raise InputError(err.message, path=path) from None
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    write_text_atomic(Path(path), yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check ``value`` against type ``hint`` (recursing into dataclasses, tuples, lists, dicts, unions)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where=f"{where}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except InputError as err:
+                errors.append(err.message)
+        raise InputError(errors[0] if len(errors) == 1 else f"config key '{where}': value {value!r} fits none of {hint}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise InputError(
+                f"config key '{where}' must be one of {', '.join(map(repr, args))}, got {value!r}"
+                f"{did_you_mean(str(value), [str(a) for a in args])}"
+            )
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            value = [value] if origin is tuple and args and args[-1] is Ellipsis else value
+        if not isinstance(value, (list, tuple)):
+            raise InputError(f"config key '{where}' must be a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise InputError(f"config key '{where}' must have {len(args)} entries, got {len(value)}")
+            items = [_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+        else:
+            item_hint = args[0] if args else Any
+            items = [_coerce(v, item_hint, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise InputError(f"config key '{where}' must be a mapping, got {value!r}")
+        value_hint = args[1] if len(args) == 2 else Any
+        return {k: _coerce(v, value_hint, f"{where}.{k}") for k, v in value.items()}
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(f"config key '{where}' must be a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InputError(f"config key '{where}' must be an integer, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise InputError(f"config key '{where}' must be true or false, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise InputError(f"config key '{where}' must be a string, got {value!r}")
+        return value
+    return value

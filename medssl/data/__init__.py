@@ -1,0 +1,1 @@
+"""Reading scans, datalists and landmark files; the demo population."""
