@@ -1,0 +1,35 @@
+"""The objective interface and its registry: names = file names = config names."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from medssl.data.batch import PairBatch
+from medssl.registry import Registry
+
+#: which pair of views an objective needs from the view sampler (see ``medssl.transforms``)
+VIEW_PRESETS = ("symmetric", "weak_strong", "raw_patch")
+
+
+class Objective(nn.Module):
+    """A self-supervised objective: owns its heads (and teacher, bank, ...) but not the network it trains.
+
+    Subclasses set ``views`` (one of ``VIEW_PRESETS``) and implement ``forward``; ``on_step_end`` runs after every
+    optimizer step (EMA teacher update, memory bank, ...) with ``progress`` = step / total steps in [0, 1].
+    """
+
+    views: ClassVar[str] = "symmetric"
+    needs_info: ClassVar[bool] = False  # True when the batch must carry information maps (``ViewBatch.info``)
+
+    def forward(self, network: nn.Module, batch: PairBatch) -> dict[str, torch.Tensor]:
+        """Return ``{"loss": scalar, ...named detached parts for logging}``."""
+        raise NotImplementedError
+
+    def on_step_end(self, network: nn.Module, progress: float) -> None:
+        """Hook after each optimizer step; the default does nothing."""
+
+
+OBJECTIVES: Registry[type[Objective]] = Registry("objective")
