@@ -1,0 +1,47 @@
+"""Shared test fixtures: a tiny oblique, anisotropic geometry and a tiny DICOM series (written by SimpleITK)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture
+def oblique_affine() -> np.ndarray:
+    """A 3D RAS affine (4, 4): voxel size (0.5, 1.2, 2.0) mm, rotated 36.87 deg about z and 10 deg about x."""
+    about_z = np.array([[0.8, -0.6, 0.0], [0.6, 0.8, 0.0], [0.0, 0.0, 1.0]])
+    c, s = np.cos(np.radians(10)), np.sin(np.radians(10))
+    about_x = np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
+    affine = np.eye(4)
+    affine[:3, :3] = about_x @ about_z @ np.diag([0.5, 1.2, 2.0])
+    affine[:3, 3] = [10.0, -20.0, 30.0]
+    return affine
+
+
+@pytest.fixture
+def dicom_series(tmp_path: Path) -> Path:
+    """A folder holding one 8x9x4 (x, y, z) int16 DICOM series, spacing (0.5, 0.7, 2.0) mm; values x + 10y + 100z."""
+    import SimpleITK as sitk
+
+    x, y, z = np.meshgrid(np.arange(8), np.arange(9), np.arange(4), indexing="ij")
+    values_zyx = (x + 10 * y + 100 * z).astype(np.int16).transpose(2, 1, 0)  # (z, y, x) for SimpleITK
+    volume = sitk.GetImageFromArray(values_zyx)
+    volume.SetSpacing((0.5, 0.7, 2.0))
+    volume.SetOrigin((-4.0, 6.0, 12.0))
+    folder = tmp_path / "series"
+    folder.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(volume.GetDepth()):
+        slice_k = volume[:, :, k]
+        slice_k.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.7")  # series instance UID
+        slice_k.SetMetaData("0020|0013", str(k + 1))  # instance number
+        slice_k.SetMetaData("0020|0032", "\\".join(f"{v:g}" for v in volume.TransformIndexToPhysicalPoint((0, 0, k))))
+        slice_k.SetMetaData("0020|0037", "1\\0\\0\\0\\1\\0")  # row / column directions (LPS)
+        slice_k.SetMetaData("0028|0030", "0.7\\0.5")  # pixel spacing: row spacing (y), column spacing (x)
+        slice_k.SetMetaData("0008|0060", "CT")
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.Execute(slice_k)
+    return folder
