@@ -1,0 +1,101 @@
+"""View-generation speed vs one training step: view pairs/s for 2D 128^2 and 3D 64^3 patches, next to the pairs/s of
+one forward+backward step of the default network (``medssl.networks.unet.UNet(size="small")`` on both views).
+
+Run: ``python benchmarks/bench_views.py [--device cpu] [--batch 4] [--repeats 5]``; prints a Markdown table
+(the numbers in ``docs/views.md`` come from it). Scans are synthetic smooth volumes written to a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medssl.data.readers import save_image
+from medssl.networks.unet import UNet
+from medssl.transforms.sampler import ViewPairSampler
+
+CASES = {2: ((192, 176), (128, 128)), 3: ((96, 88, 80), (64, 64, 64))}  # scan shape, patch size (1 mm voxels)
+
+
+def _scans(folder: Path, spatial_dims: int, count: int = 4) -> list[Path]:
+    rng = np.random.default_rng(spatial_dims)
+    shape = CASES[spatial_dims][0]
+    paths = []
+    for k in range(count):
+        volume = rng.normal(size=shape)
+        for axis in range(spatial_dims):
+            volume = volume.cumsum(axis=axis)
+        paths.append(save_image(volume.astype(np.float32), np.eye(spatial_dims + 1), folder / f"scan{k}.nii.gz"))
+    return paths
+
+
+def _synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def pairs_per_second(sampler: ViewPairSampler, batch: int, repeats: int) -> float:
+    """View pairs per second after one warm-up batch (which fills the scan cache)."""
+    sampler.sample(batch)
+    _synchronise(sampler.device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        sampler.sample(batch)
+    _synchronise(sampler.device)
+    return batch * repeats / (time.perf_counter() - start)
+
+
+def network_pairs_per_second(spatial_dims: int, patch: tuple[int, ...], batch: int, repeats: int,
+                             device: torch.device) -> float:
+    """Pairs per second of forward+backward of UNet(size="small") on both views (2 x batch images)."""
+    network = UNet(spatial_dims=spatial_dims, size="small").to(device)
+    images = torch.rand((2 * batch, 1, *patch), device=device)
+    network(images).mean().backward()
+    _synchronise(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        network.zero_grad()
+        network(images).mean().backward()
+    _synchronise(device)
+    return batch * repeats / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for dims in (2, 3):
+            paths = _scans(Path(folder) / f"{dims}d", dims)
+            patch = CASES[dims][1]
+            for preset, guided in (("symmetric", False), ("raw_patch", True)):
+                sampler = ViewPairSampler(paths, spatial_dims=dims, patch_size=patch, preset=preset,
+                                          info_guided=guided, device=device)
+                start = time.perf_counter()
+                for index in range(len(paths)):
+                    sampler.scans[index]  # decode + preprocess (+ information map) once per scan
+                per_scan_s = (time.perf_counter() - start) / len(paths)
+                rate = pairs_per_second(sampler, args.batch, args.repeats)
+                rows.append((f"{dims}D {'x'.join(map(str, patch))}", f"{preset}{' + info' if guided else ''}",
+                             f"{rate:.1f}", f"{per_scan_s:.2f}"))
+            network = network_pairs_per_second(dims, patch, args.batch, max(1, args.repeats // 2), device)
+            rows.append((f"{dims}D {'x'.join(map(str, patch))}", "UNet small fwd+bwd (both views)",
+                         f"{network:.1f}", ""))
+    print(f"device {device}, batch {args.batch}, torch threads {torch.get_num_threads()}\n")
+    print("| patch | what | pairs/s | preprocessing s/scan (once) |")
+    print("|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()

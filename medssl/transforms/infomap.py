@@ -1,0 +1,160 @@
+"""Information maps (IGU-Aug, METHODS 2.3-2.5): local grey-level entropy in bits, its three categories, and
+anchor sampling with probability proportional to ``IIE ** alpha``.
+
+The entropy is computed with torch (quantise, one-hot, convolve with the window, ``-sum p log2 p``) so that it runs
+on the training device in 2D and 3D; it equals ``skimage.filters.rank.entropy`` with the same footprint (skimage runs
+on the CPU only and takes no physical spacing, hence our own implementation).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+#: the thresholds of the IGU-Aug code in bits: low < 2 <= medium < 4.5 <= high
+DEFAULT_THRESHOLDS_BITS = (2.0, 4.5)
+CATEGORY_NAMES = ("low", "medium", "high")
+_BIN_CHUNK = 32  # one-hot planes convolved at once (bounds memory to 32 x the image)
+
+
+def entropy_footprint(spacing_mm: Sequence[float], radius_mm: float) -> torch.Tensor:
+    """The window: a bool disk/ball (ellipse/ellipsoid in voxels) of all offsets within ``radius_mm`` (D axes).
+
+    With 1 mm spacing this is ``skimage.morphology.disk(r)`` / ``ball(r)``.
+    """
+    if radius_mm <= 0 or any(s <= 0 for s in spacing_mm):
+        raise ValueError(f"radius_mm and spacing_mm must be positive, got {radius_mm} and {tuple(spacing_mm)}")
+    half = [int(math.floor(radius_mm / s + 1e-9)) for s in spacing_mm]
+    axes = [torch.arange(-h, h + 1, dtype=torch.float64) * s for h, s in zip(half, spacing_mm)]
+    grids = torch.meshgrid(*axes, indexing="ij")  # D tensors (2h+1, ...)
+    distance_sq = sum(g**2 for g in grids)
+    return distance_sq <= radius_mm**2 * (1 + 1e-9)
+
+
+def quantise(image: torch.Tensor, bins: int = 256) -> torch.Tensor:
+    """Intensities in [0, 1] -> integer levels ``0 .. bins-1`` (values outside are clipped)."""
+    return (image.float().clamp(0, 1) * (bins - 1)).round().long()
+
+
+def information_map(image: torch.Tensor, spacing_mm: Sequence[float], radius_mm: float = 2.0,
+                    bins: int = 256) -> torch.Tensor:
+    """Local grey-level entropy (bits) of an image normalised to [0, 1], same shape as ``image``.
+
+    ``image`` is ``(*S)``, ``(C, *S)`` or ``(B, C, *S)`` with ``D = len(spacing_mm)`` trailing spatial axes; the
+    window is :func:`entropy_footprint`. Like skimage's rank filters, only window pixels inside the image count.
+    """
+    dims = len(spacing_mm)
+    if image.ndim < dims:
+        raise ValueError(f"image has {image.ndim} axes, fewer than the {dims} of spacing_mm")
+    spatial = tuple(image.shape[-dims:])
+    levels = quantise(image, bins).reshape(-1, *spatial)  # (N, *S)
+    footprint = entropy_footprint(spacing_mm, radius_mm).to(image.device, torch.float32)
+    padding = [k // 2 for k in footprint.shape]
+    conv = getattr(F, f"conv{dims}d")
+    inside = conv(torch.ones((1, 1, *spatial), device=image.device), footprint[None, None], padding=padding)
+    entropy = torch.zeros((levels.shape[0], *spatial), dtype=torch.float32, device=image.device)  # (N, *S)
+    for sample in range(levels.shape[0]):
+        present = torch.unique(levels[sample])
+        for start in range(0, present.numel(), _BIN_CHUNK):
+            chunk = present[start:start + _BIN_CHUNK]
+            one_hot = (levels[sample] == chunk.reshape(-1, *[1] * dims)).float()[None]  # (1, K, *S)
+            kernel = footprint.expand(chunk.numel(), 1, *footprint.shape)  # (K, 1, *F): depthwise, fastest on CPU
+            probability = conv(one_hot, kernel, padding=padding, groups=chunk.numel())[0] / inside[0]  # (K, *S)
+            entropy[sample] -= (probability * torch.log2(probability.clamp_min(1e-12))).sum(dim=0)
+    return entropy.clamp_min(0).reshape(image.shape)
+
+
+def info_categories(info: torch.Tensor, thresholds_bits: Sequence[float] = DEFAULT_THRESHOLDS_BITS) -> torch.Tensor:
+    """0 (low: info < t0), 1 (medium: t0 <= info < t1) or 2 (high: info >= t1), same shape, int64."""
+    low, high = float(thresholds_bits[0]), float(thresholds_bits[1])
+    if not low <= high:
+        raise ValueError(f"thresholds_bits must be increasing, got {tuple(thresholds_bits)}")
+    return (info >= low).long() + (info >= high).long()
+
+
+def percentile_thresholds(infos: Sequence[torch.Tensor], percentiles: Sequence[float] = (20.0, 80.0),
+                          max_values: int = 1_000_000) -> tuple[float, float]:
+    """Dataset thresholds (bits): the given percentiles of all information values (evenly subsampled)."""
+    values = torch.cat([i.detach().flatten().float().cpu() for i in infos])
+    if values.numel() > max_values:
+        values = values[:: math.ceil(values.numel() / max_values)]
+    q = torch.quantile(values, torch.tensor([p / 100.0 for p in percentiles], dtype=torch.float32))
+    return float(q[0]), float(q[1])
+
+
+def anchor_weights(info: torch.Tensor, valid: torch.Tensor | None = None, alpha: float = 0.3,
+                   category_ratios: Sequence[float] | None = None,
+                   thresholds_bits: Sequence[float] = DEFAULT_THRESHOLDS_BITS) -> torch.Tensor:
+    """Unnormalised sampling weights ``(B, N)`` over the flattened voxels of ``info`` ``(B, 1, *S)``.
+
+    ``IIE ** alpha`` (exponential map, METHODS 2.5) or, with ``category_ratios = (low, medium, high)``, the
+    ratio of each voxel's category (piecewise map); zero outside ``valid``. A sample whose weights are all zero
+    falls back to uniform over its valid voxels (or over all voxels when none is valid).
+    """
+    flat = info.reshape(info.shape[0], -1).float().clamp_min(0)  # (B, N)
+    if category_ratios is None:
+        weights = flat.pow(alpha)
+    else:
+        ratios = torch.as_tensor(category_ratios, dtype=torch.float32, device=info.device)
+        weights = ratios[info_categories(flat, thresholds_bits)]
+    inside = torch.ones_like(flat, dtype=torch.bool) if valid is None else valid.reshape(flat.shape).bool()
+    inside = inside | ~inside.any(dim=1, keepdim=True)  # no valid voxel: every voxel
+    weights = weights * inside
+    empty = weights.sum(dim=1, keepdim=True) <= 0
+    return torch.where(empty, inside.float(), weights)
+
+
+def sample_anchors(info: torch.Tensor, valid: torch.Tensor | None, n: int, alpha: float = 0.3,
+                   generator: torch.Generator | None = None, *, category_ratios: Sequence[float] | None = None,
+                   thresholds_bits: Sequence[float] = DEFAULT_THRESHOLDS_BITS) -> torch.Tensor:
+    """``n`` voxel indices per sample, ``LongTensor (B, n, D)``, drawn with replacement with probability
+    proportional to :func:`anchor_weights` (``IIE ** alpha`` inside ``valid``). ``info``/``valid``: ``(B, 1, *S)``."""
+    spatial = tuple(info.shape[2:])
+    weights = anchor_weights(info, valid, alpha, category_ratios, thresholds_bits)  # (B, N)
+    flat_index = torch.multinomial(weights, n, replacement=True, generator=generator)  # (B, n)
+    return torch.stack(torch.unravel_index(flat_index, spatial), dim=-1)  # (B, n, D)
+
+
+def save_information_png(image: torch.Tensor, info: torch.Tensor, path: str | Path,
+                         thresholds_bits: Sequence[float] = DEFAULT_THRESHOLDS_BITS) -> Path:
+    """Write a PNG with the image, its information map (bits) and the three categories over the image.
+
+    ``image``/``info``: ``(*S)`` or ``(1, *S)``; a 3D volume shows its middle slice along the last axis.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    def plane(tensor: torch.Tensor):
+        tensor = tensor.detach().float().cpu().squeeze()
+        while tensor.ndim > 2:
+            tensor = tensor[..., tensor.shape[-1] // 2]  # drop the last axis at its middle
+        return tensor.T.numpy()  # rows = axis 1, columns = axis 0 (as the 2D readers' x = column)
+
+    picture, entropy = plane(image), plane(info)
+    categories = info_categories(torch.from_numpy(entropy), thresholds_bits).numpy()
+    figure, axes = plt.subplots(1, 3, figsize=(12, 4.2))
+    axes[0].imshow(picture, cmap="gray")
+    axes[0].set_title("image")
+    shown = axes[1].imshow(entropy, cmap="magma")
+    axes[1].set_title("information (bits)")
+    figure.colorbar(shown, ax=axes[1], fraction=0.046)
+    axes[2].imshow(picture, cmap="gray")
+    colours = ListedColormap(["#3b4cc0", "#f7b32b", "#d7263d"])
+    axes[2].imshow(categories, cmap=colours, vmin=0, vmax=2, alpha=0.45)
+    low, high = thresholds_bits
+    axes[2].set_title(f"low < {low:g} <= medium < {high:g} <= high")
+    for axis in axes:
+        axis.axis("off")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
