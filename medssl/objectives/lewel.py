@@ -1,0 +1,211 @@
+"""LEWEL (Huang et al., CVPR 2022): learning where to learn, BYOL variant ``LEWEL_B`` (METHODS 3.2/3.3).
+
+The shared projection head, evaluated on every bottleneck token, yields alignment maps (softmax over positions)
+that pool the backbone features into aligned embeddings; the k-th aligned embedding of one view regresses the k-th
+of the other view's EMA target. Dimension-agnostic: feature maps of any ``spatial_dims`` are flattened to
+``(B, C, N)`` tokens.
+
+Small batches (METHODS 3.7): the projection heads keep BatchNorm, which there sees ``B * (1 + N)`` tokens
+(``proj``) or ``B * K`` tokens (``proj_obj``, ``predictor_obj``), enough at batch 2 in 3D; the global predictor
+sees only ``B`` vectors and uses LayerNorm instead (batch-size independent). The target runs in eval mode with
+EMA-averaged BatchNorm statistics (EMAN), so it does not depend on the batch either.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medssl.data.batch import PairBatch
+from medssl.errors import InputError
+from medssl.networks.heads import global_mlp, token_mlp
+from medssl.objectives.base import OBJECTIVES, Objective
+from medssl.objectives.losses import regression_loss
+from medssl.objectives.momentum import cosine_momentum, make_teacher, update_momentum
+
+
+def layer_norm_mlp(in_channels: int, hidden: int, out_channels: int) -> nn.Sequential:
+    """``global_mlp`` with LayerNorm in place of BatchNorm1d, for heads that see only ``B`` vectors (``(B, C)``
+    inputs): batch-size independent, so it trains at batch 1-2 (3D) and under any number of processes."""
+    mlp = global_mlp(in_channels, hidden, out_channels)
+    mlp[1] = nn.LayerNorm(hidden)  # global_mlp = Linear, BatchNorm1d, ReLU, Linear
+    return mlp
+
+
+class ObjectNeck(nn.Module):
+    """LEWEL's neck on one feature level: global embedding, alignment maps and grouped aligned embeddings.
+
+    ``proj`` (shared by the pooled token and every pixel token) gives ``proj_dim`` logits per position; they are
+    L2-normalised over channels, divided by ``temperature`` and softmaxed over positions (the alignment maps).
+    Channel group ``g`` of the backbone features is pooled with maps ``g*K .. g*K+K-1`` (``K = proj_dim / groups``)
+    and ``proj_obj`` projects the ``K`` aligned embeddings.
+    """
+
+    def __init__(self, in_channels: int, hidden_dim: int, proj_dim: int, groups: int, temperature: float):
+        super().__init__()
+        self.groups, self.temperature = groups, temperature
+        self.proj = token_mlp(in_channels, hidden_dim, proj_dim)
+        self.proj_obj = token_mlp(in_channels, hidden_dim, proj_dim)
+
+    @property
+    def num_aligned(self) -> int:
+        """``K``: aligned embeddings per image."""
+        return self.proj[-1].out_channels // self.groups
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``features (B, C, *S)`` -> global ``(B, P)``, aligned ``(B, P, K)``, maps ``(B, P, N)`` with
+        ``P = proj_dim``, ``N = prod(S)``; every map sums to 1 over its ``N`` positions."""
+        tokens = features.flatten(2)  # (B, C, N)
+        batch, channels, positions = tokens.shape
+        pooled = tokens.mean(dim=2, keepdim=True)  # (B, C, 1)
+        projected = self.proj(torch.cat([pooled, tokens], dim=2))  # (B, P, 1 + N)
+        global_embedding = projected[:, :, 0]  # (B, P)
+        logits = F.normalize(projected[:, :, 1:], dim=1) / self.temperature  # (B, P, N)
+        maps = logits.softmax(dim=2)  # (B, P, N)
+        grouped_maps = maps.reshape(batch, self.groups, -1, positions)  # (B, G, K, N)
+        grouped_features = tokens.reshape(batch, self.groups, channels // self.groups, positions)  # (B, G, C/G, N)
+        aligned = grouped_features @ grouped_maps.transpose(2, 3)  # (B, G, C/G, K)
+        aligned = aligned.reshape(batch, channels, -1)  # (B, C, K)
+        return global_embedding, self.proj_obj(aligned), maps
+
+
+class _LevelHeads(nn.Module):
+    """The online neck and predictors of one feature level."""
+
+    def __init__(self, in_channels: int, hidden_dim: int, proj_dim: int, groups: int, temperature: float):
+        super().__init__()
+        self.neck = ObjectNeck(in_channels, hidden_dim, proj_dim, groups, temperature)
+        self.predictor = layer_norm_mlp(proj_dim, hidden_dim, proj_dim)
+        self.predictor_obj = token_mlp(proj_dim, hidden_dim, proj_dim)
+
+
+@OBJECTIVES.register("lewel")
+class LEWEL(Objective):
+    """LEWEL_B on the U-Net bottleneck (optionally plus a second neck on a decoder level, not in the paper).
+
+    Loss per level and direction: ``alpha * l(pred(z_g), sg(z_g')) + (1 - alpha) * mean_k l(pred_obj(Y)_k,
+    sg(Y'_k))`` with ``l = 2 - 2 cos``, summed over both directions (view a -> b and b -> a). The target is an
+    EMA of network + necks, momentum rising from ``base_momentum`` to 1 (cosine), kept in eval mode (EMAN).
+
+    Defaults follow METHODS 3.5 (``proj_dim`` 256, ``groups`` 4 -> K = 64, ``temperature`` 1 with L2-normalised
+    logits, ``alpha`` 0.5, ``base_momentum`` 0.98 (EMAN)) except ``hidden_dim`` = 1024 instead of 4096: U-Net
+    bottlenecks have 256-512 channels, not ResNet-50's 2048.
+
+    ``decoder_level`` indexes ``network.feature_info`` (1 = coarsest decoder level, -1 = finest; 0 is the
+    bottleneck, already used) and adds that level's LEWEL loss times ``decoder_weight``.
+    """
+
+    views = "symmetric"
+
+    def __init__(
+        self,
+        network: nn.Module,
+        *,
+        proj_dim: int = 256,
+        hidden_dim: int = 1024,
+        groups: int = 4,
+        temperature: float = 1.0,
+        alpha: float = 0.5,
+        base_momentum: float = 0.98,
+        decoder_level: int | None = None,
+        decoder_weight: float = 1.0,
+    ):
+        super().__init__()
+        info = network.feature_info
+        self.levels = [0] if decoder_level is None else [0, self._check_level(decoder_level, len(info))]
+        self.level_weights = [1.0] if decoder_level is None else [1.0, decoder_weight]
+        if proj_dim % groups:
+            raise InputError(
+                f"config key 'objective.lewel.proj_dim' ({proj_dim}) must be divisible by 'groups' ({groups})"
+            )
+        for level in self.levels:
+            if info[level].channels % groups:
+                raise InputError(
+                    f"config key 'objective.lewel.groups' ({groups}) must divide the {info[level].channels} channels "
+                    f"of network level '{info[level].name}'; choose groups among the divisors of {info[level].channels}"
+                )
+        if not 0.0 <= alpha <= 1.0:
+            raise InputError(f"config key 'objective.lewel.alpha' must be in [0, 1], got {alpha}")
+        if temperature <= 0:
+            raise InputError(f"config key 'objective.lewel.temperature' must be > 0, got {temperature}")
+        self.alpha, self.base_momentum = alpha, base_momentum
+        self.online = nn.ModuleList(
+            _LevelHeads(info[level].channels, hidden_dim, proj_dim, groups, temperature) for level in self.levels
+        )
+        self.target_network = make_teacher(network)
+        self.target_necks = nn.ModuleList(make_teacher(heads.neck) for heads in self.online)
+        self.target_network.eval()
+        self.target_necks.eval()
+
+    @staticmethod
+    def _check_level(level: int, count: int) -> int:
+        resolved = level + count if level < 0 else level
+        if not 1 <= resolved < count:
+            raise InputError(
+                f"config key 'objective.lewel.decoder_level' must name a decoder level: 1..{count - 1} or "
+                f"-1..-{count - 1} (0 is the bottleneck), got {level}"
+            )
+        return resolved
+
+    def train(self, mode: bool = True) -> "LEWEL":
+        """Train/eval the online heads; the target always stays in eval mode (EMAN)."""
+        super().train(mode)
+        self.target_network.eval()
+        self.target_necks.eval()
+        return self
+
+    def forward(self, network: nn.Module, batch: PairBatch) -> dict[str, torch.Tensor]:
+        online = [self._online(network, view.image) for view in (batch.a, batch.b)]
+        with torch.no_grad():
+            target = [self._target(view.image) for view in (batch.a, batch.b)]
+        total, parts = 0.0, {}
+        for index, weight in enumerate(self.level_weights):
+            loss_global, loss_aligned = 0.0, 0.0
+            for source, other in ((0, 1), (1, 0)):
+                (p_global, p_aligned), (t_global, t_aligned) = online[source][index], target[other][index]
+                loss_global = loss_global + regression_loss(p_global, t_global).mean()
+                loss_aligned = loss_aligned + regression_loss(_rows(p_aligned), _rows(t_aligned)).mean()
+            level_loss = self.alpha * loss_global + (1.0 - self.alpha) * loss_aligned
+            total = total + weight * level_loss
+            suffix = "" if index == 0 else "_decoder"
+            parts[f"loss_global{suffix}"] = loss_global.detach()
+            parts[f"loss_aligned{suffix}"] = loss_aligned.detach()
+        return {"loss": total, **parts}
+
+    def _online(self, network: nn.Module, image: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per level: predicted global ``(B, P)`` and aligned ``(B, P, K)`` embeddings of the online branch."""
+        features = network.forward_features(image)
+        out = []
+        for level, heads in zip(self.levels, self.online):
+            global_embedding, aligned, _ = heads.neck(features[level])
+            out.append((heads.predictor(global_embedding), heads.predictor_obj(aligned)))
+        return out
+
+    def _target(self, image: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per level: global ``(B, P)`` and aligned ``(B, P, K)`` embeddings of the EMA target."""
+        features = self.target_network.forward_features(image)
+        return [neck(features[level])[:2] for level, neck in zip(self.levels, self.target_necks)]
+
+    @torch.no_grad()
+    def alignment_maps(self, network: nn.Module, image: torch.Tensor, level: int = 0) -> torch.Tensor:
+        """The online alignment maps of ``image (B, C, *S)`` at ``level`` (``0`` or ``decoder_level``) as
+        ``(B, proj_dim, *S_level)``: where each map looks; each sums to 1 over space. Call ``eval()`` first outside
+        training (in train mode the heads' BatchNorm uses and updates batch statistics)."""
+        level = level % len(network.feature_info)
+        features = network.forward_features(image)[level]
+        _, _, maps = self.online[self.levels.index(level)].neck(features)
+        return maps.reshape(*maps.shape[:2], *features.shape[2:])  # (B, P, *S_level)
+
+    @torch.no_grad()
+    def on_step_end(self, network: nn.Module, progress: float) -> None:
+        """EMA update of the target network and necks, momentum ``cosine_momentum(base_momentum, progress)``."""
+        momentum = cosine_momentum(self.base_momentum, progress)
+        update_momentum(self.target_network, network, momentum)
+        for target_neck, heads in zip(self.target_necks, self.online):
+            update_momentum(target_neck, heads.neck, momentum)
+
+
+def _rows(aligned: torch.Tensor) -> torch.Tensor:
+    """``(B, P, K)`` aligned embeddings -> ``(B * K, P)`` rows, one per (image, map index)."""
+    return aligned.transpose(1, 2).reshape(-1, aligned.shape[1])  # (B * K, P)

@@ -1,0 +1,85 @@
+"""Loss maths as small pure functions (no state, no hyperparameter defaults beyond the methods' own)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def regression_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """BYOL normalised MSE per row: ``2 - 2 cos(p, z)``; ``p``, ``z``: ``(N, C)`` -> ``(N,)``."""
+    return 2.0 - 2.0 * F.cosine_similarity(p, z, dim=-1, eps=1e-8)
+
+
+def info_nce_map(
+    feat: torch.Tensor,
+    queries: torch.Tensor,
+    targets: torch.Tensor,
+    valid: torch.Tensor,
+    window: int | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """CC2D pixel InfoNCE: every query against the positions of its own sample's map, one positive position.
+
+    ``feat`` ``(B, C, *S)`` candidate features; ``queries`` ``(B, K, C)``; ``targets`` ``(B, K, D)`` integer cell of
+    the positive in ``feat`` (inside the map); ``valid`` ``(B, K)`` bool. Logits ``clamp(cos, 0, 1) / temperature``;
+    candidates are the cells of the map within ``window`` cells of the target along every axis (a cube of side
+    ``2 window + 1`` cut at the map border; ``None``: the whole map). Returns the mean ``-log softmax`` at the targets
+    over valid queries (0 when none is valid). Windows are gathered, not masked, so memory is ``B K (2w+1)^D C``.
+    """
+    batch, channels, dims = feat.shape[0], feat.shape[1], feat.ndim - 2
+    sizes = torch.tensor(feat.shape[2:], device=feat.device)
+    flat_feat = F.normalize(feat.flatten(2), dim=1)  # (B, C, N)
+    queries = F.normalize(queries, dim=-1)
+    if window is None:
+        cos = torch.einsum("bkc,bcn->bkn", queries, flat_feat)  # (B, K, N)
+        inside = torch.ones(cos.shape, dtype=torch.bool, device=feat.device)
+        positive = _ravel(targets, sizes)  # (B, K)
+    else:
+        span = torch.arange(-window, window + 1, device=feat.device)
+        offsets = torch.stack(torch.meshgrid(*[span] * dims, indexing="ij"), dim=-1).reshape(-1, dims)  # (W, D)
+        cells = targets[:, :, None, :] + offsets  # (B, K, W, D)
+        inside = ((cells >= 0) & (cells < sizes)).all(-1)  # (B, K, W)
+        flat = _ravel(torch.minimum(cells.clamp_min(0), sizes - 1), sizes).reshape(batch, 1, -1)  # (B, 1, K*W)
+        candidates = flat_feat.gather(2, flat.expand(batch, channels, flat.shape[-1]))  # (B, C, K*W)
+        candidates = candidates.reshape(batch, channels, *cells.shape[1:3])  # (B, C, K, W)
+        cos = torch.einsum("bkc,bckw->bkw", queries, candidates)  # (B, K, W)
+        positive = torch.full(targets.shape[:2], offsets.shape[0] // 2, device=feat.device)  # the zero offset
+    logits = (cos.clamp(0.0, 1.0) / temperature).masked_fill(~inside, float("-inf"))
+    log_prob = logits.log_softmax(dim=-1).gather(-1, positive[..., None])[..., 0]  # (B, K)
+    weight = valid.to(log_prob.dtype)
+    return -(log_prob * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def _ravel(cells: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Flat (row-major) index of integer cells ``(..., D)`` in a grid of ``sizes`` ``(D,)`` -> ``(...)``."""
+    flat = torch.zeros(cells.shape[:-1], dtype=torch.long, device=cells.device)
+    for axis in range(cells.shape[-1]):
+        flat = flat * sizes[axis] + cells[..., axis]
+    return flat
+
+
+def uncertainty_weights(samples: torch.Tensor, tau: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MC-dropout samples ``(T, N, C)`` -> detached weights ``(N,)`` and uncertainty ``u`` ``(N,)``.
+
+    ``u`` = channel mean of the variance over the T L2-normalised samples (keeps its gradient); weights
+    ``exp(-u / tau)`` with ``tau`` = median of ``u`` by default, renormalised to mean 1, detached.
+    """
+    uncertainty = F.normalize(samples, dim=-1).var(dim=0, unbiased=False).mean(dim=-1)  # (N,)
+    u = uncertainty.detach()
+    scale = u.quantile(0.5).clamp_min(1e-12) if tau is None else torch.as_tensor(tau, dtype=u.dtype)
+    weights = torch.exp(-u / scale)
+    return weights / weights.mean().clamp_min(1e-12), uncertainty
+
+
+def hard_uncertainty_weights(uncertainty: torch.Tensor, drop_fraction: float) -> torch.Tensor:
+    """Detached weights ``(N,)``: 0 for the ``drop_fraction`` most uncertain rows, the rest equal, mean 1."""
+    u = uncertainty.detach()
+    keep = (u <= torch.quantile(u.float(), 1.0 - drop_fraction).to(u.dtype)).to(u.dtype)
+    return keep / keep.mean().clamp_min(1e-12)
+
+
+def heteroscedastic_loss(loss: torch.Tensor, variance: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per-row ``loss / (2 s) + log(s) / 2`` with ``s = variance + eps`` (``(N,)`` each, gradients through both)."""
+    s = variance + eps
+    return loss / (2.0 * s) + 0.5 * torch.log(s)

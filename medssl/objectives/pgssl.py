@@ -1,0 +1,160 @@
+"""PGSSL-UCS: pixel-global SSL with an uncertainty-aware context stabilizer, reconstructed from the abstract
+(arXiv 2210.00646); no code or full text exists, so every design choice follows METHODS.md 1.2 ([I] there).
+
+Global branch: BYOL on GAP(bottleneck) with an EMA teacher (cosine momentum). Pixel branch: a dense projector on the
+last decoder level (stride 1) of both views; for every matched pixel the student vector goes through the context
+stabilizer (MLP with LayerNorm and MC dropout, ``mc_samples`` passes) and its MC mean regresses onto the teacher's
+vector of the same anatomy in the other view, weighted per pixel by the MC uncertainty. Both directions, both terms.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medssl.correspondence import gather_pairs, match_views
+from medssl.data.batch import PairBatch, ViewBatch
+from medssl.errors import InputError
+from medssl.networks.heads import global_mlp, token_mlp
+from medssl.objectives.base import OBJECTIVES, Objective
+from medssl.objectives.losses import (
+    hard_uncertainty_weights,
+    heteroscedastic_loss,
+    regression_loss,
+    uncertainty_weights,
+)
+from medssl.objectives.momentum import cosine_momentum, make_teacher, update_momentum
+
+UNCERTAINTY_MODES = ("exp", "heteroscedastic", "hard", "none")
+
+
+class ContextStabilizer(nn.Module):
+    """``Linear -> LayerNorm -> ReLU -> Dropout`` twice, then ``Linear``, on gathered pixel vectors ``(N, C)``.
+
+    Dropout stays on in every mode (Monte Carlo dropout); LayerNorm keeps the T passes free of batch statistics.
+    """
+
+    def __init__(self, channels: int, hidden: int, dropout: float):
+        super().__init__()
+        self.dropout = float(dropout)
+        self.hidden = nn.ModuleList([nn.Linear(channels, hidden), nn.Linear(hidden, hidden)])
+        self.norms = nn.ModuleList([nn.LayerNorm(hidden), nn.LayerNorm(hidden)])
+        self.out = nn.Linear(hidden, channels)
+
+    def forward(self, x: torch.Tensor, samples: int) -> torch.Tensor:
+        """``samples`` stochastic passes of ``x`` ``(N, C)`` -> ``(samples, N, C)``.
+
+        The first block before its dropout is the same for every pass, so it is computed once.
+        """
+        h = F.relu(self.norms[0](self.hidden[0](x)))  # (N, H)
+        h = F.dropout(h.unsqueeze(0).expand(samples, *h.shape), self.dropout, training=True)  # (T, N, H)
+        h = F.dropout(F.relu(self.norms[1](self.hidden[1](h))), self.dropout, training=True)
+        return self.out(h)
+
+
+@OBJECTIVES.register("pgssl")
+class PGSSL(Objective):
+    """PGSSL-UCS (reconstructed from the abstract, arXiv 2210.00646): BYOL global + uncertainty-weighted pixel loss.
+
+    ``uncertainty``: ``"exp"`` (detached ``exp(-u / median u)`` weights, mean 1), ``"heteroscedastic"``
+    (``l / (2 s) + log(s) / 2`` with ``s = u / median u``, not detached), ``"hard"`` (drop the ``hard_fraction`` most
+    uncertain pixels) or ``"none"``. At most ``max_pixels`` matched pairs per direction and batch;
+    ``match_radius_mm`` is the nearest-neighbour radius for views without an affine (default: half the sum of a
+    pixel's edge lengths).
+    """
+
+    views = "symmetric"
+
+    def __init__(
+        self,
+        network: nn.Module,
+        *,
+        global_hidden: int = 1024,
+        global_dim: int = 256,
+        pixel_hidden: int = 256,
+        pixel_dim: int = 128,
+        stabilizer_hidden: int = 256,
+        dropout: float = 0.2,
+        mc_samples: int = 8,
+        uncertainty: str = "exp",
+        hard_fraction: float = 0.1,
+        pixel_weight: float = 1.0,
+        base_momentum: float = 0.99,
+        max_pixels: int = 4096,
+        match_radius_mm: float | None = None,
+    ):
+        super().__init__()
+        if uncertainty not in UNCERTAINTY_MODES:
+            raise InputError(f"objective.pgssl.uncertainty must be one of {', '.join(UNCERTAINTY_MODES)}, got "
+                             f"'{uncertainty}'")
+        if mc_samples < 2 or not 0 < dropout < 1 or not 0 <= hard_fraction < 1 or max_pixels < 2:
+            raise InputError("objective.pgssl needs mc_samples >= 2, 0 < dropout < 1, 0 <= hard_fraction < 1 and "
+                             f"max_pixels >= 2; got {mc_samples}, {dropout}, {hard_fraction}, {max_pixels}")
+        bottleneck, finest = network.feature_info[0].channels, network.feature_info[-1].channels
+        self.mc_samples, self.uncertainty, self.hard_fraction = int(mc_samples), uncertainty, float(hard_fraction)
+        self.pixel_weight, self.base_momentum = float(pixel_weight), float(base_momentum)
+        self.max_pixels, self.match_radius_mm = int(max_pixels), match_radius_mm
+        self.global_projector = global_mlp(bottleneck, global_hidden, global_dim)
+        self.global_predictor = global_mlp(global_dim, global_hidden, global_dim)
+        self.pixel_projector = token_mlp(finest, pixel_hidden, pixel_dim)
+        self.stabilizer = ContextStabilizer(pixel_dim, stabilizer_hidden, dropout)
+        self.teacher_network = make_teacher(network)
+        self.teacher_global_projector = make_teacher(self.global_projector)
+        self.teacher_pixel_projector = make_teacher(self.pixel_projector)
+
+    def forward(self, network: nn.Module, batch: PairBatch) -> dict[str, torch.Tensor]:
+        student_a, student_b = network.forward_features(batch.a.image), network.forward_features(batch.b.image)
+        with torch.no_grad():
+            teacher_a = self.teacher_network.forward_features(batch.a.image)
+            teacher_b = self.teacher_network.forward_features(batch.b.image)
+        loss_global = self._global_loss(student_a[0], student_b[0], teacher_a[0], teacher_b[0])
+        loss_ab, u_ab = self._pixel_loss(student_a[-1], teacher_b[-1], batch.a, batch.b)
+        loss_ba, u_ba = self._pixel_loss(student_b[-1], teacher_a[-1], batch.b, batch.a)
+        loss_pixel = loss_ab + loss_ba
+        return {
+            "loss": loss_global + self.pixel_weight * loss_pixel,
+            "loss_global": loss_global.detach(),
+            "loss_pixel": loss_pixel.detach(),
+            "uncertainty_mean": (u_ab + u_ba).detach() / 2,
+        }
+
+    def _global_loss(self, student_a, student_b, teacher_a, teacher_b) -> torch.Tensor:
+        """Symmetric BYOL on pooled bottlenecks ``(B, C, *S)``: predictor(student a) -> teacher b and vice versa."""
+        pooled = torch.cat([student_a.flatten(2).mean(-1), student_b.flatten(2).mean(-1)])  # (2B, C)
+        predicted_a, predicted_b = self.global_predictor(self.global_projector(pooled)).chunk(2)  # (B, d) each
+        with torch.no_grad():
+            pooled_t = torch.cat([teacher_a.flatten(2).mean(-1), teacher_b.flatten(2).mean(-1)])  # (2B, C)
+            target_a, target_b = self.teacher_global_projector(pooled_t).chunk(2)  # (B, d) each
+        return regression_loss(predicted_a, target_b).mean() + regression_loss(predicted_b, target_a).mean()
+
+    def _pixel_loss(self, student: torch.Tensor, teacher: torch.Tensor, view_s: ViewBatch, view_t: ViewBatch):
+        """Uncertainty-weighted regression of stabilised student pixels of ``view_s`` onto the teacher's matching
+        pixels of ``view_t``; returns (loss, mean uncertainty)."""
+        grid, mask = match_views(view_s, view_t, radius_mm=self.match_radius_mm)
+        pixels_s, pixels_t = gather_pairs(student, teacher, grid, mask, max_pairs=self.max_pixels)  # (N, C) each
+        if pixels_s.shape[0] < 2:  # no overlap: nothing to learn from, keep the graph connected
+            zero = student.sum() * 0.0
+            return zero, zero.detach()
+        projected = self.pixel_projector(pixels_s.T[None])[0].T  # (N, pixel_dim)
+        with torch.no_grad():
+            target = self.teacher_pixel_projector(pixels_t.T[None])[0].T  # (N, pixel_dim)
+        samples = self.stabilizer(projected, self.mc_samples)  # (T, N, pixel_dim)
+        per_pixel = regression_loss(F.normalize(samples, dim=-1).mean(0), target)  # (N,)
+        weights, u = uncertainty_weights(samples)
+        if self.uncertainty == "exp":
+            loss = (weights * per_pixel).mean()
+        elif self.uncertainty == "hard":
+            loss = (hard_uncertainty_weights(u, self.hard_fraction) * per_pixel).mean()
+        elif self.uncertainty == "heteroscedastic":
+            loss = heteroscedastic_loss(per_pixel, u / u.detach().quantile(0.5).clamp_min(1e-12)).mean()
+        else:
+            loss = per_pixel.mean()
+        return loss, u.mean()
+
+    def on_step_end(self, network: nn.Module, progress: float) -> None:
+        """EMA update of the teacher network and projectors with the cosine momentum schedule."""
+        momentum = cosine_momentum(self.base_momentum, progress)
+        update_momentum(self.teacher_network, network, momentum)
+        update_momentum(self.teacher_global_projector, self.global_projector, momentum)
+        update_momentum(self.teacher_pixel_projector, self.pixel_projector, momentum)
