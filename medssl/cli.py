@@ -31,6 +31,15 @@ def _data_demo(args: argparse.Namespace) -> None:
     write_demo_dataset(args.out, spatial_dims=args.dim, n_subjects=args.subjects, seed=args.seed, plane=args.plane)
 
 
+def _pretrain(args: argparse.Namespace) -> None:
+    from medssl.engine.pretrain import pretrain
+    from medssl.engine.pretrain_config import read_pretrain_config
+
+    config = read_pretrain_config(args.config, args.overrides)
+    run = pretrain(config, data=args.data, out=args.out, resume=args.resume)
+    log.info("run folder: %s", run)
+
+
 def _evaluate_landmarks(args: argparse.Namespace) -> None:
     from medssl.metrics.report import evaluate_landmarks_files
 
@@ -77,6 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plane", choices=("axial", "coronal", "sagittal"), default="axial",
                    help="template plane for --dim 2 (default axial)")
 
+    # medssl pretrain ...
+    p = command(
+        commands, "pretrain", "self-supervised pretraining (pgssl, infoguided, lewel, msf; torchrun for several processes)",
+        "medssl pretrain configs/pgssl_2d.yaml --data demo2d --out runs/pgssl2d train.steps=200 "
+        "data.patch_size=[96,96]\n  medssl pretrain runs/pgssl2d/config.yaml --resume runs/pgssl2d",
+        _pretrain,
+    )
+    p.add_argument("config", type=Path, metavar="CONFIG", help="pretraining YAML (see configs/)")
+    p.add_argument("--data", type=Path, default=None, help="images: a folder, a datalist JSON or one image (sets data.path)")
+    p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<method>_<D>d_<time>)")
+    p.add_argument("--resume", type=Path, default=None, metavar="RUN", help="continue the run in RUN from its last checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override config entries, e.g. train.steps=200")
+
     # medssl evaluate ...
     evaluate = commands.add_parser("evaluate", help="score predictions against ground truth",
                                    description="Score predictions against ground truth.")
@@ -103,7 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``medssl`` script; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides may also follow the options: `pretrain CONFIG --out RUN train.steps=5`
+        if getattr(args, "overrides", None) is None or any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr
     )

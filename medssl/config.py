@@ -8,12 +8,13 @@ the resolved config (``to_dict``) is what runs write to ``config.yaml``.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import tempfile
 import types
 import typing
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import yaml
 
@@ -72,6 +73,27 @@ def from_dict(schema: type[T], data: dict[str, Any] | None, where: str = "") -> 
         return schema(**values)
     except TypeError as err:  # a required field is missing
         raise InputError(f"config section '{where or '<top>'}': {err}") from None
+
+
+def check_kwargs(fn: Callable, kwargs: dict[str, Any], where: str, reserved: Sequence[str] = ()) -> None:
+    """Reject keys of ``kwargs`` that ``fn`` does not accept (``where`` is the config section, e.g. ``network``).
+
+    ``reserved`` names parameters the caller fills itself, so they may not appear in the config section.
+    A callable taking ``**kwargs`` accepts any other key.
+    """
+    params = inspect.signature(fn).parameters
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    known = [
+        name for name, p in params.items()
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY) and name not in reserved
+    ]
+    for key in kwargs:
+        if key in reserved:
+            raise InputError(f"config key '{where}.{key}' is set by medssl itself; remove it from '{where}'")
+        if key not in known and not open_ended:
+            raise InputError(
+                f"unknown config key '{where}.{key}'{did_you_mean(key, known)}; known keys here: {', '.join(known)}"
+            )
 
 
 def to_dict(config: Any) -> Any:

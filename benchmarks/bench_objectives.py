@@ -1,0 +1,122 @@
+"""Cost of one training step per objective at the shipped configs' default size (``configs/<method>_<D>d.yaml``).
+
+For each registered objective and dimension: seconds per step (fastest of a few) (objective forward + backward + optimizer step +
+``on_step_end``), its ratio to the floor (the bare network's forward + backward on the same two views), and peak
+memory (CPU: the process's peak resident set, so every case runs in its own subprocess; CUDA: max allocated).
+The batch comes from the real view sampler on a small demo population and is reused for every timed step, so
+view generation is not counted (``benchmarks/bench_views.py`` measures it).
+
+Run: ``python benchmarks/bench_objectives.py [--device cpu|cuda] [--dims 2 3] [--steps 3] [--batch N]``; prints a
+Markdown table (the numbers in ``docs/pretraining.md`` come from it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(steps: dict, repeats: int, device: torch.device) -> dict[str, float]:
+    """Fastest seconds of each ``steps[name]()`` over ``repeats`` rounds after one warm-up round; the calls
+    alternate and the minimum is kept, so load from other processes affects both alike and little."""
+    best = {name: float("inf") for name in steps}
+    for round_index in range(repeats + 1):
+        for name, step in steps.items():
+            _synchronise(device)
+            start = time.perf_counter()
+            step()
+            _synchronise(device)
+            if round_index:
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def measure(method: str, spatial_dims: int, data: Path, device: torch.device, steps: int, batch: int | None) -> dict:
+    """Seconds per step of ``method`` and of the floor, and peak memory in MiB, at its config's default size."""
+    from medssl.engine.pretrain import TrainStep, build_network, build_objectives, build_sampler
+    from medssl.engine.pretrain_config import read_pretrain_config
+    from medssl.engine.schedule import build_optimizer
+
+    overrides = [f"data.path={data}"] + ([f"train.batch_size={batch}"] if batch else [])
+    config = read_pretrain_config(CONFIGS / f"{method}_{spatial_dims}d.yaml", overrides)
+    torch.manual_seed(config.seed)
+    network = build_network(config).to(device)
+    objectives, weights = build_objectives(config, network)
+    model = TrainStep(network, objectives, weights).to(device).train()
+    views = build_sampler(config, objectives, device=device, rank=0).sample(config.train.batch_size)
+    optimizer = build_optimizer([model], name=config.train.optimizer, lr=config.train.lr, weight_decay=0.0)
+
+    def floor_step() -> None:
+        network.zero_grad(set_to_none=True)
+        (network(views.a.image).mean() + network(views.b.image).mean()).backward()
+
+    def objective_step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        model(views)["loss"].backward()
+        optimizer.step()
+        for objective in objectives.values():
+            objective.on_step_end(network, 0.5)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timings = _timed({"floor": floor_step, "step": objective_step}, steps, device)
+    floor_s, step_s = timings["floor"], timings["step"]
+    peak_mib = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+    return {"method": method, "dims": spatial_dims, "patch": list(config.data["patch_size"]),
+            "batch": config.train.batch_size, "step_s": step_s, "floor_s": floor_s, "peak_mib": peak_mib}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dims", type=int, nargs="+", default=[2, 3], choices=(2, 3))
+    parser.add_argument("--steps", type=int, default=3, help="timed rounds per case (after one warm-up); the fastest counts")
+    parser.add_argument("--batch", type=int, default=None, help="override train.batch_size")
+    parser.add_argument("--one", nargs=3, metavar=("METHOD", "DIMS", "DATA"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if args.one:  # a child process: one case, JSON on stdout
+        method, dims, data = args.one
+        print(json.dumps(measure(method, int(dims), Path(data), device, args.steps, args.batch)))
+        return
+
+    from medssl.data.demo import write_demo_dataset
+    from medssl.objectives import OBJECTIVES
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for dims in args.dims:
+            data = write_demo_dataset(Path(tmp) / f"demo{dims}d", spatial_dims=dims, n_subjects=2)
+            for method in OBJECTIVES.names():
+                command = [sys.executable, __file__, "--device", args.device, "--steps", str(args.steps),
+                           "--one", method, str(dims), str(data)] + (["--batch", str(args.batch)] if args.batch else [])
+                result = subprocess.run(command, capture_output=True, text=True, check=True)
+                rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {name}; torch {torch.__version__}\n")
+    print("| method | D | patch | batch | s/step | floor s/step | ratio | peak MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        patch = "x".join(map(str, r["patch"]))
+        print(f"| {r['method']} | {r['dims']} | {patch} | {r['batch']} | {r['step_s']:.3f} | {r['floor_s']:.3f} "
+              f"| {r['step_s'] / r['floor_s']:.1f} | {r['peak_mib']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

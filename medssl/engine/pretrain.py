@@ -1,0 +1,308 @@
+"""The pretraining loop: a plain, guarded PyTorch loop that reads top to bottom.
+
+config -> network + objectives + view sampler -> for each step: sample a pair of views, weighted objective loss
+(AMP on CUDA), NaN/inf guard, backward, gradient clipping, optimizer + LR schedule step, objectives' EMA hook,
+metrics, periodic atomic checkpoint -> ``model.pt``. Under ``torchrun`` the network and the objectives' heads are
+trained with DistributedDataParallel; rank 0 writes the run folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import os
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from medssl.config import check_kwargs, save_config, to_dict
+from medssl.engine import distributed
+from medssl.engine.checkpoint import save_atomic, save_model
+from medssl.engine.monitor import Monitor
+from medssl.engine.pretrain_config import PretrainConfig, pretrain_config_from_dict, read_pretrain_config
+from medssl.engine.schedule import build_optimizer, build_scheduler
+from medssl.engine.state import capture_rng, restore_rng
+from medssl.errors import InputError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = Path("checkpoints") / "last.pt"
+#: config keys that may differ between a run and its resumption (they do not change the trained weights)
+RESUME_MAY_CHANGE = ("data.path", "train.device", "train.log_every", "train.checkpoint_every")
+#: sampler arguments the engine fills itself (from ``spatial_dims``, ``seed`` and the objectives)
+SAMPLER_RESERVED = ("images", "spatial_dims", "preset", "info_guided", "device", "seed")
+
+
+class TrainingDiverged(InputError):
+    """The loss became NaN or infinite: training stops, the last good checkpoint stays in the run folder."""
+
+
+class TrainStep(nn.Module):
+    """The network and its objectives as one module (what DDP wraps): ``forward(batch)`` -> weighted loss + parts."""
+
+    def __init__(self, network: nn.Module, objectives: dict[str, nn.Module], weights: dict[str, float]):
+        super().__init__()
+        self.network = network
+        self.objectives = nn.ModuleDict(objectives)
+        self.weights = dict(weights)
+
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        total: torch.Tensor | float = 0.0
+        parts: dict[str, torch.Tensor] = {}
+        prefix = len(self.objectives) > 1
+        for name, objective in self.objectives.items():
+            out = objective(self.network, batch)
+            total = total + self.weights[name] * out["loss"]
+            for key, value in out.items():
+                if key != "loss" or prefix:
+                    parts[f"{name}/{key}" if prefix else key] = value.detach()
+        return {"loss": total, **parts}
+
+
+def build_network(config: PretrainConfig) -> nn.Module:
+    """The U-Net from the ``network`` section (keys = ``medssl.networks.UNet`` arguments)."""
+    from medssl import networks
+
+    check_kwargs(networks.UNet, config.network, "network", reserved=("spatial_dims",))
+    return networks.build_network(spatial_dims=config.spatial_dims, **config.network)
+
+
+def build_objectives(config: PretrainConfig, network: nn.Module) -> tuple[dict[str, nn.Module], dict[str, float]]:
+    """One objective per method, ``cls(network, **objective.<method>)``; ``weight`` (default 1) scales its loss."""
+    import medssl.objectives  # noqa: F401  (fills the registry)
+    from medssl.objectives.base import OBJECTIVES
+
+    objectives, weights = {}, {}
+    for name in config.methods:
+        cls = OBJECTIVES.get(name)
+        kwargs = dict(config.objective.get(name) or {})
+        weight = kwargs.pop("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise InputError(f"config key 'objective.{name}.weight' must be a number, got {weight!r}")
+        check_kwargs(cls, kwargs, f"objective.{name}", reserved=("network",))
+        objectives[name], weights[name] = cls(network, **kwargs), float(weight)
+    return objectives, weights
+
+
+def build_sampler(config: PretrainConfig, objectives: dict[str, nn.Module], *, device: torch.device, rank: int):
+    """The pair-of-views sampler over ``data.path``: preset from the first objective, information maps if any
+    objective needs them, a different stream per rank."""
+    from medssl.data.inputs import resolve_images
+    from medssl.transforms.sampler import ViewPairSampler
+
+    options = {key: value for key, value in config.data.items() if key != "path"}
+    check_kwargs(ViewPairSampler, options, "data", reserved=SAMPLER_RESERVED)
+    if not config.data.get("path"):
+        raise InputError("no training data: pass --data PATH (a folder, datalist JSON or image) or set data.path")
+    first = next(iter(objectives.values()))
+    return ViewPairSampler(
+        resolve_images(config.data["path"]),
+        spatial_dims=config.spatial_dims,
+        preset=first.views,
+        info_guided=any(getattr(o, "needs_info", False) for o in objectives.values()),
+        device=str(device),
+        seed=config.seed + rank,
+        **options,
+    )
+
+
+def preprocessing_options(config: PretrainConfig) -> dict[str, Any]:
+    """What ``model.pt`` records to prepare new images like the training scans: every keyword option of
+    ``medssl.transforms.preprocess.preprocess_image`` (configured value or its default) plus ``patch_size``."""
+    from medssl.transforms.preprocess import preprocess_image
+
+    params = inspect.signature(preprocess_image).parameters
+    names = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and n != "spatial_dims"]
+    return {**{n: config.data.get(n, params[n].default) for n in names}, "patch_size": config.data["patch_size"]}
+
+
+def pretrain(
+    config: PretrainConfig | str | Path,
+    data: str | Path | None = None,
+    out: str | Path | None = None,
+    resume: str | Path | None = None,
+) -> Path:
+    """Train the configured objective(s) and return the run folder (``config.yaml``, ``model.pt``,
+    ``metrics.csv``, TensorBoard events, ``checkpoints/last.pt``).
+
+    ``config`` is a ``PretrainConfig`` or a YAML path; ``data`` replaces ``data.path``; ``out`` is the run folder
+    (default ``runs/<method>_<D>d_<time>``); ``resume`` continues the run in that folder from its last checkpoint
+    (the config must match the run's except for ``RESUME_MAY_CHANGE``) and ends with the same weights as an
+    uninterrupted run.
+    """
+    if not isinstance(config, PretrainConfig):
+        config = read_pretrain_config(config)
+    if data is not None:
+        config = pretrain_config_from_dict({**to_dict(config), "data": {**config.data, "path": str(Path(data).resolve())}})
+    context = distributed.setup(config.train.device)
+    try:
+        run = _run_folder(config, out, resume, context)
+        return _train(config, run, resume is not None, context)
+    finally:
+        distributed.teardown(context)
+
+
+def _train(config: PretrainConfig, run: Path, resuming: bool, context: distributed.Context) -> Path:
+    from monai.utils import set_determinism
+
+    train, device = config.train, context.device
+    if train.deterministic and device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic kernels
+    set_determinism(seed=config.seed)
+    torch.use_deterministic_algorithms(train.deterministic, warn_only=True)  # warn, not fail, where none exists
+    network = build_network(config).to(device)
+    objectives, weights = build_objectives(config, network)
+    step_module = TrainStep(network, objectives, weights).to(device)
+    sampler = build_sampler(config, objectives, device=device, rank=context.rank)
+    optimizer = build_optimizer(
+        [step_module], name=train.optimizer, lr=train.lr, weight_decay=train.weight_decay, momentum=train.momentum
+    )
+    scheduler = build_scheduler(
+        optimizer, steps=train.steps, warmup_steps=train.warmup_steps, min_lr_ratio=train.min_lr_ratio
+    )
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.amp)
+    use_amp = device.type == "cuda" and amp_dtype is not None
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype is torch.float16)
+
+    start_step = 0
+    if resuming:
+        start_step = _load_checkpoint(run / CHECKPOINT, step_module, optimizer, scheduler, scaler, sampler, context)
+    model = step_module
+    if context.distributed:
+        model = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=True
+        )
+    monitor = Monitor(run, steps=train.steps, start_step=start_step, log_every=train.log_every) if context.is_main else None
+    preprocessing = preprocessing_options(config)
+    last_saved = start_step if resuming else None
+    log.info("pretraining %s for %d steps on %s x%d -> %s", config.name, train.steps, device, context.world_size, run)
+    try:
+        step_module.train()
+        for step in range(start_step, train.steps):
+            batch = sampler.sample(train.batch_size)
+            with torch.autocast(device.type, dtype=amp_dtype) if use_amp else contextlib.nullcontext():
+                out = model(batch)
+            names = list(out)
+            values = distributed.sum_across_ranks(torch.stack([out[k].float() for k in names]), context)
+            values = (values / context.world_size).tolist()  # one sync per step: the guard needs the loss anyway
+            if not math.isfinite(values[0]):
+                _diverged(values[0], step + 1, last_saved, run)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(out["loss"]).backward()
+            if train.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(step_module.parameters(), train.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            for objective in objectives.values():
+                objective.on_step_end(network, (step + 1) / train.steps)
+            if monitor is not None:
+                monitor.step(step + 1, {**dict(zip(names, values)), "lr": lr})
+            if (step + 1) % train.checkpoint_every == 0 or step + 1 == train.steps:
+                _save_checkpoint(run, step + 1, config, step_module, optimizer, scheduler, scaler, sampler, context)
+                if context.is_main:
+                    save_model(network, run, spatial_dims=config.spatial_dims, preprocessing=preprocessing)
+                last_saved = step + 1
+    finally:
+        if monitor is not None:
+            monitor.close()
+    log.info("finished: %s", run / "model.pt")
+    return run
+
+
+def _diverged(value: float, step: int, last_saved: int | None, run: Path) -> None:
+    kept = (
+        f"the last good checkpoint (step {last_saved}) is kept in {run / CHECKPOINT} and {run / 'model.pt'}"
+        if last_saved else "no checkpoint had been written yet"
+    )
+    raise TrainingDiverged(
+        f"loss became {value} at step {step}; training stopped and {kept}. Lower train.lr, set train.grad_clip, "
+        f"or check the data, then start again (or continue with --resume {run})",
+        path=run,
+    )
+
+
+def _run_folder(config: PretrainConfig, out: str | Path | None, resume: str | Path | None, context) -> Path:
+    """Choose (rank 0) and prepare the run folder; every rank gets the same path."""
+    if resume is not None:
+        run = Path(resume)
+        if not (run / CHECKPOINT).is_file():
+            raise InputError(f"cannot resume: no {CHECKPOINT} in this folder (is it a pretraining run?)", path=run)
+        _check_resumable(config, run)
+        return run
+    run = Path(out) if out is not None else None
+    if context.is_main:
+        if run is None:
+            run = Path("runs") / f"{config.name}_{time.strftime('%Y%m%d-%H%M%S')}"
+        if (run / CHECKPOINT).is_file():
+            raise InputError(f"already holds a run; continue it with --resume {run} or choose another --out", path=run)
+        (run / CHECKPOINT).parent.mkdir(parents=True, exist_ok=True)
+        save_config(config, run / "config.yaml")
+    return Path(distributed.broadcast_object(str(run), context))
+
+
+def _check_resumable(config: PretrainConfig, run: Path) -> None:
+    saved, given = _flatten(to_dict(read_pretrain_config(run / "config.yaml"))), _flatten(to_dict(config))
+    differ = sorted(k for k in set(saved) | set(given) if saved.get(k) != given.get(k) and k not in RESUME_MAY_CHANGE)
+    if differ:
+        raise InputError(
+            f"cannot resume with a different config ({', '.join(differ)} differ); "
+            f"pass the run's own config: medssl pretrain {run / 'config.yaml'} --resume {run}",
+            path=run,
+        )
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        flat: dict[str, Any] = {}
+        for key, value in data.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: data}
+
+
+def _save_checkpoint(run, step, config, step_module, optimizer, scheduler, scaler, sampler, context) -> None:
+    """Everything needed to continue exactly: weights, objectives (teachers, banks), optimizer, schedule, and
+    every rank's sampler and RNG states."""
+    rank_states = distributed.gather_objects({"sampler": sampler.state_dict(), "rng": capture_rng()}, context)
+    if context.is_main:
+        save_atomic(
+            {
+                "step": step,
+                "config": to_dict(config),
+                "network": step_module.network.state_dict(),
+                "objectives": step_module.objectives.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "ranks": rank_states,
+            },
+            run / CHECKPOINT,
+        )
+
+
+def _load_checkpoint(path, step_module, optimizer, scheduler, scaler, sampler, context) -> int:
+    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: holds numpy/python RNG states
+    step_module.network.load_state_dict(state["network"])
+    step_module.objectives.load_state_dict(state["objectives"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    ranks = state["ranks"]
+    if len(ranks) != context.world_size:
+        raise InputError(
+            f"the checkpoint was written by {len(ranks)} process(es); resume with the same number "
+            f"(torchrun --nproc_per_node {len(ranks)})",
+            path=path,
+        )
+    sampler.load_state_dict(ranks[context.rank]["sampler"])
+    restore_rng(ranks[context.rank]["rng"])
+    log.info("resuming from step %d", state["step"])
+    return int(state["step"])
