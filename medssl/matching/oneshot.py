@@ -1,0 +1,261 @@
+"""One-shot landmark matching with dense multi-scale embeddings (CC2D / SAM style, METHODS 5.1, 5.5, 5.6).
+
+Template and query are embedded by the same network (``forward_features``: ``[bottleneck, decoder coarse -> fine]``)
+through ``monai.inferers.SlidingWindowInferer``; each landmark's template vector is sampled at its sub-pixel
+position on every level; cosine similarity maps per level are combined by product (CC2D's coarse-to-fine cascade:
+a coarse level vetoes far false matches, fine levels sharpen the peak) or by mean (SAM), upsampled to the image grid,
+averaged over templates; its few best local maxima are then re-scored on the interpolated feature field, where a
+sub-pixel search picks the answer (coarse-to-fine: cheap maps propose, exact features decide).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
+from monai.inferers import SlidingWindowInferer
+from monai.networks.layers import Pool
+from monai.transforms import DivisiblePad, Spacing
+from monai.utils import convert_to_tensor
+from torch import nn
+
+from medssl.data.geometry import spacing_mm as affine_spacing_mm
+from medssl.data.geometry import voxel_to_world, world_to_voxel
+from medssl.errors import InputError
+
+
+COMBINE_MODES = ("product", "mean")
+#: linear interpolation mode of F.interpolate per number of spatial dims
+_LINEAR = {2: "bilinear", 3: "trilinear"}
+#: default sliding-window size per spatial dims (voxels); smaller images are embedded in one window
+DEFAULT_ROI_SIZE = {2: 512, 3: 128}
+_SPACING_TOLERANCE = 1e-3  # relative difference below which two spacings count as equal
+
+
+def prepare_image(path: str | Path, *, spatial_dims: int, spacing_mm: Sequence[float] | None = None,
+                  file_spacing_mm: float | Sequence[float] | None = None, modality: str = "mr",
+                  intensity_window: Sequence[float] | None = None) -> MetaTensor:
+    """Read ``path`` as the network saw its training scans (RAS, intensities in [0, 1]) on a grid of ``spacing_mm``
+    (None keeps the file's). Resampling happens only where the spacing differs, so equal grids stay bit-exact."""
+    from medssl.transforms.preprocess import preprocess_image
+
+    image = preprocess_image(path, spatial_dims=spatial_dims, modality=modality, intensity_window=intensity_window,
+                             file_spacing_mm=file_spacing_mm)
+    if spacing_mm is None:
+        return image
+    target = np.asarray([float(s) for s in spacing_mm])
+    current = np.asarray(affine_spacing_mm(image.affine))
+    if np.all(np.abs(current - target) <= _SPACING_TOLERANCE * target):
+        return image
+    return Spacing(pixdim=target.tolist(), mode="bilinear")(image)
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """Dense multi-scale features of one image.
+
+    ``features``: per level ``(C_l, *P / stride_l)``, unit length along channels, coarse -> fine, computed on the
+    image padded at the end to ``P`` (a multiple of the network's divisor). ``affine``: voxel -> world mm (float64).
+    ``shape``: the image's own spatial shape ``S`` (``S <= P``).
+    """
+
+    features: list[torch.Tensor]
+    affine: torch.Tensor
+    shape: tuple[int, ...]
+    padded_shape: tuple[int, ...]
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.shape)
+
+    def to_voxel(self, points_mm: np.ndarray) -> np.ndarray:
+        """World mm ``(L, D)`` -> fractional voxel indices ``(L, D)`` of this image."""
+        return world_to_voxel(self.affine.cpu().numpy(), np.asarray(points_mm, dtype=np.float64))
+
+    def to_world(self, voxels: np.ndarray) -> np.ndarray:
+        """Fractional voxel indices ``(L, D)`` -> world mm ``(L, D)``."""
+        return voxel_to_world(self.affine.cpu().numpy(), np.asarray(voxels, dtype=np.float64))
+
+
+def _normalised_grid(voxels: torch.Tensor, padded_shape: Sequence[int]) -> torch.Tensor:
+    """Voxel indices ``(L, D)`` -> ``grid_sample`` coordinates (align_corners=False) ``(1, L, 1[, 1], D)``.
+
+    Pixel centres sit at ``(i + 0.5) / P`` of the padded extent at every level, so one grid serves all strides."""
+    sizes = torch.as_tensor(padded_shape, dtype=voxels.dtype, device=voxels.device)
+    normalised = 2.0 * (voxels + 0.5) / sizes - 1.0  # (L, D), axis order of the array
+    dims = voxels.shape[1]
+    return normalised.flip(-1).reshape(1, -1, *[1] * (dims - 1), dims)  # (1, L, 1[, 1], D), grid_sample wants x last
+
+
+def peak_positions(maps: torch.Tensor, subpixel: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Arg-max of every map ``(L, *S)``, with ``subpixel`` refined per axis by a parabola through the peak and its
+    two neighbours.
+
+    Returns voxel indices ``(L, D)`` (float64) and the peak values ``(L,)``. Written here because neither MONAI nor
+    scikit-image offers a batched n-D sub-pixel arg-max.
+    """
+    count, shape = maps.shape[0], tuple(maps.shape[1:])
+    flat = maps.reshape(count, -1)  # (L, N)
+    scores, index = flat.max(dim=1)
+    peaks = torch.stack(torch.unravel_index(index, shape), dim=1)  # (L, D)
+    refined = peaks.to(torch.float64).clone()
+    if not subpixel:
+        return refined.cpu().numpy(), scores.double().cpu().numpy()
+    rows = torch.arange(count, device=maps.device)
+    for axis, size in enumerate(shape):
+        inside = (peaks[:, axis] > 0) & (peaks[:, axis] < size - 1)
+        before, after = peaks.clone(), peaks.clone()
+        before[:, axis] = (peaks[:, axis] - 1).clamp(min=0)
+        after[:, axis] = (peaks[:, axis] + 1).clamp(max=size - 1)
+        value_before = maps[(rows, *before.unbind(1))].double()
+        value_after = maps[(rows, *after.unbind(1))].double()
+        curvature = value_before - 2.0 * scores.double() + value_after
+        offset = torch.where(curvature < 0, 0.5 * (value_before - value_after) / curvature.clamp(max=-1e-12),
+                             torch.zeros_like(curvature))
+        refined[:, axis] += torch.where(inside, offset.clamp(-0.5, 0.5), torch.zeros_like(offset))
+    return refined.cpu().numpy(), scores.double().cpu().numpy()
+
+
+def candidate_peaks(maps: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` highest local maxima (over the 3^D neighbourhood) of every map ``(L, *S)``, as voxel indices
+    ``(L, count, D)`` (the global arg-max first; repeated when a map has fewer maxima)."""
+    dims = maps.ndim - 1
+    pooled = Pool["max", dims](kernel_size=3, stride=1, padding=1)(maps[:, None])[:, 0]  # (L, *S)
+    flat = torch.where(maps >= pooled, maps, torch.full_like(maps, -torch.inf)).reshape(maps.shape[0], -1)  # (L, N)
+    index = flat.topk(min(count, flat.shape[1]), dim=1).indices  # (L, K)
+    index = torch.where(torch.isfinite(flat.gather(1, index)), index, index[:, :1])  # fewer maxima: repeat the best
+    return torch.stack(torch.unravel_index(index, tuple(maps.shape[1:])), dim=-1)  # (L, K, D)
+
+
+class OneShotMatcher:
+    """Match template landmarks into query images with a network's multi-scale dense features (METHODS 5.6).
+
+    ``levels`` selects entries of ``forward_features`` (default all; e.g. ``[0]`` = bottleneck only, for methods
+    that pretrain only the encoder). ``combine`` is ``"product"`` (CC2D: cosine clamped to [0, 1], multiplied;
+    reported as the geometric mean, which has the same arg-max) or ``"mean"`` (SAM: raw cosine averaged).
+    ``roi_size`` is the sliding-window size in voxels (default ``DEFAULT_ROI_SIZE``; rounded up to twice the
+    network's divisor so that every window starts on the coarsest grid). ``candidates``: how many local maxima of
+    the combined map per landmark are re-scored on the feature field (``refine``).
+    """
+
+    def __init__(self, network: nn.Module, *, levels: Sequence[int] | None = None, combine: str = "product",
+                 roi_size: int | Sequence[int] | None = None, candidates: int = 4,
+                 device: str | torch.device = "cpu"):
+        if combine not in COMBINE_MODES:
+            raise InputError(f"unknown combine mode '{combine}'; choose one of: {', '.join(COMBINE_MODES)}")
+        self.device = torch.device(device)
+        self.network = network.to(self.device).eval()
+        self.levels = None if levels is None else [int(level) for level in levels]
+        self.combine = combine
+        self.roi_size = roi_size
+        self.candidates = int(candidates)
+
+    # ------------------------------------------------------------------------------------------------ embedding
+    def _windows(self, padded_shape: Sequence[int]) -> SlidingWindowInferer:
+        dims, divisor = len(padded_shape), 2 * int(self.network.min_size_divisor)
+        roi = self.roi_size if self.roi_size is not None else DEFAULT_ROI_SIZE[dims]
+        roi = [int(roi)] * dims if np.isscalar(roi) else [int(r) for r in roi]
+        roi = [min(math.ceil(r / divisor) * divisor, size) for r, size in zip(roi, padded_shape)]
+        return SlidingWindowInferer(roi_size=roi, sw_batch_size=1, overlap=0.5, mode="gaussian")
+
+    @torch.no_grad()
+    def embed(self, image: MetaTensor) -> Embedding:
+        """Features of ``image`` ``(C, *S)`` (already prepared: oriented, resampled, in [0, 1])."""
+        shape = tuple(int(s) for s in image.shape[1:])
+        padded = convert_to_tensor(DivisiblePad(k=2 * int(self.network.min_size_divisor), mode="constant",
+                                                method="end")(image.as_tensor().float()), track_meta=False)  # (C, *P)
+        padded_shape = tuple(int(s) for s in padded.shape[1:])
+
+        def fine_first(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            # MONAI 1.6 reuses the window weights resized for one output for the next: feed outputs fine -> coarse
+            return tuple(reversed(self.network.forward_features(x)))
+
+        outputs = self._windows(padded_shape)(padded[None].to(self.device), fine_first)
+        levels = list(reversed(outputs))  # coarse -> fine, each (1, C_l, *P / stride_l)
+        chosen = levels if self.levels is None else [levels[level] for level in self.levels]
+        features = [F.normalize(level[0].float(), dim=0) for level in chosen]  # (C_l, *P_l)
+        affine = torch.as_tensor(image.affine, dtype=torch.float64)
+        return Embedding(features, affine, shape, padded_shape)
+
+    # ------------------------------------------------------------------------------------------------ matching
+    def template_vectors(self, template: Embedding, points_mm: np.ndarray) -> list[torch.Tensor]:
+        """Unit feature vectors ``(L, C_l)`` per level, sampled (bi/trilinearly) at the landmarks ``(L, D)`` mm."""
+        voxels = torch.as_tensor(template.to_voxel(points_mm), dtype=torch.float32, device=self.device)
+        grid = _normalised_grid(voxels, template.padded_shape)  # (1, L, 1[, 1], D)
+        vectors = []
+        for level in template.features:
+            sampled = F.grid_sample(level[None], grid, mode="bilinear", padding_mode="border", align_corners=False)
+            vectors.append(F.normalize(sampled.reshape(level.shape[0], -1).T, dim=1))  # (L, C_l)
+        return vectors
+
+    def _combine(self, cosines: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per-level cosine maps (same shape) -> combined score: geometric mean of the clamped cosines (product
+        mode, same arg-max as CC2D's product) or their mean (SAM)."""
+        if self.combine == "product":
+            return torch.stack([c.clamp(min=1e-6, max=1.0).log() for c in cosines]).mean(dim=0).exp()
+        return torch.stack(list(cosines)).mean(dim=0)
+
+    def similarity(self, query: Embedding, vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Combined similarity maps ``(L, *S)`` of the template ``vectors`` over the query's grid."""
+        cosines = []
+        for level, vector in zip(query.features, vectors):
+            cosine = torch.einsum("lc,c...->l...", vector, level)  # (L, *P_l)
+            if self.combine == "product":
+                cosine = cosine.clamp(0.0, 1.0)  # CC2D: negative similarity is no evidence
+            cosines.append(F.interpolate(cosine[None], size=query.padded_shape, mode=_LINEAR[query.spatial_dims],
+                                         align_corners=False)[0])  # (L, *P)
+        combined = self._combine(cosines)
+        return combined[(slice(None), *[slice(0, s) for s in query.shape])]  # (L, *S)
+
+    def _scores_at(self, query: Embedding, templates: Sequence[Sequence[torch.Tensor]],
+                   voxels: torch.Tensor) -> torch.Tensor:
+        """Combined scores ``(L, K)`` at candidate voxels ``(L, K, D)``, from the query's feature field interpolated
+        at each candidate (so a query equal to the template scores exactly 1 at the template's sub-pixel point)."""
+        count, candidates, dims = voxels.shape
+        grid = _normalised_grid(voxels.reshape(-1, dims), query.padded_shape)  # (1, L*K, 1[, 1], D)
+        per_template = []
+        for vectors in templates:
+            cosines = []
+            for level, vector in zip(query.features, vectors):
+                sampled = F.grid_sample(level[None], grid, mode="bilinear", padding_mode="border",
+                                        align_corners=False)  # (1, C_l, L*K, 1[, 1])
+                field = F.normalize(sampled.reshape(level.shape[0], count, candidates), dim=0)  # (C_l, L, K)
+                cosines.append(torch.einsum("lc,clk->lk", vector, field))  # (L, K)
+            per_template.append(self._combine(cosines))
+        return torch.stack(per_template).mean(dim=0)  # (L, K)
+
+    def refine(self, query: Embedding, templates: Sequence[Sequence[torch.Tensor]], starts: torch.Tensor,
+               radius_voxels: float = 1.0, steps: int = 4, passes: int = 3) -> tuple[np.ndarray, np.ndarray]:
+        """Sub-pixel search from candidate voxels ``starts`` ``(L, K, D)``: ``passes`` rounds of a ``(2*steps+1)^D``
+        grid, the first spanning ``+-radius_voxels`` around every candidate, each next one a ``steps``-times finer
+        grid around the best point so far. Returns voxels ``(L, D)`` and their scores ``(L,)``."""
+        dims = starts.shape[-1]
+        best = starts.to(device=self.device, dtype=torch.float32)  # (L, K, D)
+        upper = torch.as_tensor([s - 1 for s in query.shape], dtype=torch.float32, device=self.device)
+        step = radius_voxels / steps
+        offsets_1d = torch.arange(-steps, steps + 1, dtype=torch.float32, device=self.device)
+        unit = torch.stack(torch.meshgrid(*[offsets_1d] * dims, indexing="ij"), dim=-1).reshape(-1, dims)  # (M, D)
+        rows = torch.arange(best.shape[0], device=self.device)
+        scores = None
+        for _ in range(passes):
+            candidates = best[:, :, None, :] + step * unit[None, None]  # (L, K, M, D)
+            candidates = torch.minimum(candidates.clamp(min=0.0), upper).flatten(1, 2)  # (L, K*M, D)
+            values = self._scores_at(query, templates, candidates)  # (L, K*M)
+            scores, choice = values.max(dim=1)
+            best = candidates[rows, choice][:, None, :]  # (L, 1, D)
+            step /= steps
+        return best[:, 0].double().cpu().numpy(), scores.double().cpu().numpy()
+
+    def match(self, templates: Sequence[Sequence[torch.Tensor]], query: Embedding) -> tuple[np.ndarray, np.ndarray]:
+        """Landmarks (world mm ``(L, D)``) and scores ``(L,)`` in ``query`` from the ``template_vectors`` of one or
+        more templates (same landmarks, same order); several templates average their similarity maps (ensemble).
+        The best local maxima of the combined map are re-scored and refined on the feature field (``refine``)."""
+        maps = torch.stack([self.similarity(query, vectors) for vectors in templates]).mean(dim=0)  # (L, *S)
+        voxels, scores = self.refine(query, templates, candidate_peaks(maps, self.candidates))
+        return query.to_world(voxels), scores

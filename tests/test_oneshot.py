@@ -1,0 +1,240 @@
+"""One-shot embedding matching: template == query gives the template landmarks back (sub-pixel), a known shift gives
+the known shift, 2D and 3D, anisotropic spacing; template ranking; figures; the file-level entry points."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+from monai.networks.layers import Conv, Pool
+from scipy.ndimage import gaussian_filter
+from torch import nn
+
+from medssl.data.geometry import voxel_to_world
+from medssl.data.landmarks import read_landmarks, read_scores, write_landmarks
+from medssl.data.readers import save_image
+from medssl.errors import InputError
+from medssl.matching.figures import save_landmark_figure
+from medssl.matching.oneshot import OneShotMatcher, peak_positions, prepare_image
+from medssl.matching.run import detect_landmarks_files, rank_templates_files
+from medssl.matching.selection import rank_templates, salient_points
+from medssl.networks import build_network
+
+SPACING = {2: (0.8, 1.2), 3: (0.8, 1.2, 1.5)}
+TINY_CHANNELS = (6, 8, 12, 8)  # depth 2: strides 4, 2, 1; divisor 4
+
+
+def texture(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    """Smooth random texture in [0, 1]: every point is distinct, so matching has one answer."""
+    values = gaussian_filter(np.random.default_rng(seed).normal(size=shape), 1.5)
+    return (values - values.min()) / (values.max() - values.min())
+
+
+def affine_for(dims: int, origin_mm: tuple[float, ...] | None = None) -> torch.Tensor:
+    affine = torch.diag(torch.tensor([*SPACING[dims], 1.0], dtype=torch.float64))
+    affine[:dims, dims] = torch.tensor(origin_mm if origin_mm is not None else [3.0, -7.0, 11.0][:dims])
+    return affine
+
+
+def as_image(array: np.ndarray, affine: torch.Tensor) -> MetaTensor:
+    return MetaTensor(torch.as_tensor(array, dtype=torch.float32)[None], affine=affine)
+
+
+class PatchNetwork(nn.Module):
+    """Stand-in with the U-Net feature contract (``forward_features`` coarse -> fine, ``min_size_divisor``): the
+    zero-mean 5^D patch around each voxel (so cosine = Pearson correlation of patches), average-pooled to strides
+    4 and 2. Local and exactly shift-equivariant for shifts by multiples of 4, unlike a random U-Net whose zero
+    padding makes its features encode the distance to the border."""
+
+    min_size_divisor = 4
+
+    def __init__(self, spatial_dims: int, kernel_size: int = 5):
+        super().__init__()
+        count = kernel_size**spatial_dims
+        self.conv = Conv["conv", spatial_dims](1, count, kernel_size=kernel_size, padding=kernel_size // 2, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_((torch.eye(count) - 1.0 / count).reshape(count, 1, *[kernel_size] * spatial_dims))
+        self.pool = Pool["avg", spatial_dims]
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        fine = self.conv(x)  # (B, K^D, *S)
+        return [self.pool(kernel_size=4)(fine), self.pool(kernel_size=2)(fine), fine]
+
+
+def tiny_matcher(dims: int, unet: bool = False, **kwargs) -> OneShotMatcher:
+    torch.manual_seed(0)
+    network = build_network(spatial_dims=dims, channels=TINY_CHANNELS) if unet else PatchNetwork(dims)
+    return OneShotMatcher(network, **kwargs)
+
+
+SHAPES = {2: (60, 52), 3: (28, 24, 20)}  # not multiples of the divisor: exercises the padding
+LANDMARK_VOXELS = {2: [[20.3, 30.6], [41.0, 12.75]], 3: [[10.4, 12.6, 8.2], [17.0, 9.5, 11.7]]}
+
+
+@pytest.mark.parametrize("combine, unet", [("product", True), ("mean", False)])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_template_equals_query_returns_template_landmarks(dims, combine, unet):
+    matcher = tiny_matcher(dims, unet=unet, combine=combine)
+    image = as_image(texture(SHAPES[dims]), affine_for(dims))
+    embedding = matcher.embed(image)
+    points_mm = voxel_to_world(image.affine.numpy(), np.array(LANDMARK_VOXELS[dims]))
+    predicted_mm, scores = matcher.match([matcher.template_vectors(embedding, points_mm)], embedding)
+    assert np.abs(predicted_mm - points_mm).max() < 0.1 * max(SPACING[dims])  # well below one voxel
+    assert np.all(scores > 0.99)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_known_content_shift_returns_known_shift(dims):
+    """The query shows the texture moved by a whole number of coarsest cells: landmarks move by exactly that."""
+    shift = np.array([8, 4, 4][:dims])
+    big = texture(tuple(s + 8 for s in SHAPES[dims]), seed=1)
+    template = as_image(big[tuple(slice(0, s) for s in SHAPES[dims])], affine_for(dims))
+    query = as_image(big[tuple(slice(k, k + s) for k, s in zip(shift, SHAPES[dims]))], affine_for(dims))
+    matcher = tiny_matcher(dims)
+    template_voxels = np.round(LANDMARK_VOXELS[dims]) + np.array([6, 4, 2][:dims])  # on the grid: cosine 1 there
+    points_mm = voxel_to_world(template.affine.numpy(), template_voxels)
+    vectors = matcher.template_vectors(matcher.embed(template), points_mm)
+    predicted_mm, _ = matcher.match([vectors], matcher.embed(query))
+    expected_mm = voxel_to_world(query.affine.numpy(), template_voxels - shift)  # content at t sits at t - shift
+    assert np.abs(predicted_mm - expected_mm).max() < 0.5 * max(SPACING[dims])
+
+
+def test_world_shift_sliding_window_and_ensemble():
+    """A query that is the template moved in the world (origin + d mm) gives landmarks + d, also when both are
+    embedded in small sliding windows and with two templates (the second a world-shifted copy)."""
+    dims = 2
+    matcher = tiny_matcher(dims, roi_size=32)  # 60 x 52 image -> several windows of 32 x 32
+    array = texture(SHAPES[dims], seed=2)
+    template = as_image(array, affine_for(dims))
+    moved_mm = np.array([5.5, -3.25])
+    query = as_image(array, affine_for(dims, tuple(np.array([3.0, -7.0]) + moved_mm)))
+    other = as_image(array, affine_for(dims, (0.0, 0.0)))
+    points_mm = voxel_to_world(template.affine.numpy(), np.round(LANDMARK_VOXELS[dims]))
+    other_points_mm = points_mm - np.array([3.0, -7.0])
+    query_embedding = matcher.embed(query)
+    assert [tuple(f.shape[1:]) for f in query_embedding.features] == [(16, 14), (32, 28), (64, 56)]  # padded to 64 x 56
+    templates = [matcher.template_vectors(matcher.embed(template), points_mm),
+                 matcher.template_vectors(matcher.embed(other), other_points_mm)]
+    predicted_mm, _ = matcher.match(templates, query_embedding)
+    assert np.abs(predicted_mm - (points_mm + moved_mm)).max() < 0.1
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_peak_positions_recovers_parabola_vertex(dims):
+    shape = (20, 17, 15)[:dims]
+    vertices = np.array([[7.3, 9.8, 4.6], [12.0, 3.45, 10.2]])[:, :dims]
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), axis=-1)  # (*S, D)
+    maps = torch.stack([torch.as_tensor(5.0 - ((grid - v) ** 2).sum(-1)) for v in vertices])  # (2, *S)
+    voxels, scores = peak_positions(maps)
+    np.testing.assert_allclose(voxels, vertices, atol=1e-9)  # a parabola fit is exact on a parabola
+    np.testing.assert_allclose(scores, [maps[i].max().item() for i in range(2)])
+    integer, _ = peak_positions(maps, subpixel=False)
+    np.testing.assert_array_equal(integer, np.round(vertices))
+
+
+def test_salient_points_finds_square_corners():
+    image = np.zeros((64, 64))
+    image[20:44, 16:40] = 1.0
+    points = salient_points(as_image(image, torch.eye(3, dtype=torch.float64)), n_points=4, min_distance_mm=8,
+                            sigma_mm=1.0)
+    corners = np.array([[19.5, 15.5], [19.5, 39.5], [43.5, 15.5], [43.5, 39.5]])
+    distances = np.linalg.norm(points[:, None] - corners[None], axis=-1)  # (K, 4)
+    assert len(points) == 4 and distances.min(axis=0).max() <= 2.0
+
+
+def test_rank_templates_puts_the_outlier_last():
+    dims, shape = 2, (48, 48)
+    base = texture(shape, seed=3)
+    rng = np.random.default_rng(4)
+    pool = [base + 0.02 * rng.normal(size=shape), base + 0.02 * rng.normal(size=shape), texture(shape, seed=9)]
+    images = [as_image(a, affine_for(dims)) for a in pool]
+    scores = rank_templates(tiny_matcher(dims), images, n_points=6, min_distance_mm=4.0)
+    assert scores.shape == (3,) and np.argmin(scores) == 2
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_landmark_figure_is_written(tmp_path, dims):
+    import matplotlib.image
+
+    image = as_image(texture(SHAPES[dims]), affine_for(dims))
+    points = voxel_to_world(image.affine.numpy(), np.array(LANDMARK_VOXELS[dims]))
+    predicted = {"a": points[0], "b": points[1]}
+    path = save_landmark_figure(tmp_path / "f.png", image, predicted, truth={"a": points[0] + 1.0}, title="t")
+    assert matplotlib.image.imread(path).shape[1] == (320 if dims == 2 else 640)  # one panel, or one per landmark
+
+
+# ----------------------------------------------------------------------------------------------- files
+def write_case(folder: Path, dims: int) -> tuple[Path, Path, dict[str, np.ndarray]]:
+    """Template image + landmark CSV on disk (PNG for 2D at 1 mm, NIfTI for 3D with anisotropic spacing)."""
+    if dims == 2:
+        array, affine = (texture((64, 56), seed=5) * 255).astype(np.uint8), torch.eye(3, dtype=torch.float64)
+        path = save_image(array, affine, folder / "images" / "case_a.png")
+    else:
+        array, affine = texture((24, 20, 16), seed=5).astype(np.float32), affine_for(3)
+        path = save_image(array, affine, folder / "images" / "case_a.nii.gz")
+    landmarks = {"p": voxel_to_world(affine.numpy(), np.array(LANDMARK_VOXELS[dims][0]) * 0.7),
+                 "q": voxel_to_world(affine.numpy(), np.array(LANDMARK_VOXELS[dims][1]) * 0.7)}
+    csv_path = write_landmarks(folder / "template.csv", {"case_a": landmarks})
+    return path, csv_path, landmarks
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_detect_landmarks_files_from_a_saved_model(tmp_path, dims):
+    from medssl.engine.checkpoint import save_model
+
+    image_path, csv_path, landmarks = write_case(tmp_path, dims)
+    torch.manual_seed(0)
+    model = save_model(build_network(spatial_dims=dims, channels=TINY_CHANNELS), tmp_path / "model.pt",
+                       spatial_dims=dims, preprocessing={"modality": "mr"})
+    out = detect_landmarks_files(model, [image_path], [csv_path], [tmp_path / "images"], tmp_path / "pred.csv",
+                                 figure_dir=tmp_path / "figures", truth=csv_path)
+    predicted, scores = read_landmarks(out), read_scores(out)
+    for name, position in landmarks.items():
+        assert np.abs(predicted["case_a"][name] - position).max() < 0.15
+        assert scores["case_a"][name] > 0.99
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["case_a.png", "template_case_a.png"]
+
+
+def test_detect_landmarks_files_rejects_bad_input(tmp_path):
+    image_path, csv_path, _ = write_case(tmp_path, 2)
+    with pytest.raises(InputError, match="did you mean 'ncc'"):
+        detect_landmarks_files("none", [image_path], [csv_path], [image_path], tmp_path / "p.csv", method="nc")
+    other_csv = write_landmarks(tmp_path / "other.csv", {"x1": {"p": np.zeros(2)}, "x2": {"p": np.zeros(2)}})
+    with pytest.raises(InputError, match="no rows for template 'case_a'"):
+        detect_landmarks_files("none", [image_path], [other_csv], [image_path], tmp_path / "p.csv")
+    outside = write_landmarks(tmp_path / "outside.csv", {"case_a": {"p": np.array([500.0, 2.0])}})
+    with pytest.raises(InputError, match="lies outside"):
+        detect_landmarks_files("none", [image_path], [outside], [image_path], tmp_path / "p.csv", method="ncc")
+    from medssl.engine.checkpoint import save_model
+
+    model_3d = save_model(build_network(spatial_dims=3, channels=TINY_CHANNELS), tmp_path / "m3.pt", spatial_dims=3,
+                          preprocessing={})
+    with pytest.raises(InputError, match="the model is 3D but the images are 2D"):
+        detect_landmarks_files(model_3d, [image_path], [csv_path], [image_path], tmp_path / "p.csv")
+
+
+def test_rank_templates_files_writes_a_ranking(tmp_path):
+    for seed in range(3):
+        save_image((texture((48, 40), seed=seed) * 255).astype(np.uint8), torch.eye(3), tmp_path / "pool" / f"i{seed}.png")
+    torch.manual_seed(0)
+    from medssl.engine.checkpoint import save_model
+
+    model = save_model(build_network(spatial_dims=2, channels=TINY_CHANNELS), tmp_path / "model.pt", spatial_dims=2,
+                       preprocessing={"spacing_mm": 1.5})
+    out = rank_templates_files(model, [tmp_path / "pool"], tmp_path / "rank.csv", n_points=4)
+    rows = list(csv.DictReader(open(out)))
+    assert [r["rank"] for r in rows] == ["1", "2", "3"] and sorted(r["image"] for r in rows) == ["i0", "i1", "i2"]
+    assert [float(r["score"]) for r in rows] == sorted((float(r["score"]) for r in rows), reverse=True)
+
+
+def test_prepare_image_resamples_only_when_the_spacing_differs(tmp_path):
+    path = save_image(texture((24, 20, 16)).astype(np.float32), affine_for(3), tmp_path / "a.nii.gz")
+    same = prepare_image(path, spatial_dims=3, spacing_mm=SPACING[3])
+    assert tuple(same.shape[1:]) == (24, 20, 16)
+    coarse = prepare_image(path, spatial_dims=3, spacing_mm=(1.6, 2.4, 3.0))
+    np.testing.assert_allclose(np.linalg.norm(coarse.affine[:3, :3].numpy(), axis=0), (1.6, 2.4, 3.0))
+    assert tuple(coarse.shape[1:]) == (12, 10, 8) or abs(coarse.shape[1] - 12) <= 1
