@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import re
 import tempfile
 import types
 import typing
@@ -24,13 +25,28 @@ from medssl.registry import did_you_mean
 T = TypeVar("T")
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-3`` as a float as YAML 1.2 does (YAML 1.1 wants ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506  (a SafeLoader subclass)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"train.steps=200"`` -> ``(["train", "steps"], 200)``; the value is parsed as YAML (lists too)."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise InputError(f"override '{text}' is not of the form key.sub=value (e.g. train.steps=200)")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = _load_yaml(value) if value.strip() else None
     except yaml.YAMLError as err:
         raise InputError(f"override '{text}': value is not valid YAML ({err.__class__.__name__})") from None
     return key.strip().split("."), parsed
@@ -113,7 +129,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise InputError("config file not found; pass one of the files in configs/ or your own YAML", path=path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _load_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise InputError(f"not valid YAML: {err}", path=path) from None
     if not isinstance(data, dict):

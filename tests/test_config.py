@@ -77,3 +77,12 @@ def test_load_and_save_round_trip_names_the_file(tmp_path):
     assert str(path) in str(err.value)
     with pytest.raises(InputError, match="not found"):
         load_config(tmp_path / "missing.yaml", Config)
+
+
+def test_exponent_floats_without_a_dot_are_floats_in_files_and_overrides(tmp_path):
+    assert parse_override("train.lr=1e-7") == (["train", "lr"], 1e-7)
+    assert parse_override("x=[1e-2, 2E3]")[1] == [0.01, 2000.0]
+    assert parse_override("x=e5")[1] == "e5"
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 3e-4\n")
+    assert load_config(path, Config).train.lr == pytest.approx(3e-4)
