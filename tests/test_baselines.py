@@ -107,7 +107,9 @@ def test_register_maps_template_points_to_the_query():
     query = image_of(blobs(SHAPES[dims]), dims)
     query.affine[:dims, dims] += torch.tensor([2.5, -1.5], dtype=torch.float64)
     transform = register(template, query, bspline_spacing_mm=None, iterations=50)
-    np.testing.assert_allclose(transform.TransformPoint((20.0, 10.0)), (22.5, 8.5), atol=0.1)
+    # ITK sums the metric over threads, so the last digits depend on scheduling: a third of a pixel (0.8 mm) is the
+    # margin (seen: 0.11 mm off on a loaded machine, < 0.05 mm on an idle one)
+    np.testing.assert_allclose(transform.TransformPoint((20.0, 10.0)), (22.5, 8.5), atol=0.25)
 
 
 @pytest.mark.parametrize("method", ["ncc", "registration"])
