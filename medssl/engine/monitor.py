@@ -17,6 +17,8 @@ from medssl.config import write_text_atomic
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.csv"
+#: metrics named ``val/...`` (``medssl.engine.validation``) appear in every log line and keep their TensorBoard name
+VALIDATION_PREFIX = "val/"
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
@@ -32,13 +34,14 @@ def truncate_metrics(path: Path, last_step: int) -> None:
 
 
 class Monitor:
-    """Writes metrics of logged steps to CSV and TensorBoard and shows progress from ``start_step`` to ``steps``."""
+    """Writes metrics of logged steps to CSV and TensorBoard (tags ``<prefix>/<name>``) and shows progress from
+    ``start_step`` to ``steps``."""
 
-    def __init__(self, run: Path, *, steps: int, start_step: int, log_every: int):
+    def __init__(self, run: Path, *, steps: int, start_step: int, log_every: int, prefix: str = "pretrain"):
         from torch.utils.tensorboard import SummaryWriter
 
         self.path = run / METRICS_FILE
-        self.steps, self.start_step, self.log_every = steps, start_step, log_every
+        self.steps, self.start_step, self.log_every, self.prefix = steps, start_step, log_every, prefix
         truncate_metrics(self.path, start_step)
         self.columns: list[str] | None = None
         if self.path.is_file():
@@ -52,23 +55,27 @@ class Monitor:
             self.bar = tqdm(total=steps, initial=start_step, unit="step", dynamic_ncols=True, leave=True)
         self.started = time.perf_counter()
 
-    def step(self, step: int, metrics: dict[str, float]) -> None:
-        """Record ``metrics`` of 1-based ``step`` (every step advances the bar; every ``log_every``-th is written)."""
+    def step(self, step: int, metrics: dict[str, float], force: bool = False) -> None:
+        """Record ``metrics`` of 1-based ``step`` (every step advances the bar; every ``log_every``-th, the last and
+        any ``force``-d one are written)."""
+        shown = {key: value for key, value in metrics.items() if key.startswith(VALIDATION_PREFIX)}
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{metrics['loss']:.4g}", refresh=False)
-        if step % self.log_every and step != self.steps:
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4g}", **{k: f"{v:.4g}" for k, v in shown.items()},
+                                 refresh=False)
+        if step % self.log_every and step != self.steps and not force:
             return
         elapsed = time.perf_counter() - self.started
         rate = (step - self.start_step) / max(elapsed, 1e-9)
         row = {"step": step, **metrics, "seconds": round(elapsed, 3)}
         self._append(row)
         for key, value in metrics.items():
-            self.writer.add_scalar(f"pretrain/{key}", value, step)
+            self.writer.add_scalar(key if key in shown else f"{self.prefix}/{key}", value, step)
         if self.bar is None:
             eta_s = (self.steps - step) / max(rate, 1e-9)
             log.info(
-                "step %d/%d  loss %.4g  %.2f steps/s  eta %s", step, self.steps, metrics["loss"], rate, _clock(eta_s)
+                "step %d/%d  loss %.4g%s  %.2f steps/s  eta %s", step, self.steps, metrics["loss"],
+                "".join(f"  {key} {value:.4g}" for key, value in shown.items()), rate, _clock(eta_s),
             )
 
     def close(self) -> None:
@@ -80,9 +87,17 @@ class Monitor:
         if self.columns is None:
             self.columns = list(row)
             with self.path.open("w", newline="") as handle:
-                csv.writer(handle).writerow(self.columns)
+                csv.writer(handle, lineterminator="\n").writerow(self.columns)
+        new = [column for column in row if column not in self.columns]
+        if new:  # e.g. the first validation: widen the header, earlier rows get empty cells
+            self.columns += new
+            with self.path.open(newline="") as handle:
+                rows = list(csv.reader(handle))[1:]
+            lines = [self.columns] + [r + [""] * (len(self.columns) - len(r)) for r in rows]
+            write_text_atomic(self.path, "".join(",".join(line) + "\n" for line in lines))
         with self.path.open("a", newline="") as handle:
-            csv.writer(handle).writerow([_format(row.get(column, "")) for column in self.columns])
+            cells = [_format(row.get(column, "")) for column in self.columns]
+            csv.writer(handle, lineterminator="\n").writerow(cells)
 
 
 def _format(value: object) -> str:

@@ -2,8 +2,9 @@
 
 config -> network + objectives + view sampler -> for each step: sample a pair of views, weighted objective loss
 (AMP on CUDA), NaN/inf guard, backward, gradient clipping, optimizer + LR schedule step, objectives' EMA hook,
-metrics, periodic atomic checkpoint -> ``model.pt``. Under ``torchrun`` the network and the objectives' heads are
-trained with DistributedDataParallel; rank 0 writes the run folder.
+metrics (and, with a ``validation`` section, one-shot landmark MRE/SDR every few steps), periodic atomic checkpoint
+-> ``model.pt``. Under ``torchrun`` the network and the objectives' heads are trained with DistributedDataParallel;
+rank 0 writes the run folder and validates.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from medssl.errors import InputError
 log = logging.getLogger(__name__)
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
-#: config keys that may differ between a run and its resumption (they do not change the trained weights)
-RESUME_MAY_CHANGE = ("data.path", "train.device", "train.log_every", "train.checkpoint_every")
+#: config keys (or sections) that may differ between a run and its resumption (they do not change the trained weights)
+RESUME_MAY_CHANGE = ("data.path", "train.device", "train.log_every", "train.checkpoint_every", "validation")
 #: sampler arguments the engine fills itself (from ``spatial_dims``, ``seed`` and the objectives)
 SAMPLER_RESERVED = ("images", "spatial_dims", "preset", "info_guided", "device", "seed")
 
@@ -151,6 +152,7 @@ def _train(config: PretrainConfig, run: Path, resuming: bool, context: distribut
     from monai.utils import set_determinism
 
     train, device = config.train, context.device
+    validator = _validator(config, device) if context.is_main else None  # before seeding: leaves RNGs alone
     if train.deterministic and device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic kernels
     set_determinism(seed=config.seed)
@@ -203,8 +205,13 @@ def _train(config: PretrainConfig, run: Path, resuming: bool, context: distribut
             scheduler.step()
             for objective in objectives.values():
                 objective.on_step_end(network, (step + 1) / train.steps)
+            metrics = {**dict(zip(names, values)), "lr": lr}
+            validating = validator is not None and ((step + 1) % config.validation.every == 0
+                                                    or step + 1 == train.steps)
+            if validating:
+                metrics.update(validator(network))
             if monitor is not None:
-                monitor.step(step + 1, {**dict(zip(names, values)), "lr": lr})
+                monitor.step(step + 1, metrics, force=validating)
             if (step + 1) % train.checkpoint_every == 0 or step + 1 == train.steps:
                 _save_checkpoint(run, step + 1, config, step_module, optimizer, scheduler, scaler, sampler, context)
                 if context.is_main:
@@ -215,6 +222,17 @@ def _train(config: PretrainConfig, run: Path, resuming: bool, context: distribut
             monitor.close()
     log.info("finished: %s", run / "model.pt")
     return run
+
+
+def _validator(config: PretrainConfig, device: torch.device):
+    """The one-shot landmark validator of the ``validation`` section (None without one)."""
+    if config.validation is None:
+        return None
+    from medssl.engine.validation import LandmarkValidator
+
+    options = {key: value for key, value in to_dict(config.validation).items() if key != "every"}
+    return LandmarkValidator(**options, spatial_dims=config.spatial_dims, preprocessing=preprocessing_options(config),
+                             device=device)
 
 
 def _diverged(value: float, step: int, last_saved: int | None, run: Path) -> None:
@@ -250,7 +268,8 @@ def _run_folder(config: PretrainConfig, out: str | Path | None, resume: str | Pa
 
 def _check_resumable(config: PretrainConfig, run: Path) -> None:
     saved, given = _flatten(to_dict(read_pretrain_config(run / "config.yaml"))), _flatten(to_dict(config))
-    differ = sorted(k for k in set(saved) | set(given) if saved.get(k) != given.get(k) and k not in RESUME_MAY_CHANGE)
+    differ = sorted(k for k in set(saved) | set(given) if saved.get(k) != given.get(k)
+                    and not any(k == key or k.startswith(f"{key}.") for key in RESUME_MAY_CHANGE))
     if differ:
         raise InputError(
             f"cannot resume with a different config ({', '.join(differ)} differ); "

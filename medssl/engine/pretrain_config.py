@@ -1,8 +1,9 @@
 """The schema of a pretraining config (``configs/*_2d.yaml`` ...): YAML -> these frozen dataclasses.
 
-Only the training loop's own knobs are declared here (``TrainConfig``). The ``data``, ``network`` and ``objective``
-sections are passed on as keyword arguments and checked against the signatures of the view sampler, the network
-factory and each objective class (``medssl.config.check_kwargs``), so their defaults live in those signatures.
+Only the training loop's own knobs are declared here (``TrainConfig``; ``ValidationConfig`` for the optional
+one-shot validation). The ``data``, ``network`` and ``objective`` sections are passed on as keyword arguments and
+checked against the signatures of the view sampler, the network factory and each objective class
+(``medssl.config.check_kwargs``), so their defaults live in those signatures.
 """
 
 from __future__ import annotations
@@ -36,6 +37,20 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ValidationConfig:
+    """One-shot landmark validation during pretraining (``medssl.engine.validation``): every ``every`` steps (and
+    at the last), match the landmarks of ``template`` (rows in ``template_landmarks``) into ``images`` and score
+    them against ``truth`` (MRE, SDR at ``sdr_radii_mm``). Paths as for ``data.path``."""
+
+    template: str
+    template_landmarks: str
+    images: str
+    truth: str
+    every: int = 50
+    sdr_radii_mm: tuple[float, ...] = (2.0, 4.0)
+
+
+@dataclass(frozen=True)
 class PretrainConfig:
     """A whole pretraining config. ``method`` is one objective name or a list composed as a weighted sum."""
 
@@ -46,6 +61,7 @@ class PretrainConfig:
     data: dict[str, Any] = field(default_factory=dict)
     network: dict[str, Any] = field(default_factory=dict)
     objective: dict[str, dict[str, Any]] = field(default_factory=dict)
+    validation: ValidationConfig | None = None
 
     @property
     def methods(self) -> list[str]:
@@ -102,3 +118,7 @@ def validate(config: PretrainConfig) -> None:
             )
         if not isinstance(section, dict):
             raise InputError(f"config section 'objective.{name}' must be a mapping of hyperparameters")
+    if config.validation is not None:
+        from medssl.engine.validation import check_validation
+
+        check_validation(config.validation)

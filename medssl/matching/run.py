@@ -1,15 +1,19 @@
 """File-level entry points of one-shot landmark detection (what ``medssl landmarks oneshot`` and
-``medssl landmarks select-template`` call): paths in, CSV (and PNG figures) out."""
+``medssl landmarks select-template`` call, and what the pretraining validation hook reuses): paths in, CSV (and PNG
+figures) out."""
 
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
+from monai.data import MetaTensor
 
 from medssl.data.geometry import spacing_mm as affine_spacing_mm
 from medssl.data.inputs import resolve_images
@@ -18,11 +22,33 @@ from medssl.data.readers import image_key, load_image
 from medssl.errors import InputError
 from medssl.registry import did_you_mean
 
+if TYPE_CHECKING:
+    from medssl.matching.oneshot import OneShotMatcher
+
 log = logging.getLogger(__name__)
 
 METHODS = ("embedding", "ncc", "registration")
+DEVICES = ("auto", "cpu", "cuda")
 NO_CHECKPOINT = "none"
 _PREPROCESSING_KEYS = ("modality", "intensity_window")  # model.pt preprocessing entries that prepare_image takes
+
+
+def check_method(method: str) -> None:
+    """``InputError`` (with a "did you mean") unless ``method`` is one of ``METHODS``."""
+    if method not in METHODS:
+        raise InputError(f"unknown method '{method}'{did_you_mean(method, list(METHODS))}; "
+                         f"choose one of: {', '.join(METHODS)}", path="--method")
+
+
+def pick_device(preference: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; ``cuda`` without a GPU is an ``InputError``."""
+    import torch
+
+    if preference not in DEVICES:
+        raise InputError(f"unknown device '{preference}'; choose one of: {', '.join(DEVICES)}", path="--device")
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise InputError("no CUDA GPU is visible; use --device auto or cpu", path="--device")
+    return "cuda" if preference != "cpu" and torch.cuda.is_available() else "cpu"
 
 
 def load_network(checkpoint: str | Path, spatial_dims: int, arch: str | None = None,
@@ -46,37 +72,97 @@ def load_network(checkpoint: str | Path, spatial_dims: int, arch: str | None = N
     return load_model(checkpoint, device=device), dict(payload.get("preprocessing") or {})
 
 
-def _working_spacing(preprocessing: dict[str, Any], first_image: Path, spatial_dims: int,
-                     file_spacing_mm: float | Sequence[float] | None) -> tuple[float, ...]:
-    """The grid every image is resampled to: the pretraining spacing if the model has one, else the first
-    template's own spacing (so template and queries are compared at one physical scale)."""
+def image_preparer(preprocessing: dict[str, Any], first_image: Path, spatial_dims: int,
+                   file_spacing_mm: float | Sequence[float] | None = None) -> Callable[[Path], MetaTensor]:
+    """``path -> prepared image`` as the network saw its training scans (``model.pt`` ``preprocessing``: modality,
+    intensity window, spacing), every image on one grid: the pretraining spacing if the model has one, else the
+    first image's own spacing (so templates and queries are compared at one physical scale). ``file_spacing_mm``
+    (default: the model's ``file_spacing_mm``, else 1 mm) is the pixel size of 2D files without geometry."""
+    from medssl.matching.oneshot import prepare_image
+
+    if file_spacing_mm is None:
+        file_spacing_mm = preprocessing.get("file_spacing_mm")
     spacing = preprocessing.get("spacing_mm")
     if spacing is not None:
-        return tuple([float(spacing)] * spatial_dims if np.isscalar(spacing) else [float(s) for s in spacing])
-    return affine_spacing_mm(load_image(first_image, spacing_mm=file_spacing_mm).affine)
+        grid = tuple([float(spacing)] * spatial_dims if np.isscalar(spacing) else [float(s) for s in spacing])
+    else:
+        grid = affine_spacing_mm(load_image(first_image, spacing_mm=file_spacing_mm).affine)
+    options = {key: preprocessing[key] for key in _PREPROCESSING_KEYS if preprocessing.get(key) is not None}
+    return functools.partial(prepare_image, spatial_dims=spatial_dims, spacing_mm=grid,
+                             file_spacing_mm=file_spacing_mm, **options)
 
 
-def _template_landmarks(templates: Sequence[Path], csv_paths: Sequence[Path]) -> list[dict[str, np.ndarray]]:
-    """Landmarks (name -> mm) of each template: one CSV per template, or one CSV for all of them (rows matched by
-    image name; a CSV that holds a single image serves a template of any name)."""
+@dataclass(frozen=True)
+class Templates:
+    """Prepared template images and their landmarks: ``points_mm[k]`` is ``(L, D)`` world mm in ``names`` order."""
+
+    paths: list[Path]
+    images: list[MetaTensor]
+    names: list[str]
+    points_mm: list[np.ndarray]
+
+
+def template_rows(template: str | Path, csv_path: str | Path) -> dict[str, np.ndarray]:
+    """The landmarks (name -> world mm) of ``template`` in ``csv_path``: its rows by image name, or every row of a
+    CSV that holds a single image."""
+    table = read_landmarks(csv_path)
+    key = image_key(template)
+    if key not in table and len(table) != 1:
+        raise InputError(f"no rows for template '{key}' (images in the CSV: {', '.join(sorted(table))}"
+                         f"{did_you_mean(key, list(table))})", path=csv_path)
+    return table.get(key) or next(iter(table.values()))
+
+
+def load_templates(templates: Sequence[str | Path], csv_paths: Sequence[str | Path],
+                   prepare: Callable[[Path], MetaTensor]) -> Templates:
+    """Read and prepare the template images with their landmarks: one CSV per template, or one CSV for all of
+    them (rows matched by image name; a CSV that holds a single image serves a template of any name). One or more
+    templates, each carrying the same landmark names, inside its image."""
+    templates, csv_paths = [Path(t) for t in templates], [Path(p) for p in csv_paths]
     if len(csv_paths) not in (1, len(templates)):
         raise InputError(f"give one --template-landmarks CSV, or one per --template ({len(templates)}); "
                          f"got {len(csv_paths)}")
-    result = []
+    tables = []
     for index, template in enumerate(templates):
-        csv_path = Path(csv_paths[index if len(csv_paths) > 1 else 0])
-        table = read_landmarks(csv_path)
-        key = image_key(template)
-        if key not in table and len(table) != 1:
-            raise InputError(f"no rows for template '{key}' (images in the CSV: {', '.join(sorted(table))}"
-                             f"{did_you_mean(key, list(table))})", path=csv_path)
-        result.append(table.get(key) or next(iter(table.values())))
-    names = sorted(result[0])
-    for template, landmarks in zip(templates, result):
-        if sorted(landmarks) != names:
-            raise InputError(f"template landmarks differ from the first template's ({', '.join(names)}): "
-                             f"{', '.join(sorted(landmarks))}", path=template)
-    return result
+        csv_path = csv_paths[index if len(csv_paths) > 1 else 0]
+        tables.append((csv_path, template_rows(template, csv_path)))
+    names = sorted(tables[0][1])
+    images, points = [], []
+    for template, (csv_path, by_name) in zip(templates, tables):
+        if sorted(by_name) != names:
+            raise InputError(f"landmarks of template '{image_key(template)}' ({', '.join(sorted(by_name))}) differ "
+                             f"from the first template's ({', '.join(names)})", path=csv_path)
+        image = prepare(template)
+        check_landmarks_in_image(by_name, image, csv_path, template)
+        images.append(image)
+        points.append(np.stack([by_name[name] for name in names]))  # (L, D)
+    return Templates(templates, images, names, points)
+
+
+class Detector:
+    """Find the landmarks of ``templates`` in prepared query images with ``method``: ``embedding`` (needs
+    ``matcher``; template vectors are computed once here), ``ncc`` or ``registration``."""
+
+    def __init__(self, method: str, templates: Templates, matcher: OneShotMatcher | None = None):
+        check_method(method)
+        self.method, self.templates, self.matcher = method, templates, matcher
+        self.references = None
+        if method == "embedding":
+            self.references = [matcher.template_vectors(matcher.embed(image), points)
+                                for image, points in zip(templates.images, templates.points_mm)]
+
+    def __call__(self, query: MetaTensor) -> tuple[np.ndarray, np.ndarray]:
+        """Landmarks ``(L, D)`` world mm (in ``templates.names`` order) and their scores ``(L,)``."""
+        if self.method == "embedding":
+            return self.matcher.match(self.references, self.matcher.embed(query))
+        pairs = list(zip(self.templates.images, self.templates.points_mm))
+        if self.method == "ncc":
+            from medssl.matching.baselines import ncc_match
+
+            return ncc_match(pairs, query)
+        from medssl.matching.baselines import registration_match
+
+        return registration_match(pairs, query)
 
 
 def detect_landmarks_files(checkpoint: str | Path | None, templates: Sequence[Path],
@@ -92,19 +178,20 @@ def detect_landmarks_files(checkpoint: str | Path | None, templates: Sequence[Pa
     two ignore ``checkpoint``. ``spacing_mm`` is the pixel size of 2D files without geometry. ``figure_dir``
     receives a PNG per template and per image (with ``truth`` landmarks CSV drawn too, if given).
     """
-    from medssl.matching.oneshot import OneShotMatcher, prepare_image
+    from medssl.matching.oneshot import OneShotMatcher
 
-    if method not in METHODS:
-        raise InputError(f"unknown method '{method}'{did_you_mean(method, list(METHODS))}; "
-                         f"choose one of: {', '.join(METHODS)}")
+    check_method(method)
     templates = [Path(t) for t in templates]
     if not templates:
         raise InputError("give at least one --template image")
-    landmarks = _template_landmarks(templates, [Path(p) for p in template_landmarks])
-    names = sorted(landmarks[0])
     queries = [image for path in images for image in resolve_images(path)]
     if not queries:
         raise InputError("no images to detect landmarks in; pass --images PATH")
+    truth_table = read_landmarks(truth) if truth is not None else {}
+    also_queries = sorted({image_key(t) for t in templates} & {image_key(q) for q in queries} & truth_table.keys())
+    if also_queries:
+        log.warning("template(s) %s are also among the images: their own landmarks come back (error ~0) and count "
+                    "in the scores against %s", ", ".join(also_queries), truth)
     dims = load_image(templates[0], spacing_mm=spacing_mm).ndim - 1
     matcher, preprocessing = None, {}
     if method == "embedding":
@@ -112,51 +199,31 @@ def detect_landmarks_files(checkpoint: str | Path | None, templates: Sequence[Pa
             raise InputError("the embedding method needs --checkpoint (a run, its model.pt, or 'none')")
         network, preprocessing = load_network(checkpoint, dims, arch, device)
         matcher = OneShotMatcher(network, device=device)
-    options = {key: preprocessing[key] for key in _PREPROCESSING_KEYS if preprocessing.get(key) is not None}
-    working_spacing = _working_spacing(preprocessing, templates[0], dims, spacing_mm)
+    prepare = image_preparer(preprocessing, templates[0], dims, spacing_mm)
     log.info("one-shot landmarks (%s): %d template(s), %d image(s), grid %s mm", method, len(templates),
-             len(queries), tuple(round(s, 4) for s in working_spacing))
-
-    def prepare(path: Path):
-        return prepare_image(path, spatial_dims=dims, spacing_mm=working_spacing, file_spacing_mm=spacing_mm, **options)
-
-    prepared_templates = []
-    for template, by_name in zip(templates, landmarks):
-        image = prepare(template)
-        check_landmarks_in_image(by_name, image, template, template)
-        points = np.stack([by_name[name] for name in names])  # (L, D)
-        reference = matcher.template_vectors(matcher.embed(image), points) if matcher is not None else None
-        prepared_templates.append((image, points, reference))
-    truth_table = read_landmarks(truth) if truth is not None else {}
+             len(queries), tuple(round(s, 4) for s in prepare.keywords["spacing_mm"]))
+    loaded = load_templates(templates, template_landmarks, prepare)
+    detector = Detector(method, loaded, matcher)
     if figure_dir is not None:
         from medssl.matching.figures import save_landmark_figure
 
-        for template, by_name, (image, _, _) in zip(templates, landmarks, prepared_templates):
-            save_landmark_figure(Path(figure_dir) / f"template_{image_key(template)}.png", image, by_name,
-                                 title=f"template {image_key(template)}")
+        for path, image, points in zip(loaded.paths, loaded.images, loaded.points_mm):
+            save_landmark_figure(Path(figure_dir) / f"template_{image_key(path)}.png", image,
+                                 dict(zip(loaded.names, points)), title=f"template {image_key(path)}")
 
     predictions: dict[str, dict[str, np.ndarray]] = {}
     scores: dict[str, dict[str, float]] = {}
     seconds = 0.0  # preparing and matching only (figures excluded): the per-image cost that benchmarks report
     for query_path in queries:
-        started = time.perf_counter()
-        query = prepare(query_path)
-        if method == "embedding":
-            points, values = matcher.match([reference for _, _, reference in prepared_templates], matcher.embed(query))
-        elif method == "ncc":
-            from medssl.matching.baselines import ncc_match
-
-            points, values = ncc_match([(image, p) for image, p, _ in prepared_templates], query)
-        else:
-            from medssl.matching.baselines import registration_match
-
-            points, values = registration_match([(image, p) for image, p, _ in prepared_templates], query)
-        seconds += time.perf_counter() - started
         key = image_key(query_path)
         if key in predictions:
             raise InputError(f"two images are named '{key}'; landmark CSV rows are matched by name", path=query_path)
-        predictions[key] = {name: points[i] for i, name in enumerate(names)}
-        scores[key] = {name: float(values[i]) for i, name in enumerate(names)}
+        started = time.perf_counter()
+        query = prepare(query_path)
+        points, values = detector(query)
+        seconds += time.perf_counter() - started
+        predictions[key] = dict(zip(loaded.names, points))
+        scores[key] = {name: float(value) for name, value in zip(loaded.names, values)}
         if figure_dir is not None:
             save_landmark_figure(Path(figure_dir) / f"{key}.png", query, predictions[key], truth_table.get(key),
                                  title=f"{key} ({method})")
@@ -170,19 +237,18 @@ def rank_templates_files(checkpoint: str | Path, images: Sequence[str | Path], o
                          n_points: int = 16, device: str = "cpu") -> Path:
     """Rank the images of ``images`` as one-shot templates (SCP-style, ``selection.rank_templates``) and write
     ``out_csv`` with columns ``rank,image,score`` (rank 1 = the image to label first); returns its path."""
-    from medssl.matching.oneshot import OneShotMatcher, prepare_image
+    from medssl.matching.oneshot import OneShotMatcher
     from medssl.matching.selection import rank_templates
 
     paths = [image for path in images for image in resolve_images(path)]
     if len(paths) < 2:
         raise InputError(f"ranking templates needs at least two images, got {len(paths)}")
+    if n_points < 1:
+        raise InputError(f"the number of salient points must be >= 1, got {n_points}", path="--points")
     dims = load_image(paths[0], spacing_mm=spacing_mm).ndim - 1
     network, preprocessing = load_network(checkpoint, dims, arch, device)
-    options = {key: preprocessing[key] for key in _PREPROCESSING_KEYS if preprocessing.get(key) is not None}
-    working_spacing = _working_spacing(preprocessing, paths[0], dims, spacing_mm)
-    prepared = [prepare_image(p, spatial_dims=dims, spacing_mm=working_spacing, file_spacing_mm=spacing_mm, **options)
-                for p in paths]
-    values = rank_templates(OneShotMatcher(network, device=device), prepared, n_points=n_points)
+    prepare = image_preparer(preprocessing, paths[0], dims, spacing_mm)
+    values = rank_templates(OneShotMatcher(network, device=device), [prepare(p) for p in paths], n_points=n_points)
     order = np.argsort(-values, kind="stable")
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,73 @@
+"""One-shot landmark quality on a demo dataset: pretrained runs vs random init, NCC and registration.
+
+    python benchmarks/bench_oneshot.py --data demo2d --runs runs/pgssl_2d runs/msf_2d ... [--out table.md]
+
+The template is the dataset's first subject (``subject_000``); every other subject is a query and its landmarks from
+``landmarks.csv`` are the truth. Each row: MRE ± std (mm), SDR at 2/2.5/3/4 mm, seconds per query image (preparing and
+matching, as logged by ``detect_landmarks_files``). Rows: each run folder given, ``random init`` (``--checkpoint
+none``), ``NCC`` and ``registration``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from medssl.data.inputs import resolve_images
+from medssl.data.readers import image_key
+from medssl.matching.run import detect_landmarks_files
+from medssl.metrics.landmarks import landmark_scores
+from medssl.data.landmarks import read_landmarks
+
+
+def score_row(label: str, data: Path, checkpoint: str | None, method: str, work: Path, arch: str) -> dict:
+    """Detect the landmarks of every query with one method and score them against the dataset's truth."""
+    images = resolve_images(data / "images")
+    template, queries = images[0], images[1:]
+    truth_csv = data / "landmarks.csv"
+    pred_csv = work / f"{label.replace(' ', '_').replace('/', '_')}.csv"
+    started = time.perf_counter()
+    detect_landmarks_files(checkpoint, [template], [truth_csv], queries, pred_csv, method=method, arch=arch)
+    seconds = (time.perf_counter() - started) / len(queries)
+    truth = read_landmarks(truth_csv)
+    truth.pop(image_key(template))
+    scores = landmark_scores(read_landmarks(pred_csv), truth)
+    return {"label": label, "seconds": seconds, **scores}
+
+
+def format_rows(rows: list[dict]) -> str:
+    radii = list(rows[0]["sdr"])
+    lines = ["| method | MRE ± std (mm) | " + " | ".join(f"SDR {r} mm" for r in radii) + " | s / image |",
+             "|---|---|" + "---|" * len(radii) + "---|"]
+    for row in rows:
+        sdr = " | ".join(f"{100 * row['sdr'][r]:.1f} %" for r in radii)
+        lines.append(f"| {row['label']} | {row['mre_mm']:.2f} ± {row['std_mm']:.2f} | {sdr} | {row['seconds']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="a demo dataset folder (medssl data demo)")
+    parser.add_argument("--runs", type=Path, nargs="*", default=[], help="pretraining run folders to compare")
+    parser.add_argument("--arch", default="small", help="architecture of the random-init baseline")
+    parser.add_argument("--skip", nargs="*", default=[], choices=("none", "ncc", "registration"),
+                        help="baselines to leave out")
+    parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
+    args = parser.parse_args(argv)
+    cases = [(run.name, str(run), "embedding") for run in args.runs]
+    cases += [(label, checkpoint, method) for label, checkpoint, method, key in (
+        ("random init", "none", "embedding", "none"), ("NCC", None, "ncc", "ncc"),
+        ("registration", None, "registration", "registration")) if key not in args.skip]
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [score_row(label, args.data, checkpoint, method, Path(tmp), args.arch)
+                for label, checkpoint, method in cases]
+    table = format_rows(rows)
+    print(table)
+    if args.out is not None:
+        args.out.write_text(table + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
