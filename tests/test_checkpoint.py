@@ -54,3 +54,7 @@ def test_load_model_errors_name_the_file(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(InputError, match="other.pt: not a medssl model file"):
         load_model(tmp_path / "other.pt")
+    torch.save({"format": MODEL_FORMAT, "task": {"kind": "seg"}, "network": {}, "state_dict": {}},
+               tmp_path / "finetuned.pt")
+    with pytest.raises(InputError, match="finetuned.pt: this is a fine-tuned model"):
+        load_model(tmp_path / "finetuned.pt")

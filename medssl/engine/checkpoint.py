@@ -81,6 +81,9 @@ def load_model(run_or_model_pt: str | Path, device: str | torch.device = "cpu") 
     from medssl.networks import build_network
 
     payload = read_model_file(run_or_model_pt)
+    if "task" in payload:
+        raise InputError("this is a fine-tuned model (its network ends in a task head); pass a pretraining run here, "
+                         "or use it with 'medssl predict'", path=run_or_model_pt)
     network = build_network(**payload["network"])
     network.load_state_dict(payload["state_dict"])
     return network.to(device).eval()

@@ -1,0 +1,296 @@
+"""The fine-tuning loop (``medssl finetune seg|landmarks``): a plain, guarded PyTorch loop that reads top to bottom.
+
+config + checkpoint (a pretraining run, or ``none`` = random init of the same architecture) -> ``TaskUNet`` (the
+U-Net, encoder and decoder, + a 1x1 head) -> labeled / validation split -> for each step: random patches, loss
+(``DiceCELoss`` or masked heatmap loss; AMP on CUDA), NaN guard, backward, gradient clipping, AdamW + warm-up/cosine
+step -> every ``val_every`` steps: sliding-window validation, ``model.pt`` when the score is the best so far, and an
+atomic checkpoint for ``--resume``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from medssl.config import save_config, to_dict, write_text_atomic
+from medssl.engine.checkpoint import model_payload, read_model_file, save_atomic
+from medssl.engine.finetune_config import (
+    NO_CHECKPOINT, FinetuneConfig, finetune_config_from_dict, read_finetune_config,
+)
+from medssl.engine.finetune_data import PREPROCESSING_KEYS, PatchSampler, prepare_data
+from medssl.engine.monitor import VALIDATION_PREFIX, Monitor
+from medssl.engine.predict import Predictor, score_cases
+from medssl.engine.pretrain import TrainingDiverged
+from medssl.engine.schedule import build_scheduler, parameter_groups
+from medssl.engine.state import capture_rng, restore_rng
+from medssl.errors import InputError
+from medssl.networks import UNet
+from medssl.networks.task import PARTS, TaskUNet
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = Path("checkpoints") / "last.pt"
+SPLIT_FILE = "split.json"
+#: config keys that may differ between a run and its resumption (they do not change the trained weights)
+RESUME_MAY_CHANGE = ("train.device", "train.log_every")
+#: the validation score that picks the best model, and whether higher is better, per task
+SELECTION = {"seg": ("mean_dice", True), "landmarks": ("mre_mm", False)}
+
+
+def finetune(config: FinetuneConfig | str | Path, *, checkpoint: str | Path | None = None,
+             data: str | Path | None = None, out: str | Path | None = None, labeled: int | None = None,
+             landmarks: str | Path | None = None, pseudo: str | Path | None = None,
+             resume: str | Path | None = None) -> Path:
+    """Fine-tune a task head on a pretrained (or ``"none"``: randomly initialised) U-Net; returns the run folder
+    (``config.yaml``, ``model.pt`` = best validation score, ``split.json``, ``metrics.csv``, TensorBoard events,
+    ``checkpoints/last.pt``).
+
+    The arguments set the config's ``checkpoint``, ``data.path``, ``data.labeled``, ``data.landmarks`` and
+    ``data.pseudo``; ``out`` is the run folder (default ``runs/finetune_<task>_<D>d_<time>``); ``resume``
+    continues the run in that folder from its last checkpoint (same config except ``RESUME_MAY_CHANGE``).
+    """
+    if not isinstance(config, FinetuneConfig):
+        config = read_finetune_config(config)
+    section = to_dict(config.data)
+    section.update({key: str(Path(value).resolve()) for key, value in
+                    {"path": data, "landmarks": landmarks, "pseudo": pseudo}.items() if value is not None})
+    if labeled is not None:
+        section["labeled"] = labeled
+    if checkpoint is not None:
+        checkpoint = NO_CHECKPOINT if str(checkpoint).lower() == NO_CHECKPOINT else str(Path(checkpoint).resolve())
+    config = finetune_config_from_dict({**to_dict(config), "data": section,
+                                        "checkpoint": checkpoint if checkpoint is not None else config.checkpoint})
+    if config.checkpoint is None:
+        raise InputError("no checkpoint: pass --checkpoint RUN (a pretraining run or its model.pt) or 'none'")
+    if config.data.path is None:
+        raise InputError("no training data: pass --data DATALIST (a MONAI datalist JSON)")
+    if config.task == "landmarks" and config.data.landmarks is None:
+        raise InputError("landmark fine-tuning needs the true landmarks: pass --landmarks CSV")
+    run = _run_folder(config, out, resume)
+    return _train(config, run, resume is not None)
+
+
+# -------------------------------------------------------------------------------------------------- network
+def build_task_network(config: FinetuneConfig, head_channels: int) -> tuple[TaskUNet, dict[str, Any]]:
+    """The ``TaskUNet`` with the checkpoint's weights (or random ones for ``none``) and the checkpoint's
+    preprocessing (empty for ``none``). The head's initialisation depends only on ``config.seed``."""
+    if config.checkpoint == NO_CHECKPOINT:
+        torch.manual_seed(config.seed)
+        return TaskUNet(config.spatial_dims, head_channels, **config.network), {}
+    payload = read_model_file(config.checkpoint)
+    if int(payload.get("spatial_dims", config.spatial_dims)) != config.spatial_dims:
+        raise InputError(f"the checkpoint is {payload['spatial_dims']}D but the config is {config.spatial_dims}D",
+                         path=config.checkpoint)
+    architecture = {k: v for k, v in payload["network"].items() if k != "head_channels"}
+    if UNet(config.spatial_dims, **config.network).get_config() != architecture:
+        log.warning("config section 'network' ignored: the architecture comes from %s (%s)", config.checkpoint,
+                    architecture)
+    torch.manual_seed(config.seed)
+    network = TaskUNet(head_channels=head_channels, **architecture)
+    try:
+        network.load_backbone(payload["state_dict"])
+    except InputError as error:
+        raise InputError(error.message, path=config.checkpoint) from None
+    return network, dict(payload.get("preprocessing") or {})
+
+
+def _check_preprocessing(config: FinetuneConfig, pretrained: dict[str, Any]) -> None:
+    for key in ("modality", "spacing_mm", "intensity_window"):
+        if key in pretrained and pretrained[key] != getattr(config.data, key):
+            log.warning("data.%s=%r differs from the pretraining run's %r; set data.%s=%r to prepare images alike",
+                        key, getattr(config.data, key), pretrained[key], key, pretrained[key])
+
+
+def build_optimizer(network: TaskUNet, train) -> tuple[torch.optim.Optimizer, list[nn.Module]]:
+    """AdamW with layer-wise learning rates (``lr * encoder_lr_scale``, ``lr * decoder_lr_scale``, ``lr`` for the
+    head); a part with scale 0 is frozen and returned (its modules stay in eval mode)."""
+    scales = {"encoder": train.encoder_lr_scale, "decoder": train.decoder_lr_scale, "head": 1.0}
+    groups, frozen = [], []
+    for part in PARTS:
+        modules = network.parts()[part]
+        if scales[part] == 0:
+            for module in modules:
+                module.requires_grad_(False)
+            frozen += modules
+            continue
+        for group in parameter_groups(modules, train.weight_decay):
+            if group["params"]:
+                groups.append({**group, "lr": train.lr * scales[part]})
+    return torch.optim.AdamW(groups, lr=train.lr), frozen
+
+
+def task_loss(config: FinetuneConfig) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    """``loss(outputs, batch)``: ``DiceCELoss`` on logits and label maps, or the adaptive wing / MSE heatmap loss
+    averaged over the landmarks present in each image."""
+    if config.task == "seg":
+        from monai.losses import DiceCELoss
+
+        dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, **config.seg.loss)
+        return lambda outputs, batch: dice_ce(outputs.float(), batch.label)
+    from medssl.networks.heatmaps import adaptive_wing_loss, foreground_weights, gaussian_heatmaps, masked_mean
+
+    heads = config.landmarks
+    pointwise = adaptive_wing_loss if heads.loss == "awing" else lambda p, t: (p - t) ** 2
+
+    def heatmap_loss(outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+        targets = gaussian_heatmaps(batch.coords, batch.points_mm, heads.sigma_mm)  # (B, L, *P)
+        weights = foreground_weights(targets, heads.foreground_weight)
+        return masked_mean(weights * pointwise(outputs.float(), targets), batch.present)
+
+    return heatmap_loss
+
+
+# ----------------------------------------------------------------------------------------------------- loop
+def _train(config: FinetuneConfig, run: Path, resuming: bool) -> Path:
+    from monai.utils import set_determinism
+
+    from medssl.engine.distributed import pick_device
+
+    train, device = config.train, pick_device(config.train.device)
+    if train.deterministic and device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    set_determinism(seed=config.seed)
+    torch.use_deterministic_algorithms(train.deterministic, warn_only=True)
+    data, record = prepare_data(config)
+    write_text_atomic(run / SPLIT_FILE, _json(record))
+    network, pretrained = build_task_network(config, data.head_channels)
+    _check_preprocessing(config, pretrained)
+    if any(p % network.min_size_divisor for p in config.data.patch_size):
+        raise InputError(f"data.patch_size {config.data.patch_size} must be a multiple of "
+                         f"{network.min_size_divisor} for this U-Net (depth {network.depth})")
+    network = network.to(device)
+    optimizer, frozen = build_optimizer(network, train)
+    scheduler = build_scheduler(optimizer, steps=train.steps, warmup_steps=train.warmup_steps,
+                                min_lr_ratio=train.min_lr_ratio)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.amp) if device.type == "cuda" else None
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+    metric, higher_is_better = SELECTION[config.task]
+    state: dict[str, Any] = {"step": 0, "best": None, "best_step": 0, "last": math.nan}
+    if resuming:
+        state = _load_checkpoint(run / CHECKPOINT, network, optimizer, scheduler, scaler)
+    options = config.data
+    sampler = PatchSampler(data.train, patch_size=options.patch_size, num_classes=data.num_classes,
+                           augment=options.augment, rotate_deg=options.rotate_deg, scale_range=options.scale_range,
+                           seed=config.seed, anchors=data.anchors)
+    predictor = Predictor(network, patch_size=options.patch_size, task=data.task, device=device, amp=train.amp)
+    loss_fn = task_loss(config)
+    preprocessing = {**{key: getattr(options, key) for key in PREPROCESSING_KEYS},
+                     "patch_size": list(options.patch_size)}
+    monitor = Monitor(run, steps=train.steps, start_step=state["step"], log_every=train.log_every, prefix="finetune")
+    log.info("fine-tuning %s from %s for %d steps on %s -> %s", config.name, config.checkpoint, train.steps, device,
+             run)
+    try:
+        for step in range(state["step"], train.steps):
+            network.train()
+            for module in frozen:
+                module.eval()
+            batch = sampler.sample(step, train.batch_size).to(device)
+            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
+                loss = loss_fn(network(batch.image), batch)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                _diverged(value, step + 1, state["best_step"], run)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if train.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_([p for p in network.parameters() if p.requires_grad], train.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            lr = optimizer.param_groups[-1]["lr"]  # the head's
+            scheduler.step()
+            validated: dict[str, float] = {}
+            if (step + 1) % train.val_every == 0 or step + 1 == train.steps:
+                scores = score_cases(predictor, data.validation)
+                state["last"] = float(scores[metric])
+                if _better(state["last"], state["best"], higher_is_better):
+                    state.update(best=state["last"], best_step=step + 1)
+                    payload = model_payload(network, spatial_dims=config.spatial_dims, preprocessing=preprocessing)
+                    save_atomic({**payload, "task": data.task, "validation": {"step": step + 1, **scores}},
+                                run / "model.pt")
+                    log.debug("step %d: best validation %s so far (%.4g): model.pt written", step + 1, metric,
+                              state["best"])
+                state["step"] = step + 1
+                validated[f"{VALIDATION_PREFIX}{metric}"] = state["last"]
+                _save_checkpoint(run / CHECKPOINT, config, state, network, optimizer, scheduler, scaler)
+            monitor.step(step + 1, {"loss": value, "lr": lr, **validated}, force=bool(validated))
+    finally:
+        monitor.close()
+    if state["best"] is None:
+        raise InputError(f"validation {metric} was never finite; no model.pt was written", path=run)
+    log.info("finished: %s (best validation %s %.4g at step %d)", run / "model.pt", metric, state["best"],
+             state["best_step"])
+    return run
+
+
+def _better(value: float, best: float | None, higher_is_better: bool) -> bool:
+    """Whether a finite validation ``value`` beats ``best`` (None: nothing yet)."""
+    if not math.isfinite(value):
+        return False
+    return best is None or (value > best if higher_is_better else value < best)
+
+
+def _diverged(value: float, step: int, best_step: int, run: Path) -> None:
+    kept = f"model.pt from step {best_step} is kept" if best_step else "no model had been written yet"
+    raise TrainingDiverged(f"loss became {value} at step {step}; training stopped and {kept}. Lower train.lr, set "
+                           "train.grad_clip, or check the data and labels", path=run)
+
+
+# ----------------------------------------------------------------------------------------------------- runs
+def _run_folder(config: FinetuneConfig, out: str | Path | None, resume: str | Path | None) -> Path:
+    if resume is not None:
+        run = Path(resume)
+        if not (run / CHECKPOINT).is_file():
+            raise InputError(f"cannot resume: no {CHECKPOINT} in this folder (is it a fine-tuning run?)", path=run)
+        saved = _flatten(to_dict(read_finetune_config(run / "config.yaml")))
+        given = _flatten(to_dict(config))
+        differ = sorted(k for k in saved.keys() | given.keys()
+                        if saved.get(k) != given.get(k) and k not in RESUME_MAY_CHANGE)
+        if differ:
+            raise InputError(f"cannot resume with a different config ({', '.join(differ)} differ); pass the run's "
+                             f"own config: medssl finetune {config.task} {run / 'config.yaml'} --resume {run}",
+                             path=run)
+        return run
+    run = Path(out) if out is not None else Path("runs") / f"{config.name}_{time.strftime('%Y%m%d-%H%M%S')}"
+    if (run / CHECKPOINT).is_file():
+        raise InputError(f"already holds a run; continue it with --resume {run} or choose another --out", path=run)
+    (run / CHECKPOINT).parent.mkdir(parents=True, exist_ok=True)
+    save_config(config, run / "config.yaml")
+    return run
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        return {k: v for key, value in data.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: data}
+
+
+def _json(record: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(record, indent=2) + "\n"
+
+
+def _save_checkpoint(path, config, state, network, optimizer, scheduler, scaler) -> None:
+    save_atomic({"config": to_dict(config), "state": dict(state), "network": network.state_dict(),
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "scaler": scaler.state_dict(), "rng": capture_rng()}, path)
+
+
+def _load_checkpoint(path, network, optimizer, scheduler, scaler) -> dict[str, Any]:
+    saved = torch.load(path, map_location="cpu", weights_only=False)  # our own file: holds python RNG states
+    network.load_state_dict(saved["network"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    scaler.load_state_dict(saved["scaler"])
+    restore_rng(saved["rng"])
+    log.info("resuming from step %d", saved["state"]["step"])
+    return dict(saved["state"])
