@@ -31,6 +31,12 @@ def _data_demo(args: argparse.Namespace) -> None:
     write_demo_dataset(args.out, spatial_dims=args.dim, n_subjects=args.subjects, seed=args.seed, plane=args.plane)
 
 
+def _demo(args: argparse.Namespace) -> None:
+    from medssl.report.demo import run_demo
+
+    run_demo(args.out, spatial_dims=args.dim, quick=args.quick)
+
+
 def _pretrain(args: argparse.Namespace) -> None:
     from medssl.engine.pretrain import pretrain
     from medssl.engine.pretrain_config import read_pretrain_config
@@ -38,6 +44,27 @@ def _pretrain(args: argparse.Namespace) -> None:
     config = read_pretrain_config(args.config, args.overrides)
     run = pretrain(config, data=args.data, out=args.out, resume=args.resume)
     log.info("run folder: %s", run)
+
+
+def _landmarks_oneshot(args: argparse.Namespace) -> None:
+    from medssl.matching.run import detect_landmarks_files, pick_device
+
+    out = detect_landmarks_files(
+        args.checkpoint, args.template, args.template_landmarks, args.images, args.out, method=args.method,
+        arch=args.arch, spacing_mm=args.spacing, figure_dir=args.figures, device=pick_device(args.device),
+        truth=args.truth,
+    )
+    if args.truth is not None:
+        from medssl.metrics.report import evaluate_landmarks_files
+
+        evaluate_landmarks_files(out, args.truth)
+
+
+def _landmarks_select_template(args: argparse.Namespace) -> None:
+    from medssl.matching.run import pick_device, rank_templates_files
+
+    rank_templates_files(args.checkpoint, args.images, args.out, arch=args.arch, spacing_mm=args.spacing,
+                         n_points=args.points, device=pick_device(args.device))
 
 
 def _evaluate_landmarks(args: argparse.Namespace) -> None:
@@ -50,6 +77,41 @@ def _evaluate_seg(args: argparse.Namespace) -> None:
     from medssl.metrics.report import evaluate_segmentation_files
 
     evaluate_segmentation_files(args.pred, args.truth, json_path=args.json)
+
+
+def _labeled(text: str) -> int | None:
+    if text.lower() == "all":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of images or 'all', got '{text}'")
+    return int(text)
+
+
+def _finetune(args: argparse.Namespace) -> None:
+    from medssl.engine.finetune import finetune
+    from medssl.engine.finetune_config import read_finetune_config
+    from medssl.errors import InputError
+
+    config = read_finetune_config(args.config, args.overrides)
+    if config.task != args.task:
+        raise InputError(f"this is a '{config.task}' config; run 'medssl finetune {config.task}' or use a "
+                         f"finetune_{args.task}_*.yaml config", path=args.config)
+    run = finetune(config, checkpoint=args.checkpoint, data=args.data, out=args.out, labeled=args.labeled,
+                   landmarks=getattr(args, "landmarks", None), pseudo=getattr(args, "pseudo", None),
+                   resume=args.resume)
+    log.info("run folder: %s", run)
+
+
+def _predict_seg(args: argparse.Namespace) -> None:
+    from medssl.engine.predict import predict_seg_files
+
+    predict_seg_files(args.model, args.images, args.out, device=args.device)
+
+
+def _predict_landmarks(args: argparse.Namespace) -> None:
+    from medssl.engine.predict import predict_landmarks_files
+
+    predict_landmarks_files(args.model, args.images, args.out, device=args.device)
 
 
 # ----------------------------------------------------------------------------------------------- parser
@@ -71,6 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.set_defaults(handler=handler)
         return p
+
+    # medssl demo
+    p = command(
+        commands, "demo", "the whole pipeline on embedded data: demo dataset, pretraining, one-shot landmarks and "
+        "segmentation transfer against a random-init baseline; writes DIR/report.md with tables and figures",
+        "medssl demo --out medssl_demo            # 2D, about 15 minutes on a 2-core CPU\n"
+        "  medssl demo --out demo_quick --quick     # smoke size, about 3 minutes\n"
+        "  medssl demo --out demo3d --dim 3", _demo,
+    )
+    p.add_argument("--out", type=Path, default=Path("medssl_demo"), metavar="DIR",
+                   help="output folder (default medssl_demo); a previous demo in it is replaced, any other "
+                        "non-empty folder is refused")
+    p.add_argument("--dim", type=int, choices=(2, 3), default=2, help="2D slices or 3D volumes (default 2)")
+    p.add_argument("--quick", action="store_true", help="smoke size: fewer subjects and steps (about 3 minutes)")
 
     # medssl data ...
     data = commands.add_parser("data", help="make datasets", description="Make datasets.")
@@ -98,6 +174,112 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<method>_<D>d_<time>)")
     p.add_argument("--resume", type=Path, default=None, metavar="RUN", help="continue the run in RUN from its last checkpoint")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override config entries, e.g. train.steps=200")
+
+    # medssl landmarks ...
+    landmarks = commands.add_parser("landmarks", help="one-shot landmark detection from one labeled template",
+                                    description="One-shot landmark detection from one labeled template.")
+    lm_sub = landmarks.add_subparsers(dest="landmarks_command", metavar="COMMAND", required=True)
+    p = command(
+        lm_sub, "oneshot", "find a labeled template's landmarks in new images (pretrained dense embedding, or the "
+        "ncc / registration baselines)",
+        "medssl landmarks oneshot --checkpoint runs/pgssl_2d --template demo2d/images/subject_000.png "
+        "--template-landmarks demo2d/landmarks.csv --images demo2d/images --out pred.csv --truth demo2d/landmarks.csv"
+        "\n  medssl landmarks oneshot --method ncc --template demo2d/images/subject_000.png --template "
+        "demo2d/images/subject_001.png --template-landmarks demo2d/landmarks.csv --images demo2d/images --out ncc.csv",
+        _landmarks_oneshot,
+    )
+    p.add_argument("--checkpoint", metavar="CKPT", default=None,
+                   help="pretraining run folder, its model.pt, or 'none' (random init of --arch); "
+                        "needed by --method embedding")
+    p.add_argument("--template", type=Path, action="append", required=True, metavar="IMG",
+                   help="the labeled template image; repeat for an ensemble of templates")
+    p.add_argument("--template-landmarks", type=Path, action="append", required=True, metavar="CSV",
+                   help="the templates' landmarks (world mm): one CSV for all templates, or one per --template")
+    p.add_argument("--images", type=Path, nargs="+", required=True, metavar="PATH",
+                   help="images to find the landmarks in: folders, datalist JSONs or image files")
+    p.add_argument("--out", type=Path, required=True, metavar="PRED.csv",
+                   help="predicted landmarks: image,name,x,y[,z],score (world mm)")
+    p.add_argument("--method", choices=("embedding", "ncc", "registration"), default="embedding",
+                   help="embedding: cosine matching of the network's multi-scale features (default); ncc: intensity "
+                        "template matching; registration: affine + B-spline registration of the template")
+    p.add_argument("--arch", default=None, metavar="SIZE",
+                   help="U-Net size when CKPT is 'none': small (default) or base")
+    p.add_argument("--spacing", type=float, default=None, metavar="MM",
+                   help="pixel size of 2D files without geometry (default: the model's, else 1.0 mm)")
+    p.add_argument("--figures", type=Path, default=None, metavar="DIR",
+                   help="write a PNG of each template and image with its predicted (and true) landmarks here")
+    p.add_argument("--truth", type=Path, default=None, metavar="CSV",
+                   help="true landmarks: drawn in the figures, and MRE/SDR are reported after predicting")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the network runs (default auto)")
+    p = command(
+        lm_sub, "select-template", "rank unlabeled images as one-shot templates (SCP-style: how well each image's "
+        "salient points are found in all the others); label the first one",
+        "medssl landmarks select-template --checkpoint runs/pgssl_2d --images demo2d/images --out ranking.csv",
+        _landmarks_select_template,
+    )
+    p.add_argument("--checkpoint", metavar="CKPT", required=True,
+                   help="pretraining run folder, its model.pt, or 'none' (random init of --arch)")
+    p.add_argument("--images", type=Path, nargs="+", required=True, metavar="PATH",
+                   help="candidate templates: folders, datalist JSONs or image files (at least two images)")
+    p.add_argument("--out", type=Path, required=True, metavar="RANKING.csv",
+                   help="ranking: rank,image,score (rank 1 = best)")
+    p.add_argument("--points", type=int, default=16, help="salient points per image (default 16)")
+    p.add_argument("--arch", default=None, metavar="SIZE",
+                   help="U-Net size when CKPT is 'none': small (default) or base")
+    p.add_argument("--spacing", type=float, default=None, metavar="MM",
+                   help="pixel size of 2D files without geometry (default: the model's, else 1.0 mm)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the network runs (default auto)")
+
+    # medssl finetune ... / medssl predict ...
+    finetune = commands.add_parser("finetune", help="fine-tune a task head on a pretrained (or random) U-Net",
+                                   description="Fine-tune a task head on a pretrained (or random) U-Net.")
+    ft_sub = finetune.add_subparsers(dest="finetune_command", metavar="COMMAND", required=True)
+    for task, help_text, example in (
+        ("seg", "segmentation transfer: U-Net + segmentation head, DiceCE loss, best validation Dice kept",
+         "medssl finetune seg configs/finetune_seg_2d.yaml --checkpoint runs/pgssl_2d --data demo2d/datalist.json "
+         "--labeled 3 --out runs/seg2d_n3\n  medssl finetune seg configs/finetune_seg_2d.yaml --checkpoint none "
+         "--data demo2d/datalist.json --labeled 3 --out runs/seg2d_n3_none train.steps=50"),
+        ("landmarks", "supervised landmarks: Gaussian heatmap head (sigma in mm), best validation MRE kept",
+         "medssl finetune landmarks configs/finetune_landmarks_2d.yaml --checkpoint runs/pgssl_2d --data "
+         "demo2d/datalist.json --landmarks demo2d/landmarks.csv --labeled 3 --out runs/lm2d_n3\n  "
+         "medssl finetune landmarks configs/finetune_landmarks_2d.yaml --checkpoint runs/pgssl_2d --data "
+         "demo2d/datalist.json --landmarks demo2d/landmarks.csv --labeled 1 --pseudo oneshot.csv --out runs/lm2d_tpl"),
+    ):
+        p = command(ft_sub, task, help_text, example, _finetune)
+        p.set_defaults(task=task)
+        p.add_argument("config", type=Path, metavar="CONFIG", help=f"fine-tuning YAML (configs/finetune_{task}_*.yaml)")
+        p.add_argument("--checkpoint", default=None, metavar="CKPT",
+                       help="pretraining run folder, its model.pt, or 'none' (random init of the same architecture)")
+        p.add_argument("--data", type=Path, default=None, metavar="DATALIST",
+                       help="MONAI datalist JSON (training entries; validation entries if any, else a held-out part)")
+        if task == "landmarks":
+            p.add_argument("--landmarks", type=Path, default=None, metavar="CSV", help="true landmarks (world mm)")
+            p.add_argument("--pseudo", type=Path, default=None, metavar="PRED.csv",
+                           help="one-shot predictions for the unlabeled training images (CC2D stage 2)")
+        p.add_argument("--labeled", type=_labeled, default=None, metavar="N",
+                       help="train on N labeled images (seeded choice, logged in RUN/split.json; default all)")
+        p.add_argument("--out", type=Path, default=None, metavar="RUN", help="run folder")
+        p.add_argument("--resume", type=Path, default=None, metavar="RUN",
+                       help="continue the run in RUN from its last checkpoint (pass RUN/config.yaml as CONFIG)")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="override config entries, e.g. train.steps=50")
+
+    predict = commands.add_parser("predict", help="apply a fine-tuned model to images",
+                                  description="Apply a fine-tuned model to images.")
+    pr_sub = predict.add_subparsers(dest="predict_command", metavar="COMMAND", required=True)
+    p = command(pr_sub, "seg", "write label maps with the same shape and geometry as the input images",
+                "medssl predict seg --model runs/seg2d_n3 --images demo2d/images --out predictions/", _predict_seg)
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the label maps")
+    p2 = command(pr_sub, "landmarks", "write predicted landmarks (world mm) with a score column",
+                 "medssl predict landmarks --model runs/lm2d_n3 --images demo2d/images --out pred.csv",
+                 _predict_landmarks)
+    p2.add_argument("--out", type=Path, required=True, metavar="PRED.csv", help="landmark CSV to write")
+    for p in (p, p2):
+        p.add_argument("--model", type=Path, required=True, metavar="RUN", help="fine-tuning run folder or model.pt")
+        p.add_argument("--images", type=Path, nargs="+", required=True, metavar="PATH",
+                       help="folders, datalist JSONs or image files")
+        p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto")
 
     # medssl evaluate ...
     evaluate = commands.add_parser("evaluate", help="score predictions against ground truth",

@@ -1,0 +1,2 @@
+"""The end-to-end demo (``medssl demo``): orchestration (``demo``), its figures (``figures``) and ``report.md``
+(``markdown``)."""

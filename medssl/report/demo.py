@@ -1,0 +1,359 @@
+"""``medssl demo``: the whole story on embedded data in one command, ending in ``OUT/report.md``.
+
+Stages (each logged with the elapsed time, and timed in the report):
+
+1. dataset: the demo population (``medssl.data.demo``) split into a training pool, validation and test subjects
+   (``data/split.json``; ``data/pool.json`` and ``data/test.json`` list the pool's and the test images);
+2. pretraining: ``configs/<method>_<D>d.yaml`` on the pool's images, no labels. The weights it starts from (same
+   architecture, preprocessing and seed) are saved as ``runs/random_init``: the baseline of both next stages, so
+   the two rows of every table differ by the pretraining alone;
+3. one-shot landmarks: the landmarks of one template (the pool's first subject) found in the test images by the
+   pretrained network, its random initialisation and NCC, scored in mm;
+4. segmentation transfer: ``finetune seg`` with N labeled pool subjects from both initialisations (same seed, same
+   labeled images, images prepared like the pretraining scans), predicted and scored on the test images;
+
+then ``report.md`` with the tables, the figures (``figures/``) and what ran, on what, for how long.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import numpy as np
+
+from medssl.errors import InputError
+
+if TYPE_CHECKING:
+    from monai.data import MetaTensor
+
+    from medssl.report.markdown import Row
+
+log = logging.getLogger(__name__)
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+DEFAULT_OUT = Path("medssl_demo")
+MARKER = ".medssl-demo"  # written first: a folder holding it is a demo output that a new demo may replace
+ENTRIES = ("data", "runs", "landmarks", "segmentation", "figures", "report.md", MARKER)  # what a demo writes
+#: overrides applied to the method's config (the lead's choice of the best one-shot setting)
+METHOD_OVERRIDES = {"infoguided": ("objective.infoguided.temperature=0.1",)}
+PRETRAINED, RANDOM_INIT, NCC = "pretrained", "random init", "NCC"
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    """How big the demo is: ``subjects`` in the population, of which the last ``test`` are the test set and the
+    ``val`` before them validate fine-tuning (the others are the training pool); ``labeled`` pool subjects for
+    segmentation transfer; config overrides for pretraining and for fine-tuning."""
+
+    subjects: int
+    test: int
+    val: int
+    labeled: int
+    pretrain: tuple[str, ...] = ()
+    finetune: tuple[str, ...] = ()
+
+
+#: (spatial_dims, quick) -> size; the default 2D demo runs the shipped configs unchanged
+PRESETS: dict[tuple[int, bool], DemoSize] = {
+    (2, False): DemoSize(24, 6, 3, 3),
+    (2, True): DemoSize(10, 3, 2, 1, ("train.steps=20", "train.batch_size=4", "data.patch_size=[96,96]",
+                                      "train.warmup_steps=2"),
+                        ("train.steps=40", "train.val_every=20", "train.warmup_steps=4")),
+    (3, False): DemoSize(10, 3, 2, 3),
+    (3, True): DemoSize(6, 2, 1, 1, ("train.steps=15", "train.batch_size=2", "train.warmup_steps=2"),
+                        ("train.steps=30", "train.val_every=15", "train.warmup_steps=3")),
+}
+
+
+class StageClock:
+    """Times the named stages of a run (``seconds``: name -> s) and logs each start and end with the total so far."""
+
+    def __init__(self, count: int):
+        self.count, self.seconds, self.started = count, {}, time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, detail: str) -> Iterator[None]:
+        index = len(self.seconds) + 1
+        log.info("demo [%d/%d] %s: %s", index, self.count, name, detail)
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - start
+        log.info("demo [%d/%d] %s done in %.1f s (total %s)", index, self.count, name, self.seconds[name],
+                 clock(time.perf_counter() - self.started))
+
+
+def clock(seconds: float) -> str:
+    """``h:mm:ss``."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60:d}:{minutes % 60:02d}:{secs:02d}"
+
+
+def config_path(name: str) -> Path:
+    """A shipped config (``configs/NAME``); the demo runs from a source checkout (``pip install -e .``)."""
+    path = CONFIGS / name
+    if not path.is_file():
+        raise InputError("shipped config not found; medssl demo needs the configs/ folder of a source checkout "
+                         "(pip install -e .)", path=path)
+    return path
+
+
+def prepare_output(out: Path) -> None:
+    """Make ``out`` ready for a demo: create it, or replace a previous demo's files in it (a warning says so). Any
+    other non-empty folder, or a file, is refused, so a demo never deletes what it did not write."""
+    if out.exists() and not out.is_dir():
+        raise InputError("exists and is not a folder; choose another --out", path=out)
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise InputError("folder is not empty and holds no medssl demo; choose another --out", path=out)
+        log.warning("%s holds a previous demo: replacing it (%s)", out, ", ".join(ENTRIES[:-1]))
+        for name in ENTRIES:
+            entry = out / name
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by medssl demo; a new demo into this folder replaces its files\n")
+
+
+@dataclass(frozen=True)
+class Split:
+    """The demo population under ``root`` split by subject: datalist items (paths relative to ``root``)."""
+
+    root: Path
+    pool: list[dict[str, str]]
+    validation: list[dict[str, str]]
+    test: list[dict[str, str]]
+
+    @property
+    def template(self) -> Path:
+        return self.root / self.pool[0]["image"]
+
+    @property
+    def test_images(self) -> list[Path]:
+        return [self.root / item["image"] for item in self.test]
+
+
+def make_dataset(root: Path, spatial_dims: int, size: DemoSize, seed: int) -> Split:
+    """Write the population and its split: ``split.json`` (training = pool, validation, test), ``pool.json`` (the
+    pretraining images) and ``test.json`` (the images every model is scored on)."""
+    from medssl.data.demo import write_demo_dataset
+
+    write_demo_dataset(root, spatial_dims=spatial_dims, n_subjects=size.subjects, seed=seed)
+    items = json.loads((root / "datalist.json").read_text(encoding="utf-8"))["training"]
+    n_pool = size.subjects - size.test - size.val
+    split = Split(root, items[:n_pool], items[n_pool:n_pool + size.val], items[n_pool + size.val:])
+    for name, content in (("split.json", {"training": split.pool, "validation": split.validation,
+                                          "test": split.test}),
+                          ("pool.json", {"training": split.pool}), ("test.json", {"test": split.test})):
+        (root / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+    return split
+
+
+def run_demo(out: str | Path = DEFAULT_OUT, spatial_dims: int = 2, quick: bool = False, *, method: str = "infoguided",
+             subjects: int | None = None, test: int | None = None, val: int | None = None, labeled: int | None = None,
+             pretrain_overrides: Sequence[str] = (), finetune_overrides: Sequence[str] = (), device: str = "auto",
+             seed: int = 0) -> Path:
+    """Run every stage (see the module docstring) into the folder ``out`` and return the path of its ``report.md``.
+
+    ``spatial_dims`` and ``quick`` pick a ``PRESETS`` size; ``subjects``, ``test``, ``val``, ``labeled`` replace
+    its numbers and ``pretrain_overrides`` / ``finetune_overrides`` (``key=value``) follow its config overrides.
+    ``method`` names the pretraining config (``configs/<method>_<D>d.yaml``); ``device``: ``auto``, ``cpu`` or
+    ``cuda``; ``seed`` draws the population. A previous demo in ``out`` is replaced (``prepare_output``).
+    """
+    import medssl.objectives  # noqa: F401  (fills the registry)
+    from medssl.data.demo_anatomy import CSF, GREY, WHITE
+    from medssl.matching.run import pick_device
+    from medssl.objectives.base import OBJECTIVES
+    from medssl.report.figures import save_curves_figure
+    from medssl.report.markdown import DemoResults, write_report
+    from medssl.report.provenance import commands, describe
+
+    if (spatial_dims, quick) not in PRESETS:
+        raise InputError(f"--dim must be 2 or 3, got {spatial_dims}", path="--dim")
+    OBJECTIVES.get(method)  # an unknown method fails here, with a "did you mean"
+    preset = PRESETS[(spatial_dims, quick)]
+    numbers = {"subjects": subjects, "test": test, "val": val, "labeled": labeled}
+    size = replace(preset, **{k: v for k, v in numbers.items() if v is not None},
+                   pretrain=preset.pretrain + tuple(pretrain_overrides),
+                   finetune=preset.finetune + tuple(finetune_overrides))
+    if min(size.test, size.val, size.labeled) < 1 or size.subjects - size.test - size.val < size.labeled:
+        raise InputError(f"a demo needs test, val, labeled >= 1 and subjects - test - val >= labeled; got subjects "
+                         f"{size.subjects}, test {size.test}, val {size.val}, labeled {size.labeled}")
+    out, device = Path(out), pick_device(device)
+    prepare_output(out)
+    runs, figures = out / "runs", out / "figures"
+    class_names = {CSF: "CSF", GREY: "grey matter", WHITE: "white matter"}
+    stage = StageClock(count=4)
+    with stage("dataset", f"{size.subjects} {spatial_dims}D demo subjects (seed {seed})"):
+        split = make_dataset(out / "data", spatial_dims, size, seed)
+    with stage("pretraining", f"{method} on the {len(split.pool)} pool images ({device})"):
+        config, checkpoints = pretrain_stage(runs, split, spatial_dims, method, size.pretrain, device)
+    with stage("one-shot landmarks", f"template {split.template.name}, {len(split.test)} test images"):
+        similarity = similarity_maps(split, spatial_dims, checkpoints, device)
+        landmark_rows = landmarks_stage(out / "landmarks", split, checkpoints, device)
+        landmark_pngs = landmark_figures(figures, split, similarity, landmark_rows)
+    with stage("segmentation transfer", f"{size.labeled} labeled image(s), pretrained and random init"):
+        seg_rows = segmentation_stage(runs, out / "segmentation", split, checkpoints, config, size, device)
+        pretrained_run = next(iter(checkpoints.values()))
+        curves = save_curves_figure(figures / "curves.png", pretrained_run / "metrics.csv",
+                                    {row.label: row.source / "metrics.csv" for row in seg_rows})
+        segmentation_png = segmentation_figure(figures / "segmentation.png", split, out / "segmentation",
+                                               list(checkpoints), class_names)
+    shown = {"Training curves": curves, **landmark_pngs, "Segmentation of the first test image (slice through the "
+             "middle of the labels in 3D)": segmentation_png}
+    results = DemoResults(
+        title=f"medssl demo: {spatial_dims}D, {method}{' (--quick)' if quick else ''}",
+        landmarks=landmark_rows, segmentation=seg_rows, class_names=class_names,
+        setup=describe(split, config, size, checkpoints, seg_rows, device, seed),
+        figures={caption: path.relative_to(out).as_posix() for caption, path in shown.items()},
+        stages=dict(stage.seconds), commands=commands(out, split, checkpoints, seg_rows, spatial_dims, size, seed),
+        notes=[f"Made by `medssl demo --out {out} --dim {spatial_dims}{' --quick' if quick else ''}`"
+               f"{'' if size == preset else ' at a custom size (Python run_demo)'} on "
+               f"{time.strftime('%Y-%m-%d %H:%M')}; all stages took {clock(sum(stage.seconds.values()))}."]
+        + (["--quick is a smoke-size run (few subjects and steps): its numbers show that everything works, not "
+            "how well pretraining helps; run without --quick for those."] if quick else []),
+    )
+    report = write_report(out / "report.md", results)
+    log.info("demo finished in %s: %s", clock(sum(stage.seconds.values())), report)
+    return report
+
+
+def pretrain_stage(runs: Path, split: Split, spatial_dims: int, method: str, overrides: Sequence[str],
+                   device: str) -> tuple[Any, dict[str, Path]]:
+    """Pretrain on the pool; returns the config and ``{label: checkpoint}`` for the pretrained network and the
+    random initialisation it started from."""
+    from monai.utils import set_determinism
+
+    from medssl.engine.checkpoint import save_model
+    from medssl.engine.pretrain import build_network, preprocessing_options, pretrain
+    from medssl.engine.pretrain_config import read_pretrain_config
+
+    config = read_pretrain_config(config_path(f"{method}_{spatial_dims}d.yaml"),
+                                  [*METHOD_OVERRIDES.get(method, ()), f"train.device={device}", *overrides])
+    set_determinism(seed=config.seed)  # as the pretraining loop does right before building its network
+    save_model(build_network(config), runs / "random_init" / "model.pt", spatial_dims=spatial_dims,
+               preprocessing=preprocessing_options(config))
+    run = pretrain(config, data=split.root / "pool.json", out=runs / "pretrained")
+    return config, {f"{PRETRAINED} ({method})": run, RANDOM_INIT: runs / "random_init"}
+
+
+def landmarks_stage(out: Path, split: Split, checkpoints: dict[str, Path], device: str) -> list[Row]:
+    """One-shot detection in the test images with each checkpoint and with NCC; rows of scores."""
+    from medssl.data.landmarks import read_landmarks
+    from medssl.matching.run import detect_landmarks_files
+    from medssl.metrics.landmarks import landmark_scores
+    from medssl.report.markdown import Row
+
+    truth_csv = split.root / "landmarks.csv"
+    truth = read_landmarks(truth_csv)
+    cases = [(label, checkpoint, "embedding") for label, checkpoint in checkpoints.items()] + [(NCC, None, "ncc")]
+    rows = []
+    for label, checkpoint, method in cases:
+        started = time.perf_counter()
+        predicted = detect_landmarks_files(checkpoint, [split.template], [truth_csv], [split.root / "test.json"],
+                                           out / f"{slug(label)}.csv", method=method, device=device)
+        seconds = (time.perf_counter() - started) / len(split.test)
+        rows.append(Row(label, landmark_scores(read_landmarks(predicted), truth), predicted, seconds))
+    return rows
+
+
+def similarity_maps(split: Split, spatial_dims: int, checkpoints: dict[str, Path],
+                    device: str) -> tuple[str, MetaTensor, MetaTensor, dict[str, np.ndarray]]:
+    """The template's first landmark, the prepared template and first test image, and the landmark's similarity map
+    ``(*S)`` in that image per checkpoint. (Run before the timed detection, it also warms up the matcher.)"""
+    from medssl.matching.oneshot import OneShotMatcher
+    from medssl.matching.run import image_preparer, load_network, template_rows
+
+    template_mm = template_rows(split.template, split.root / "landmarks.csv")
+    landmark = sorted(template_mm)[0]
+    maps: dict[str, np.ndarray] = {}
+    for label, checkpoint in checkpoints.items():
+        network, preprocessing = load_network(checkpoint, spatial_dims, device=device)
+        prepare = image_preparer(preprocessing, split.template, spatial_dims)  # the same grid for every checkpoint
+        template, query = prepare(split.template), prepare(split.test_images[0])
+        matcher = OneShotMatcher(network, device=device)
+        vectors = matcher.template_vectors(matcher.embed(template), template_mm[landmark][None])  # (1, D) point
+        maps[label] = matcher.similarity(matcher.embed(query), vectors)[0].cpu().numpy()  # (*S)
+    return landmark, template, query, maps
+
+
+def landmark_figures(figures: Path, split: Split,
+                     similarity: tuple[str, MetaTensor, MetaTensor, dict[str, np.ndarray]],
+                     rows: list[Row]) -> dict[str, Path]:
+    """The ``similarity_maps`` figure with each network's prediction, and the first row's (pretrained) landmarks in
+    the first test image against the truth."""
+    from medssl.data.landmarks import read_landmarks
+    from medssl.data.readers import image_key
+    from medssl.matching.figures import save_landmark_figure
+    from medssl.report.figures import save_similarity_figure
+
+    landmark, template, query, maps = similarity
+    key = image_key(split.test_images[0])
+    truth_table = read_landmarks(split.root / "landmarks.csv")
+    truth = truth_table[key]
+    predicted = {row.label: read_landmarks(row.source)[key] for row in rows}
+    pretrained = rows[0].label
+    return {
+        f"Similarity map of '{landmark}' in test image {key} (green o: truth, red +: prediction)":
+            save_similarity_figure(figures / "similarity.png", landmark, template,
+                                   truth_table[image_key(split.template)][landmark], query, truth[landmark], maps,
+                                   {label: predicted[label][landmark] for label in maps}),
+        f"One-shot landmarks of {pretrained} in test image {key} (red +: predicted, green o: true)":
+            save_landmark_figure(figures / "landmarks.png", query, predicted[pretrained], truth,
+                                 title=f"{key}: {pretrained}"),
+    }
+
+
+def segmentation_stage(runs: Path, out: Path, split: Split, checkpoints: dict[str, Path], pretrain_config: Any,
+                       size: DemoSize, device: str) -> list[Row]:
+    """``finetune seg`` from each checkpoint with ``size.labeled`` pool subjects, then predict and score the test
+    images; rows of scores (``source``: the fine-tuning run)."""
+    from medssl.config import to_dict
+    from medssl.engine.finetune import finetune
+    from medssl.engine.finetune_config import finetune_config_from_dict, read_finetune_config
+    from medssl.engine.finetune_data import PREPROCESSING_KEYS
+    from medssl.engine.predict import predict_seg_files
+    from medssl.engine.pretrain import preprocessing_options
+    from medssl.metrics.report import evaluate_segmentation_files
+    from medssl.report.markdown import Row
+
+    base = read_finetune_config(config_path(f"finetune_seg_{pretrain_config.spatial_dims}d.yaml"),
+                                [f"train.device={device}", *size.finetune])
+    prepared_like = preprocessing_options(pretrain_config)
+    data = {**to_dict(base.data), **{key: prepared_like[key] for key in PREPROCESSING_KEYS}}
+    config = finetune_config_from_dict({**to_dict(base), "data": data, "network": dict(pretrain_config.network)})
+    rows = []
+    for label, checkpoint in checkpoints.items():
+        run = finetune(config, checkpoint=checkpoint, data=split.root / "split.json",
+                       out=runs / f"seg_{slug(label)}", labeled=size.labeled)
+        predict_seg_files(run, [split.root / "test.json"], out / slug(label), device=device)
+        rows.append(Row(label, evaluate_segmentation_files(out / slug(label), split.root / "split.json"), run))
+    return rows
+
+
+def segmentation_figure(path: Path, split: Split, predictions: Path, labels: Sequence[str],
+                        class_names: dict[int, str]) -> Path:
+    """The first test image, its true labels and each model's prediction (``predictions/<slug of label>/``)."""
+    from medssl.data.readers import image_key, load_image, load_label
+    from medssl.report.figures import save_segmentation_figure
+
+    image_path, label_path = split.test_images[0], split.root / split.test[0]["label"]
+    image = load_image(image_path)
+    predicted = {}
+    for label in labels:
+        found = [p for p in (predictions / slug(label)).iterdir() if image_key(p) == image_key(image_path)]
+        predicted[label] = load_label(found[0], like=image)
+    return save_segmentation_figure(path, image, load_label(label_path, like=image), predicted, class_names)
+
+
+def slug(label: str) -> str:
+    """A file name for a row label: ``pretrained (infoguided)`` -> ``pretrained_infoguided``."""
+    return "_".join("".join(c if c.isalnum() else " " for c in label.lower()).split())
