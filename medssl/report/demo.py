@@ -41,8 +41,6 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_OUT = Path("medssl_demo")
 MARKER = ".medssl-demo"  # written first: a folder holding it is a demo output that a new demo may replace
 ENTRIES = ("data", "runs", "landmarks", "segmentation", "figures", "report.md", MARKER)  # what a demo writes
-#: overrides applied to the method's config (the lead's choice of the best one-shot setting)
-METHOD_OVERRIDES = {"infoguided": ("objective.infoguided.temperature=0.1",)}
 PRETRAINED, RANDOM_INIT, NCC = "pretrained", "random init", "NCC"
 
 
@@ -237,7 +235,7 @@ def pretrain_stage(runs: Path, split: Split, spatial_dims: int, method: str, ove
     from medssl.engine.pretrain_config import read_pretrain_config
 
     config = read_pretrain_config(config_path(f"{method}_{spatial_dims}d.yaml"),
-                                  [*METHOD_OVERRIDES.get(method, ()), f"train.device={device}", *overrides])
+                                  [f"train.device={device}", *overrides])
     set_determinism(seed=config.seed)  # as the pretraining loop does right before building its network
     save_model(build_network(config), runs / "random_init" / "model.pt", spatial_dims=spatial_dims,
                preprocessing=preprocessing_options(config))

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medssl.report.demo import METHOD_OVERRIDES, NCC, DemoSize, Split, slug
+from medssl.report.demo import NCC, DemoSize, Split, slug
 
 if TYPE_CHECKING:
     from medssl.report.markdown import Row
@@ -50,7 +50,7 @@ def describe(split: Split, config: Any, size: DemoSize, checkpoints: dict[str, P
                      f"validation (picks the fine-tuned model), {len(split.test)} test (every score)",
         },
         "Pretraining": {
-            "method": f"{config.name} ({'; '.join(METHOD_OVERRIDES.get(config.methods[0], ())) or 'shipped config'}"
+            "method": f"{config.name} (shipped config"
                       f"{'; ' + '; '.join(size.pretrain) if size.pretrain else ''})",
             "training": f"{config.train.steps} steps, batch {config.train.batch_size}, patch "
                         f"{'x'.join(map(str, config.data['patch_size']))}, lr {config.train.lr:g}",
