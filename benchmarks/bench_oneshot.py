@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 from medssl.data.inputs import resolve_images
+from medssl.data.landmarks import read_landmarks
 from medssl.data.readers import image_key
 from medssl.matching.run import detect_landmarks_files
 from medssl.metrics.landmarks import landmark_scores
-from medssl.data.landmarks import read_landmarks
 
 
 def score_row(label: str, data: Path, checkpoint: str | None, method: str, work: Path, arch: str) -> dict:
@@ -29,7 +29,8 @@ def score_row(label: str, data: Path, checkpoint: str | None, method: str, work:
     truth_csv = data / "landmarks.csv"
     pred_csv = work / f"{label.replace(' ', '_').replace('/', '_')}.csv"
     started = time.perf_counter()
-    detect_landmarks_files(checkpoint, [template], [truth_csv], queries, pred_csv, method=method, arch=arch)
+    detect_landmarks_files(checkpoint, [template], [truth_csv], queries, pred_csv, method=method,
+                           arch=arch if checkpoint == "none" else None)
     seconds = (time.perf_counter() - started) / len(queries)
     truth = read_landmarks(truth_csv)
     truth.pop(image_key(template))
