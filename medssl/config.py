@@ -137,11 +137,16 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path, schema: type[T], overrides: Sequence[str] = ()) -> T:
-    """Read ``path``, apply ``overrides`` and build ``schema``; errors name the file."""
+def load_config(path: str | Path, schema: type[T], overrides: Sequence[str] = (),
+                check: Callable[[T], T | None] | None = None) -> T:
+    """Read ``path``, apply ``overrides``, build ``schema`` and run ``check`` (cross-field rules; it may return a
+    completed config); errors name the file."""
     data = apply_overrides(read_yaml(path), overrides)
     try:
-        return from_dict(schema, data)
+        config = from_dict(schema, data)
+        if check is not None:
+            config = check(config) or config
+        return config
     except InputError as err:
         raise InputError(err.message, path=path) from None
 
@@ -156,7 +161,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as handle:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
             handle.write(text)
         os.replace(tmp, path)
     except BaseException:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -18,6 +16,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
+from medssl.config import write_text_atomic
 from medssl.data.geometry import world_to_voxel
 from medssl.data.readers import image_key
 from medssl.errors import InputError
@@ -117,15 +116,7 @@ def write_landmarks(path: str | Path, landmarks: Mapping[str, Mapping[str, np.nd
                     raise ValueError(f"cannot write {path}: no score for image '{key}' landmark '{name}'")
                 row.append(f"{float(scores[key][name]):.6g}")
             writer.writerow(row)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8", newline="") as handle:
-            handle.write(buffer.getvalue())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, buffer.getvalue())
     return path
 
 

@@ -99,11 +99,7 @@ class FinetuneConfig:
 
 def read_finetune_config(path: str | Path, overrides: Sequence[str] = ()) -> FinetuneConfig:
     """Load a fine-tuning YAML with ``key=value`` overrides; checks name the file."""
-    config = load_config(path, FinetuneConfig, overrides)
-    try:
-        return validate(config)
-    except InputError as err:
-        raise InputError(err.message, path=path) from None
+    return load_config(path, FinetuneConfig, overrides, check=validate)
 
 
 def finetune_config_from_dict(data: dict[str, Any]) -> FinetuneConfig:

@@ -75,12 +75,7 @@ class PretrainConfig:
 
 def read_pretrain_config(path: str | Path, overrides: Sequence[str] = ()) -> PretrainConfig:
     """Load a pretraining YAML with ``key=value`` overrides and check the parts the schema alone cannot."""
-    config = load_config(path, PretrainConfig, overrides)
-    try:
-        validate(config)
-    except InputError as err:
-        raise InputError(err.message, path=path) from None
-    return config
+    return load_config(path, PretrainConfig, overrides, check=validate)
 
 
 def pretrain_config_from_dict(data: dict[str, Any]) -> PretrainConfig:
