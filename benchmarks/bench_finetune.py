@@ -5,12 +5,14 @@ For each task (segmentation, landmarks), each number of labeled images N, each i
 population (``split_seed`` = seed, so the labeled images vary with the seed too; the validation part picks the best
 model), ``predict`` the held-out test images, score them (Dice and HD95 per class; MRE and SDR). Prints a Markdown
 table of mean ± SD over seeds and writes it to ``OUT/finetune_table.md`` (the table in ``docs/finetuning.md``).
+Each finished run keeps its scores (``scores.json``), so a rerun into the same ``--out`` skips it and an interrupted
+benchmark continues where it stopped.
 
 Run (the full benchmark takes hours on a CPU):
     python benchmarks/bench_finetune.py --checkpoint runs/pgssl_2d --checkpoint runs/msf_2d --dim 2 --out bench/ft2d
 Toy size (a check that it works):
     python benchmarks/bench_finetune.py --checkpoint runs/pgssl_2d --dim 2 --subjects 6 --test 2 --val 1 \\
-        --labeled 1,all --seeds 0 --out /tmp/ft_toy train.steps=2 train.val_every=2
+        --labeled 1,all --seeds 0 --out /tmp/ft_toy train.steps=2 train.val_every=2 train.warmup_steps=0
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -40,8 +44,26 @@ def split_dataset(root: Path, n_test: int, n_val: int) -> Path:
 
 
 def run_one(task: str, dims: int, checkpoint: str, n_labeled: int | None, seed: int, datalist: Path,
-            landmarks_csv: Path, out: Path, overrides: list[str]) -> dict:
-    """Fine-tune, predict the test images and score them; returns the scores."""
+            landmarks_csv: Path, out: Path, overrides: Sequence[str]) -> dict:
+    """Fine-tune, predict the test images and score them; returns the scores (as JSON has them: NaN is None).
+    A finished run of the same case in ``out`` (its ``scores.json``) is reused; anything else there is replaced."""
+    from medssl.metrics.report import _json_ready
+
+    model = Path(checkpoint) / "model.pt" if Path(checkpoint).is_dir() else Path(checkpoint)
+    case = {"task": task, "checkpoint": checkpoint, "labeled": n_labeled, "seed": seed, "data": str(datalist),
+            "overrides": list(overrides), "model_mtime": model.stat().st_mtime_ns if model.is_file() else None}
+    done = out / "scores.json"
+    if done.is_file() and (saved := json.loads(done.read_text()))["case"] == case:
+        return saved["scores"]
+    shutil.rmtree(out, ignore_errors=True)  # an interrupted run, or another case: start again
+    scores = json.loads(json.dumps(_json_ready(_finetune_and_score(task, dims, checkpoint, n_labeled, seed, datalist,
+                                                                    landmarks_csv, out, overrides))))
+    done.write_text(json.dumps({"case": case, "scores": scores}, indent=1) + "\n")
+    return scores
+
+
+def _finetune_and_score(task: str, dims: int, checkpoint: str, n_labeled: int | None, seed: int, datalist: Path,
+                        landmarks_csv: Path, out: Path, overrides: Sequence[str]) -> dict:
     from medssl.data.inputs import read_datalist
     from medssl.engine.finetune import finetune
     from medssl.engine.finetune_config import read_finetune_config
@@ -58,6 +80,51 @@ def run_one(task: str, dims: int, checkpoint: str, n_labeled: int | None, seed: 
         return evaluate_segmentation_files(out / "test_predictions", datalist)
     predict_landmarks_files(run, test_images, out / "test_predictions.csv")
     return evaluate_landmarks_files(out / "test_predictions.csv", landmarks_csv, sdr_radii_mm=SDR_RADII_MM)
+
+
+def stage2_one(dims: int, checkpoint: str, seed: int, datalist: Path, landmarks_csv: Path, supervised_run: Path,
+               out: Path, overrides: Sequence[str]) -> dict:
+    """CC2D's stage 2 against the one-shot predictions it starts from: the single labeled image of the N = 1 run
+    ``supervised_run`` is the template; one-shot landmarks (``checkpoint``) on the training pool and the test
+    images; landmark fine-tuning with ``--labeled 1 --pseudo``; both scored on the test images.
+    Returns ``{"oneshot": scores, "stage2": scores}``; reused from ``out/scores.json`` like ``run_one``."""
+    from medssl.data.inputs import read_datalist
+    from medssl.data.landmarks import read_landmarks, write_landmarks
+    from medssl.data.readers import image_key
+    from medssl.engine.finetune import SPLIT_FILE, finetune
+    from medssl.engine.finetune_config import read_finetune_config
+    from medssl.engine.predict import predict_landmarks_files
+    from medssl.matching.run import detect_landmarks_files
+    from medssl.metrics.report import _json_ready, evaluate_landmarks_files
+
+    template_key = json.loads((supervised_run / SPLIT_FILE).read_text())["labeled"][0]
+    case = {"checkpoint": checkpoint, "seed": seed, "template": template_key, "data": str(datalist),
+            "overrides": list(overrides)}
+    done = out / "scores.json"
+    if done.is_file() and (saved := json.loads(done.read_text()))["case"] == case:
+        return saved["scores"]
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    sections = read_datalist(datalist)
+    pool = [item["image"] for item in sections["training"]]
+    test = [item["image"] for item in sections["test"]]
+    template = next(path for path in pool if image_key(path) == template_key)
+    oneshot_csv = detect_landmarks_files(checkpoint, [template], [landmarks_csv],
+                                         [path for path in pool + test if path != template], out / "oneshot.csv")
+    test_keys = {image_key(path) for path in test}
+    oneshot_test = write_landmarks(out / "oneshot_test.csv", {key: points for key, points in
+                                                              read_landmarks(oneshot_csv).items() if key in test_keys})
+    config = read_finetune_config(CONFIGS / f"finetune_landmarks_{dims}d.yaml",
+                                  [f"seed={seed}", f"data.split_seed={seed}", *overrides])
+    run = finetune(config, checkpoint=checkpoint, data=datalist, out=out / "run", labeled=1,
+                   landmarks=landmarks_csv, pseudo=oneshot_csv)
+    predict_landmarks_files(run, test, out / "test_predictions.csv")
+    scores = {"oneshot": evaluate_landmarks_files(oneshot_test, landmarks_csv, sdr_radii_mm=SDR_RADII_MM),
+              "stage2": evaluate_landmarks_files(out / "test_predictions.csv", landmarks_csv,
+                                                 sdr_radii_mm=SDR_RADII_MM)}
+    scores = json.loads(json.dumps(_json_ready(scores)))
+    done.write_text(json.dumps({"case": case, "scores": scores}, indent=1) + "\n")
+    return scores
 
 
 def _cell(values: list[float], scale: float = 1.0) -> str:
@@ -86,7 +153,81 @@ def table(results: dict, task: str) -> str:
                      + ["| " + " | ".join(line) + " |" for line in lines])
 
 
-def main() -> None:
+def run_grid(inits: dict[str, str], dims: int, out: Path, *, subjects: int = 24, data_seed: int = 1, test: int = 6,
+             val: int = 3, counts: Sequence[int | None] = (1, 3, None), seeds: Sequence[int] = (0, 1),
+             tasks: Sequence[str] = ("seg", "landmarks"), overrides: Sequence[str] = (), stage2: bool = False,
+             progress: Callable[[str], None] = print) -> dict[tuple, list[dict]]:
+    """``run_one`` for every task x N labeled (None: all) x initialisation (name -> run folder or ``none``) x seed on
+    the demo population ``out/data`` (written unless there); ``{(task, N or "all", name): [scores per seed]}``.
+    With ``stage2`` (needs the landmarks task and N = 1): ``stage2_one`` for every pretrained initialisation and
+    seed, under ``("stage2", 1, name)``."""
+    from medssl.data.demo import write_demo_dataset
+
+    root = out / "data"
+    if not (root / "datalist.json").is_file():
+        write_demo_dataset(root, spatial_dims=dims, n_subjects=subjects, seed=data_seed)
+    datalist = split_dataset(root, test, val)
+    results: dict[tuple, list[dict]] = {}
+    for task in tasks:
+        for n in counts:
+            for name, init in inits.items():
+                for seed in seeds:
+                    started = time.perf_counter()
+                    scores = run_one(task, dims, init, n, seed, datalist, root / "landmarks.csv",
+                                     out / "runs" / f"{task}_{name}_n{n or 'all'}_s{seed}", overrides)
+                    results.setdefault((task, n or "all", name), []).append(scores)
+                    score = _cell([scores["mean_dice"] if task == "seg" else scores["mre_mm"]])
+                    seconds = time.perf_counter() - started
+                    progress(f"{task} N={n or 'all'} {name} seed {seed}: {score} ({seconds:.0f} s)")
+    if stage2 and "landmarks" in tasks and 1 in counts:
+        for name, init in inits.items():
+            for seed in seeds:
+                if init == "none":
+                    continue
+                started = time.perf_counter()
+                scores = stage2_one(dims, init, seed, datalist, root / "landmarks.csv",
+                                    out / "runs" / f"landmarks_{name}_n1_s{seed}", out / "runs" / f"stage2_{name}_s{seed}",
+                                    overrides)
+                results.setdefault(("stage2", 1, name), []).append(scores)
+                progress(f"stage 2 {name} seed {seed}: one-shot {scores['oneshot']['mre_mm']:.2f} mm -> "
+                         f"{scores['stage2']['mre_mm']:.2f} mm ({time.perf_counter() - started:.0f} s)")
+    return results
+
+
+def stage2_table(results: dict) -> str:
+    """Markdown table of the stage-2 rows: one-shot start, stage 2 and supervised N = 1, mean ± SD over seeds."""
+    keys = [str(int(r)) if float(r).is_integer() else str(r) for r in SDR_RADII_MM]
+    header = ["init", "labels", "MRE (mm)"] + [f"SDR {k} mm (%)" for k in keys]
+    lines = []
+    for (kind, _, name), runs in results.items():
+        if kind != "stage2":
+            continue
+        supervised = results.get(("landmarks", 1, name), [])
+        for label, scores in (("one-shot (1 template)", [r["oneshot"] for r in runs]),
+                              ("stage 2 (1 template + one-shot pseudo-labels)", [r["stage2"] for r in runs]),
+                              ("supervised, N = 1", supervised)):
+            lines.append([name, label, _cell([s["mre_mm"] for s in scores])]
+                         + [_cell([s["sdr"][k] for s in scores], 100.0) for k in keys])
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(line) + " |" for line in lines])
+
+
+def tables(results: dict, dims: int, tasks: Sequence[str]) -> str:
+    """The Markdown tables of ``run_grid``'s results, one per task under a bold title (and the stage-2 table when
+    ``run_grid`` ran it)."""
+    titles = {"seg": "Segmentation (test Dice, HD95)", "landmarks": "Landmarks (test MRE, SDR)"}
+    text = "\n\n".join(f"**{titles[task]}, {dims}D**\n\n{table(results, task)}" for task in tasks)
+    if any(key[0] == "stage2" for key in results):
+        text += f"\n\n**Stage 2 on one-shot pseudo-labels (test MRE, SDR), {dims}D**\n\n{stage2_table(results)}"
+    return text
+
+
+def parse_counts(text: str) -> list[int | None]:
+    """``"1,3,all"`` -> ``[1, 3, None]``."""
+    return [None if n == "all" else int(n) for n in text.split(",")]
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", action="append", default=[], help="pretraining run folder (repeatable)")
     parser.add_argument("--dim", type=int, choices=(2, 3), default=2)
@@ -97,35 +238,20 @@ def main() -> None:
     parser.add_argument("--labeled", default="1,3,all", help="numbers of labeled images (default 1,3,all)")
     parser.add_argument("--seeds", default="0,1", help="seeds (default 0,1)")
     parser.add_argument("--tasks", default="seg,landmarks", help="tasks (default seg,landmarks)")
+    parser.add_argument("--stage2", action="store_true",
+                        help="also CC2D stage 2 (one template + one-shot pseudo-labels) for each --checkpoint")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. train.steps=300")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
-    from medssl.data.demo import write_demo_dataset
-
-    root = args.out / "data"
-    if not (root / "datalist.json").is_file():
-        write_demo_dataset(root, spatial_dims=args.dim, n_subjects=args.subjects, seed=args.data_seed)
-    datalist = split_dataset(root, args.test, args.val)
-    counts = [None if n == "all" else int(n) for n in args.labeled.split(",")]
-    inits = [str(Path(c).resolve()) for c in args.checkpoint] + ["none"]
-    results: dict[tuple, list[dict]] = {}
-    for task in args.tasks.split(","):
-        for n in counts:
-            for init in inits:
-                name = "none" if init == "none" else Path(init).name
-                for seed in (int(s) for s in args.seeds.split(",")):
-                    started = time.perf_counter()
-                    out = args.out / "runs" / f"{task}_{name}_n{n or 'all'}_s{seed}"
-                    scores = run_one(task, args.dim, init, n, seed, datalist, root / "landmarks.csv", out,
-                                     args.overrides)
-                    results.setdefault((task, n or "all", name), []).append(scores)
-                    score = scores["mean_dice"] if task == "seg" else scores["mre_mm"]
-                    print(f"{task} N={n or 'all'} {name} seed {seed}: {score:.4g} "
-                          f"({time.perf_counter() - started:.0f} s)", flush=True)
-    text = "\n\n".join(f"**{'Segmentation (test Dice, HD95)' if task == 'seg' else 'Landmarks (test MRE, SDR)'}, "
-                       f"{args.dim}D**\n\n{table(results, task)}" for task in args.tasks.split(","))
+    inits = {Path(c).name: str(Path(c).resolve()) for c in args.checkpoint} | {"none": "none"}
+    tasks = args.tasks.split(",")
+    results = run_grid(inits, args.dim, args.out, subjects=args.subjects, data_seed=args.data_seed, test=args.test,
+                       val=args.val, counts=parse_counts(args.labeled),
+                       seeds=[int(s) for s in args.seeds.split(",")], tasks=tasks, overrides=args.overrides,
+                       stage2=args.stage2, progress=lambda line: print(line, flush=True))
+    text = tables(results, args.dim, tasks)
     (args.out / "finetune_table.md").write_text(text + "\n")
     print(text)
 

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -46,13 +47,15 @@ def _timed(steps: dict, repeats: int, device: torch.device) -> dict[str, float]:
     return best
 
 
-def measure(method: str, spatial_dims: int, data: Path, device: torch.device, steps: int, batch: int | None) -> dict:
-    """Seconds per step of ``method`` and of the floor, and peak memory in MiB, at its config's default size."""
+def measure(method: str, spatial_dims: int, data: Path, device: torch.device, steps: int, batch: int | None,
+            overrides: Sequence[str] = ()) -> dict:
+    """Seconds per step of ``method`` and of the floor, and peak memory in MiB, at its config's default size
+    (``overrides``: extra ``key=value`` config overrides)."""
     from medssl.engine.pretrain import TrainStep, build_network, build_objectives, build_sampler
     from medssl.engine.pretrain_config import read_pretrain_config
     from medssl.engine.schedule import build_optimizer
 
-    overrides = [f"data.path={data}"] + ([f"train.batch_size={batch}"] if batch else [])
+    overrides = [f"data.path={data}", *overrides] + ([f"train.batch_size={batch}"] if batch else [])
     config = read_pretrain_config(CONFIGS / f"{method}_{spatial_dims}d.yaml", overrides)
     torch.manual_seed(config.seed)
     network = build_network(config).to(device)
@@ -82,6 +85,40 @@ def measure(method: str, spatial_dims: int, data: Path, device: torch.device, st
             "batch": config.train.batch_size, "step_s": step_s, "floor_s": floor_s, "peak_mib": peak_mib}
 
 
+def measure_all(dims: Sequence[int] = (2, 3), device: str = "cpu", steps: int = 3, batch: int | None = None,
+                methods: Sequence[str] | None = None, overrides: Sequence[str] = (),
+                isolate: bool = True) -> list[dict]:
+    """``measure`` of every registered objective (or ``methods``) per dimension on a 2-subject demo population.
+    ``isolate``: each case in its own subprocess, so the CPU peak memory is that case's alone (else in this
+    process: faster, but the peak is the process's so far)."""
+    from medssl.data.demo import write_demo_dataset
+    from medssl.objectives import OBJECTIVES
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for spatial_dims in dims:
+            data = write_demo_dataset(Path(tmp) / f"demo{spatial_dims}d", spatial_dims=spatial_dims, n_subjects=2)
+            for method in methods or OBJECTIVES.names():
+                if not isolate:
+                    rows.append(measure(method, spatial_dims, data, torch.device(device), steps, batch, overrides))
+                    continue
+                command = [sys.executable, __file__, "--device", device, "--steps", str(steps),
+                           "--one", method, str(spatial_dims), str(data)] + (["--batch", str(batch)] if batch else [])
+                command += [f"--set={override}" for override in overrides]
+                result = subprocess.run(command, capture_output=True, text=True, check=True)
+                rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = ["| method | D | patch | batch | s/step | floor s/step | ratio | peak MiB |", "|" + "---|" * 8]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['dims']} | {'x'.join(map(str, r['patch']))} | {r['batch']} "
+                     f"| {r['step_s']:.3f} | {r['floor_s']:.3f} | {r['step_s'] / r['floor_s']:.1f} "
+                     f"| {r['peak_mib']:.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -89,33 +126,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed rounds per case (after one warm-up); the fastest counts")
     parser.add_argument("--batch", type=int, default=None, help="override train.batch_size")
     parser.add_argument("--one", nargs=3, metavar=("METHOD", "DIMS", "DATA"), help=argparse.SUPPRESS)
+    parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)  # config overrides (--one)
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
     if args.one:  # a child process: one case, JSON on stdout
         method, dims, data = args.one
-        print(json.dumps(measure(method, int(dims), Path(data), device, args.steps, args.batch)))
+        print(json.dumps(measure(method, int(dims), Path(data), torch.device(args.device), args.steps, args.batch,
+                                 args.set)))
         return
-
-    from medssl.data.demo import write_demo_dataset
-    from medssl.objectives import OBJECTIVES
-
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for dims in args.dims:
-            data = write_demo_dataset(Path(tmp) / f"demo{dims}d", spatial_dims=dims, n_subjects=2)
-            for method in OBJECTIVES.names():
-                command = [sys.executable, __file__, "--device", args.device, "--steps", str(args.steps),
-                           "--one", method, str(dims), str(data)] + (["--batch", str(args.batch)] if args.batch else [])
-                result = subprocess.run(command, capture_output=True, text=True, check=True)
-                rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    rows = measure_all(args.dims, args.device, args.steps, args.batch)
+    device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}\n")
-    print("| method | D | patch | batch | s/step | floor s/step | ratio | peak MiB |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        patch = "x".join(map(str, r["patch"]))
-        print(f"| {r['method']} | {r['dims']} | {patch} | {r['batch']} | {r['step_s']:.3f} | {r['floor_s']:.3f} "
-              f"| {r['step_s'] / r['floor_s']:.1f} | {r['peak_mib']:.0f} |")
+    print(format_rows(rows))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, Sequence
 
 from medssl.data.inputs import resolve_images
 from medssl.data.landmarks import read_landmarks
@@ -22,7 +23,12 @@ from medssl.matching.run import detect_landmarks_files
 from medssl.metrics.landmarks import landmark_scores
 
 
-def score_row(label: str, data: Path, checkpoint: str | None, method: str, work: Path, arch: str) -> dict:
+BASELINES = (("random init", "none", "embedding", "none"), ("NCC", None, "ncc", "ncc"),
+             ("registration", None, "registration", "registration"))  # label, checkpoint, method, --skip key
+
+
+def score_row(label: str, data: Path, checkpoint: str | None, method: str, work: Path, arch: str,
+              device: str = "cpu") -> dict:
     """Detect the landmarks of every query with one method and score them against the dataset's truth."""
     images = resolve_images(data / "images")
     template, queries = images[0], images[1:]
@@ -30,12 +36,26 @@ def score_row(label: str, data: Path, checkpoint: str | None, method: str, work:
     pred_csv = work / f"{label.replace(' ', '_').replace('/', '_')}.csv"
     started = time.perf_counter()
     detect_landmarks_files(checkpoint, [template], [truth_csv], queries, pred_csv, method=method,
-                           arch=arch if checkpoint == "none" else None)
+                           arch=arch if checkpoint == "none" else None, device=device)
     seconds = (time.perf_counter() - started) / len(queries)
     truth = read_landmarks(truth_csv)
     truth.pop(image_key(template))
     scores = landmark_scores(read_landmarks(pred_csv), truth)
     return {"label": label, "seconds": seconds, **scores}
+
+
+def oneshot_rows(data: Path, runs: dict[str, Path], work: Path, arch: str = "small", skip: Sequence[str] = (),
+                 device: str = "cpu", progress: Callable[[dict], None] | None = None) -> list[dict]:
+    """``score_row`` of every run (label -> run folder), then of the baselines not in ``skip``; ``progress`` is
+    called with each row as it is done."""
+    cases = [(label, str(run), "embedding") for label, run in runs.items()]
+    cases += [(label, checkpoint, method) for label, checkpoint, method, key in BASELINES if key not in skip]
+    rows = []
+    for label, checkpoint, method in cases:
+        rows.append(score_row(label, data, checkpoint, method, work, arch, device))
+        if progress is not None:
+            progress(rows[-1])
+    return rows
 
 
 def format_rows(rows: list[dict]) -> str:
@@ -57,13 +77,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="baselines to leave out")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     args = parser.parse_args(argv)
-    cases = [(run.name, str(run), "embedding") for run in args.runs]
-    cases += [(label, checkpoint, method) for label, checkpoint, method, key in (
-        ("random init", "none", "embedding", "none"), ("NCC", None, "ncc", "ncc"),
-        ("registration", None, "registration", "registration")) if key not in args.skip]
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [score_row(label, args.data, checkpoint, method, Path(tmp), args.arch)
-                for label, checkpoint, method in cases]
+        rows = oneshot_rows(args.data, {run.name: run for run in args.runs}, Path(tmp), args.arch, args.skip)
     table = format_rows(rows)
     print(table)
     if args.out is not None:

@@ -11,6 +11,7 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -22,9 +23,8 @@ from medssl.transforms.sampler import ViewPairSampler
 CASES = {2: ((192, 176), (128, 128)), 3: ((96, 88, 80), (64, 64, 64))}  # scan shape, patch size (1 mm voxels)
 
 
-def _scans(folder: Path, spatial_dims: int, count: int = 4) -> list[Path]:
+def _scans(folder: Path, spatial_dims: int, shape: tuple[int, ...], count: int = 4) -> list[Path]:
     rng = np.random.default_rng(spatial_dims)
-    shape = CASES[spatial_dims][0]
     paths = []
     for k in range(count):
         volume = rng.normal(size=shape)
@@ -65,18 +65,16 @@ def network_pairs_per_second(spatial_dims: int, patch: tuple[int, ...], batch: i
     return batch * repeats / (time.perf_counter() - start)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    device = torch.device(args.device)
+def measure(spatial_dims: Sequence[int] = (2, 3), device: str | torch.device = "cpu", batch: int = 4, repeats: int = 5,
+            cases: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = CASES) -> list[dict]:
+    """Rows ``{patch, what, pairs_s, scan_s}`` per dimension: each view preset's pairs/s (and its one-off
+    preprocessing seconds per scan), then the network's; ``cases``: dims -> (scan shape, patch size)."""
+    device = torch.device(device)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        for dims in (2, 3):
-            paths = _scans(Path(folder) / f"{dims}d", dims)
-            patch = CASES[dims][1]
+        for dims in spatial_dims:
+            (shape, patch), name = cases[dims], "x".join(map(str, cases[dims][1]))
+            paths = _scans(Path(folder) / f"{dims}d", dims, shape)
             for preset, guided in (("symmetric", False), ("raw_patch", True)):
                 sampler = ViewPairSampler(paths, spatial_dims=dims, patch_size=patch, preset=preset,
                                           info_guided=guided, device=device)
@@ -84,17 +82,31 @@ def main() -> None:
                 for index in range(len(paths)):
                     sampler.scans[index]  # decode + preprocess (+ information map) once per scan
                 per_scan_s = (time.perf_counter() - start) / len(paths)
-                rate = pairs_per_second(sampler, args.batch, args.repeats)
-                rows.append((f"{dims}D {'x'.join(map(str, patch))}", f"{preset}{' + info' if guided else ''}",
-                             f"{rate:.1f}", f"{per_scan_s:.2f}"))
-            network = network_pairs_per_second(dims, patch, args.batch, max(1, args.repeats // 2), device)
-            rows.append((f"{dims}D {'x'.join(map(str, patch))}", "UNet small fwd+bwd (both views)",
-                         f"{network:.1f}", ""))
-    print(f"device {device}, batch {args.batch}, torch threads {torch.get_num_threads()}\n")
-    print("| patch | what | pairs/s | preprocessing s/scan (once) |")
-    print("|---|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+                rows.append({"patch": f"{dims}D {name}", "what": f"{preset}{' + info' if guided else ''}",
+                             "pairs_s": pairs_per_second(sampler, batch, repeats), "scan_s": per_scan_s})
+            network = network_pairs_per_second(dims, patch, batch, max(1, repeats // 2), device)
+            rows.append({"patch": f"{dims}D {name}", "what": "UNet small fwd+bwd (both views)", "pairs_s": network,
+                         "scan_s": None})
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = ["| patch | what | pairs/s | preprocessing s/scan (once) |", "|---|---|---|---|"]
+    for r in rows:
+        scan = "" if r["scan_s"] is None else f"{r['scan_s']:.2f}"
+        lines.append(f"| {r['patch']} | {r['what']} | {r['pairs_s']:.1f} | {scan} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    rows = measure((2, 3), args.device, args.batch, args.repeats)
+    print(f"device {args.device}, batch {args.batch}, torch threads {torch.get_num_threads()}\n")
+    print(format_rows(rows))
 
 
 if __name__ == "__main__":

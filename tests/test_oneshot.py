@@ -238,3 +238,18 @@ def test_prepare_image_resamples_only_when_the_spacing_differs(tmp_path):
     coarse = prepare_image(path, spatial_dims=3, spacing_mm=(1.6, 2.4, 3.0))
     np.testing.assert_allclose(np.linalg.norm(coarse.affine[:3, :3].numpy(), axis=0), (1.6, 2.4, 3.0))
     assert tuple(coarse.shape[1:]) == (12, 10, 8) or abs(coarse.shape[1] - 12) <= 1
+    isotropic = prepare_image(path, spatial_dims=3, spacing_mm=3.0)  # one value: every axis (what model.pt stores)
+    np.testing.assert_allclose(np.linalg.norm(isotropic.affine[:3, :3].numpy(), axis=0), (3.0, 3.0, 3.0))
+
+
+def test_random_init_baseline_is_fixed_and_leaves_the_callers_rng_alone():
+    from medssl.matching.run import load_network
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first, _ = load_network("none", 2)
+    assert torch.equal(torch.rand(3), expected)
+    second, _ = load_network("none", 2)
+    for a, b in zip(first.state_dict().values(), second.state_dict().values()):
+        assert torch.equal(a, b)

@@ -84,23 +84,29 @@ def to_sitk(image: MetaTensor):
     return result
 
 
-def _registration(seed: int):
-    """A SimpleITK registration method: Mattes MI on a fixed random sample, 3-level pyramid, gradient descent."""
+SHRINK_FACTORS = (4, 2, 1)
+
+
+def _registration(fixed, seed: int, samples: int):
+    """A SimpleITK registration method: Mattes MI on a fixed random sample of about ``samples`` voxels per pyramid
+    level (so a 3D volume costs about what a 2D image does), 3-level pyramid."""
     import SimpleITK as sitk
 
+    voxels = float(np.prod(fixed.GetSize()))
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     method.SetMetricSamplingStrategy(method.RANDOM)
-    method.SetMetricSamplingPercentage(0.25, seed)
+    method.SetMetricSamplingPercentagePerLevel(
+        [min(1.0, samples * f ** fixed.GetDimension() / voxels) for f in SHRINK_FACTORS], seed)
     method.SetInterpolator(sitk.sitkLinear)
-    method.SetShrinkFactorsPerLevel([4, 2, 1])
+    method.SetShrinkFactorsPerLevel(list(SHRINK_FACTORS))
     method.SetSmoothingSigmasPerLevel([2, 1, 0])
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
     return method
 
 
 def register(template: MetaTensor, query: MetaTensor, *, bspline_spacing_mm: float | None = 32.0,
-             iterations: int = 100, seed: int = 0):
+             iterations: int = 30, samples: int = 20000, seed: int = 0):
     """SimpleITK transform mapping template world mm -> query world mm: affine (moments-initialised, Mattes MI),
     then a B-spline on a control grid of ``bspline_spacing_mm`` (None: affine only).
 
@@ -112,7 +118,7 @@ def register(template: MetaTensor, query: MetaTensor, *, bspline_spacing_mm: flo
     dims = fixed.GetDimension()
     initial = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(dims),
                                                 sitk.CenteredTransformInitializerFilter.MOMENTS)
-    method = _registration(seed)
+    method = _registration(fixed, seed, samples)
     method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=iterations,
                                                     gradientMagnitudeTolerance=1e-8)
     method.SetOptimizerScalesFromPhysicalShift()
@@ -123,7 +129,7 @@ def register(template: MetaTensor, query: MetaTensor, *, bspline_spacing_mm: flo
     extent_mm = np.asarray(fixed.GetSize()) * np.asarray(fixed.GetSpacing())
     mesh = [max(1, int(round(e / bspline_spacing_mm))) for e in extent_mm]
     bspline = sitk.BSplineTransformInitializer(fixed, mesh)
-    method = _registration(seed)
+    method = _registration(fixed, seed, samples)
     method.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=iterations)
     method.SetMovingInitialTransform(affine)
     method.SetInitialTransform(bspline, inPlace=True)
@@ -138,7 +144,7 @@ def _local_ncc(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def registration_match(templates: Sequence[tuple[MetaTensor, np.ndarray]], query: MetaTensor, *,
-                       bspline_spacing_mm: float | None = 32.0, iterations: int = 100,
+                       bspline_spacing_mm: float | None = 32.0, iterations: int = 30, samples: int = 20000,
                        patch_radius_mm: float = 16.0) -> tuple[np.ndarray, np.ndarray]:
     """Landmarks (world mm ``(L, D)``) in ``query`` by registering each template to it and carrying the template
     landmarks along; several templates average the positions. Score per landmark: NCC of the template and the
@@ -149,7 +155,8 @@ def registration_match(templates: Sequence[tuple[MetaTensor, np.ndarray]], query
     query_sitk = to_sitk(query)
     positions, scores = [], []
     for template, points in templates:
-        transform = register(template, query, bspline_spacing_mm=bspline_spacing_mm, iterations=iterations)
+        transform = register(template, query, bspline_spacing_mm=bspline_spacing_mm, iterations=iterations,
+                             samples=samples)
         points = np.asarray(points, dtype=np.float64)
         positions.append(np.array([transform.TransformPoint([float(v) for v in p]) for p in points]))
         template_sitk = to_sitk(template)

@@ -38,18 +38,18 @@ DEFAULT_ROI_SIZE = {2: 512, 3: 128}
 _SPACING_TOLERANCE = 1e-3  # relative difference below which two spacings count as equal
 
 
-def prepare_image(path: str | Path, *, spatial_dims: int, spacing_mm: Sequence[float] | None = None,
+def prepare_image(path: str | Path, *, spatial_dims: int, spacing_mm: float | Sequence[float] | None = None,
                   file_spacing_mm: float | Sequence[float] | None = None, modality: str = "mr",
                   intensity_window: Sequence[float] | None = None) -> MetaTensor:
     """Read ``path`` as the network saw its training scans (RAS, intensities in [0, 1]) on a grid of ``spacing_mm``
-    (None keeps the file's). Resampling happens only where the spacing differs, so equal grids stay bit-exact."""
+    (one value for every axis, one per axis, or None to keep the file's). Resampling happens only where the spacing differs, so equal grids stay bit-exact."""
     from medssl.transforms.preprocess import preprocess_image
 
     image = preprocess_image(path, spatial_dims=spatial_dims, modality=modality, intensity_window=intensity_window,
                              file_spacing_mm=file_spacing_mm)
     if spacing_mm is None:
         return image
-    target = np.asarray([float(s) for s in spacing_mm])
+    target = np.broadcast_to(np.asarray(spacing_mm, dtype=np.float64), (spatial_dims,))
     current = np.asarray(affine_spacing_mm(image.affine))
     if np.all(np.abs(current - target) <= _SPACING_TOLERANCE * target):
         return image

@@ -61,8 +61,10 @@ def load_network(checkpoint: str | Path, spatial_dims: int, arch: str | None = N
     from medssl.networks import build_network
 
     if str(checkpoint).lower() == NO_CHECKPOINT:
-        torch.manual_seed(0)
-        return build_network(spatial_dims=spatial_dims, size=arch or "small").to(device).eval(), {}
+        with torch.random.fork_rng(devices=[]):  # the same weights every time, the caller's RNG untouched
+            torch.manual_seed(0)
+            network = build_network(spatial_dims=spatial_dims, size=arch or "small")
+        return network.to(device).eval(), {}
     payload = read_model_file(checkpoint)
     if int(payload.get("spatial_dims", spatial_dims)) != spatial_dims:
         raise InputError(f"the model is {payload['spatial_dims']}D but the images are {spatial_dims}D; use a "
@@ -169,7 +171,7 @@ def detect_landmarks_files(checkpoint: str | Path | None, templates: Sequence[Pa
                            template_landmarks: Sequence[Path], images: Sequence[str | Path], out_csv: str | Path,
                            method: str = "embedding", arch: str | None = None,
                            spacing_mm: float | Sequence[float] | None = None, figure_dir: str | Path | None = None,
-                           device: str = "cpu", truth: str | Path | None = None) -> Path:
+                           device: str = "auto", truth: str | Path | None = None) -> Path:
     """Predict the templates' landmarks in every image of ``images`` (folders, datalists or files) and write
     ``out_csv`` (world mm + ``score``); returns its path.
 
@@ -197,6 +199,7 @@ def detect_landmarks_files(checkpoint: str | Path | None, templates: Sequence[Pa
     if method == "embedding":
         if checkpoint is None:
             raise InputError("the embedding method needs --checkpoint (a run, its model.pt, or 'none')")
+        device = pick_device(device)
         network, preprocessing = load_network(checkpoint, dims, arch, device)
         matcher = OneShotMatcher(network, device=device)
     prepare = image_preparer(preprocessing, templates[0], dims, spacing_mm)
@@ -234,7 +237,7 @@ def detect_landmarks_files(checkpoint: str | Path | None, templates: Sequence[Pa
 
 def rank_templates_files(checkpoint: str | Path, images: Sequence[str | Path], out_csv: str | Path, *,
                          arch: str | None = None, spacing_mm: float | Sequence[float] | None = None,
-                         n_points: int = 16, device: str = "cpu") -> Path:
+                         n_points: int = 16, device: str = "auto") -> Path:
     """Rank the images of ``images`` as one-shot templates (SCP-style, ``selection.rank_templates``) and write
     ``out_csv`` with columns ``rank,image,score`` (rank 1 = the image to label first); returns its path."""
     from medssl.matching.oneshot import OneShotMatcher
@@ -246,6 +249,7 @@ def rank_templates_files(checkpoint: str | Path, images: Sequence[str | Path], o
     if n_points < 1:
         raise InputError(f"the number of salient points must be >= 1, got {n_points}", path="--points")
     dims = load_image(paths[0], spacing_mm=spacing_mm).ndim - 1
+    device = pick_device(device)
     network, preprocessing = load_network(checkpoint, dims, arch, device)
     prepare = image_preparer(preprocessing, paths[0], dims, spacing_mm)
     values = rank_templates(OneShotMatcher(network, device=device), [prepare(p) for p in paths], n_points=n_points)

@@ -1,0 +1,99 @@
+"""``benchmarks/run_all.py`` at toy size (``--quick``): the document's tables and plots, and that finished runs are
+reused and an interrupted pretraining run is resumed, not restarted."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import run_all  # noqa: E402
+
+from medssl.engine.monitor import Monitor  # noqa: E402
+
+METHODS = ("infoguided", "lewel", "msf", "pgssl")
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("bench")
+    doc, work = root / "docs" / "benchmarks.md", root / "work"
+    assert run_all.main(["--dim", "2", "--quick", "--out", str(doc), "--work", str(work), "--device", "cpu"]) == doc
+    return doc, work
+
+
+def _rows(text: str, heading: str) -> dict[str, list[str]]:
+    """First cell -> the other cells of every table line below ``heading`` up to the next heading."""
+    section = text.split(heading, 1)[1].split("\n#", 1)[0]
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip().strip("|").split("|")]
+                                              for line in section.splitlines() if line.startswith("| "))}
+
+
+def test_document_has_every_table_and_plot(toy):
+    doc, _ = toy
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks (2D)") and "**Toy run (`--quick`)**" in text
+    assert "`python benchmarks/run_all.py --dim 2 --quick --out " in text
+    assert re.search(r"Machine: \d+ CPU cores .*torch \S+ with \d+ thread", text)
+    assert "one machine" in text and "train.steps=2" in text  # honest about where and with what budget
+    pretraining = _rows(text, "### Pretraining runs")
+    assert all(pretraining[m][0] == "2" and "(trained)" in pretraining[m][-1] for m in METHODS)
+    oneshot = _rows(text, "### One-shot landmarks")
+    for label in (*METHODS, "random init", "NCC", "registration"):
+        assert re.fullmatch(r"\d+\.\d\d ± \d+\.\d\d", oneshot[label][0]) and float(oneshot[label][-1]) > 0
+    assert "**Segmentation (test Dice, HD95), 2D**" in text and "**Landmarks (test MRE, SDR), 2D**" in text
+    finetune = [line for line in text.splitlines() if line.startswith("| 1 | ")]
+    assert len(finetune) == 2 * 2  # seg + landmarks, N=1: the best one-shot objective and none
+    best = min(METHODS, key=lambda m: float(oneshot[m][0].split(" ± ")[0]))
+    assert {line.split("|")[2].strip() for line in finetune} == {best, "none"}
+    assert set(_rows(text, "**Stage 2 on one-shot pseudo-labels")) == {"init", best}  # header + its rows
+    assert re.search(rf"\| {best} \| stage 2 \(1 template \+ one-shot pseudo-labels\) \| \d+\.\d\d \|", text)
+    assert "| method | D | patch | batch | s/step | floor s/step | ratio | peak MiB |" in text
+    assert set(_rows(text, "### Cost per pretraining step")) >= {*METHODS}
+    assert "| 2D 32x32 | symmetric |" in text
+    assert float(_rows(text, "### One-shot seconds per image")["registration"][1]) == 1.0
+    for stage in ("pretraining pgssl", "one-shot landmarks", "fine-tuning", "cost per step", "view generation"):
+        assert stage in _rows(text, "## Time per stage")
+    figures = re.findall(r"!\[[^]]*\]\(([\w/.]+\.png)\)", text)
+    assert sorted(figures) == ["benchmarks/finetune.png", "benchmarks/oneshot_mre.png", "benchmarks/step_ratio.png"]
+    for figure in figures:
+        assert (doc.parent / figure).stat().st_size > 1000
+
+
+def test_rerun_reuses_finished_runs(toy, tmp_path):
+    _, work = toy
+    doc = tmp_path / "again.md"
+    run_all.main(["--dim", "2", "--quick", "--out", str(doc), "--work", str(work), "--suites", "quality",
+                  "--methods", "msf", "--skip", "none", "ncc", "registration", "--device", "cpu"])
+    text = doc.read_text()
+    assert "(reused)" in _rows(text, "### Pretraining runs")["msf"][-1]
+    assert "## Speed" not in text and set(_rows(text, "### One-shot landmarks")) == {"method", "msf"}
+    first = [line for line in toy[0].read_text().splitlines() if line.startswith("| 1 | msf |")]
+    assert [line for line in text.splitlines() if line.startswith("| 1 | msf |")] == first  # scores.json reused
+
+
+def test_interrupted_pretraining_resumes(tmp_path, monkeypatch):
+    from medssl.data.demo import write_demo_dataset
+
+    data = write_demo_dataset(tmp_path / "data", spatial_dims=2, n_subjects=2)
+    overrides = [*run_all.BUDGETS[(2, True)].pretrain, "train.steps=3", "train.checkpoint_every=1"]
+    step = Monitor.step
+
+    def interrupted(self, number, metrics, force=False):
+        if number == 2:  # after the step-1 checkpoint (and its model.pt) was written
+            raise KeyboardInterrupt
+        step(self, number, metrics, force)
+
+    monkeypatch.setattr(Monitor, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_all.pretrain_run("msf", 2, data, tmp_path / "work", overrides, "cpu")
+    monkeypatch.setattr(Monitor, "step", step)
+    resumed = run_all.pretrain_run("msf", 2, data, tmp_path / "work", overrides, "cpu")
+    assert resumed["status"] == "resumed at step 1" and resumed["steps"] == 3
+    again = run_all.pretrain_run("msf", 2, data, tmp_path / "work", overrides, "cpu")
+    assert again["status"] == "reused" and again["run"] == resumed["run"]
+    other = run_all.pretrain_run("msf", 2, data, tmp_path / "work", [*overrides, "train.lr=0.002"], "cpu")
+    assert other["status"] == "trained" and other["run"] != resumed["run"]
