@@ -2,8 +2,8 @@
 
 Quality suite: each objective pretrains on the demo population with its shipped ``configs/<method>_<D>d.yaml``;
 then one-shot landmarks (``bench_oneshot``: each run, random init, NCC, registration; MRE, SDR, s/image) and
-fine-tuning transfer (``bench_finetune``: segmentation Dice/HD95 and landmark MRE/SDR, N labeled x pretrained or
-``none`` x seeds). Speed suite: seconds per step and its ratio to the bare network's forward+backward, and peak
+fine-tuning transfer (``bench_finetune``: segmentation Dice/HD95 and landmark MRE/SDR, N labeled x {the objective
+with the best one-shot MRE, or ``--finetune-methods``} or ``none`` x seeds, and stage 2 on one-shot pseudo-labels). Speed suite: seconds per step and its ratio to the bare network's forward+backward, and peak
 memory, per objective (``bench_objectives``); view pairs per second (``bench_views``); one-shot seconds per image
 against registration (from the quality suite's timings).
 
