@@ -429,9 +429,25 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for name in ("medssl.metrics", "matplotlib"):  # per-run score tables (the document has them), plot chatter
-        logging.getLogger(name).setLevel(logging.WARNING)
+    with _quiet("medssl.metrics", "matplotlib"):  # per-run score tables (the document has them), plot chatter
+        return _run(args, argv)
 
+
+@contextlib.contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """Raise these loggers to WARNING for the block, then restore them (``main`` may run inside another program)."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> Path:
     from medssl.matching.run import pick_device
 
     budget = BUDGETS[(args.dim, args.quick)]
