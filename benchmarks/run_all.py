@@ -7,7 +7,7 @@ with the best one-shot MRE, or ``--finetune-methods``} or ``none`` x seeds, and 
 memory, per objective (``bench_objectives``); view pairs per second (``bench_views``); one-shot seconds per image
 against registration (from the quality suite's timings).
 
-    python benchmarks/run_all.py --dim 2                                   # full size: hours on a 2-core CPU
+    python benchmarks/run_all.py --dim 2                                   # full size: ~40 min on a 2-core CPU
     python benchmarks/run_all.py --dim 2 --quick --out /tmp/bench.md --work /tmp/bench_work   # toy size, minutes
 
 Runs live in ``--work``: a pretraining run is ``pretrain/<method>_<D>d_<hash of its config>``, reused when it is
