@@ -63,9 +63,13 @@ def setup(device_preference: str) -> Context:
     return context
 
 
-def teardown(context: Context) -> None:
-    """Leave the process group (if this run joined one)."""
+def teardown(context: Context, *, finished: bool = True) -> None:
+    """Leave the process group (if this run joined one). After a finished run every rank first waits for the others
+    (a barrier): a rank that closed its connections while a peer was still using them aborted gloo at exit
+    ("terminate called without an active exception"). After an error there is no barrier (the peers may be gone)."""
     if context.distributed and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

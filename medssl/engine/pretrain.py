@@ -142,10 +142,12 @@ def pretrain(
         config = pretrain_config_from_dict({**to_dict(config), "data": {**config.data, "path": str(Path(data).resolve())}})
     context = distributed.setup(config.train.device)
     try:
-        run = _run_folder(config, out, resume, context)
-        return _train(config, run, resume is not None, context)
-    finally:
-        distributed.teardown(context)
+        run = _train(config, _run_folder(config, out, resume, context), resume is not None, context)
+    except BaseException:
+        distributed.teardown(context, finished=False)
+        raise
+    distributed.teardown(context)
+    return run
 
 
 def _train(config: PretrainConfig, run: Path, resuming: bool, context: distributed.Context) -> Path:
