@@ -27,6 +27,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from medssl.report.markdown import markdown_table
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SDR_RADII_MM = (2.0, 2.5, 3.0, 4.0)
 
@@ -43,23 +45,31 @@ def split_dataset(root: Path, n_test: int, n_val: int) -> Path:
     return path
 
 
-def run_one(task: str, dims: int, checkpoint: str, n_labeled: int | None, seed: int, datalist: Path,
-            landmarks_csv: Path, out: Path, overrides: Sequence[str]) -> dict:
-    """Fine-tune, predict the test images and score them; returns the scores (as JSON has them: NaN is None).
-    A finished run of the same case in ``out`` (its ``scores.json``) is reused; anything else there is replaced."""
+def _cached(out: Path, case: dict, compute: Callable[[], dict]) -> dict:
+    """``compute()``'s scores (as JSON has them: NaN is None), kept in ``out/scores.json`` with ``case``: a finished
+    run of the same case (same checkpoint file, by modification time) is reused; anything else in ``out`` is
+    replaced (an interrupted run, or another case)."""
     from medssl.metrics.report import _json_ready
 
-    model = Path(checkpoint) / "model.pt" if Path(checkpoint).is_dir() else Path(checkpoint)
-    case = {"task": task, "checkpoint": checkpoint, "labeled": n_labeled, "seed": seed, "data": str(datalist),
-            "overrides": list(overrides), "model_mtime": model.stat().st_mtime_ns if model.is_file() else None}
+    checkpoint = Path(case["checkpoint"])
+    model = checkpoint / "model.pt" if checkpoint.is_dir() else checkpoint
+    case = {**case, "model_mtime": model.stat().st_mtime_ns if model.is_file() else None}
     done = out / "scores.json"
     if done.is_file() and (saved := json.loads(done.read_text()))["case"] == case:
         return saved["scores"]
-    shutil.rmtree(out, ignore_errors=True)  # an interrupted run, or another case: start again
-    scores = json.loads(json.dumps(_json_ready(_finetune_and_score(task, dims, checkpoint, n_labeled, seed, datalist,
-                                                                    landmarks_csv, out, overrides))))
+    shutil.rmtree(out, ignore_errors=True)
+    scores = json.loads(json.dumps(_json_ready(compute())))
     done.write_text(json.dumps({"case": case, "scores": scores}, indent=1) + "\n")
     return scores
+
+
+def run_one(task: str, dims: int, checkpoint: str, n_labeled: int | None, seed: int, datalist: Path,
+            landmarks_csv: Path, out: Path, overrides: Sequence[str]) -> dict:
+    """Fine-tune, predict the test images and score them; returns the scores, reused by ``_cached``."""
+    case = {"task": task, "checkpoint": checkpoint, "labeled": n_labeled, "seed": seed, "data": str(datalist),
+            "overrides": list(overrides)}
+    return _cached(out, case, lambda: _finetune_and_score(task, dims, checkpoint, n_labeled, seed, datalist,
+                                                          landmarks_csv, out, overrides))
 
 
 def _finetune_and_score(task: str, dims: int, checkpoint: str, n_labeled: int | None, seed: int, datalist: Path,
@@ -87,23 +97,27 @@ def stage2_one(dims: int, checkpoint: str, seed: int, datalist: Path, landmarks_
     """CC2D's stage 2 against the one-shot predictions it starts from: the single labeled image of the N = 1 run
     ``supervised_run`` is the template; one-shot landmarks (``checkpoint``) on the training pool and the test
     images; landmark fine-tuning with ``--labeled 1 --pseudo``; both scored on the test images.
-    Returns ``{"oneshot": scores, "stage2": scores}``; reused from ``out/scores.json`` like ``run_one``."""
-    from medssl.data.inputs import read_datalist
-    from medssl.data.landmarks import read_landmarks, write_landmarks
-    from medssl.data.readers import image_key
-    from medssl.engine.finetune import SPLIT_FILE, finetune
-    from medssl.engine.finetune_config import read_finetune_config
-    from medssl.engine.predict import predict_landmarks_files
-    from medssl.matching.run import detect_landmarks_files
-    from medssl.metrics.report import _json_ready, evaluate_landmarks_files
+    Returns ``{"oneshot": scores, "stage2": scores}``, reused by ``_cached``."""
+    from medssl.engine.finetune import SPLIT_FILE
 
     template_key = json.loads((supervised_run / SPLIT_FILE).read_text())["labeled"][0]
     case = {"checkpoint": checkpoint, "seed": seed, "template": template_key, "data": str(datalist),
             "overrides": list(overrides)}
-    done = out / "scores.json"
-    if done.is_file() and (saved := json.loads(done.read_text()))["case"] == case:
-        return saved["scores"]
-    shutil.rmtree(out, ignore_errors=True)
+    return _cached(out, case, lambda: _stage2(dims, checkpoint, seed, template_key, datalist, landmarks_csv, out,
+                                              overrides))
+
+
+def _stage2(dims: int, checkpoint: str, seed: int, template_key: str, datalist: Path, landmarks_csv: Path, out: Path,
+            overrides: Sequence[str]) -> dict:
+    from medssl.data.inputs import read_datalist
+    from medssl.data.landmarks import read_landmarks, write_landmarks
+    from medssl.data.readers import image_key
+    from medssl.engine.finetune import finetune
+    from medssl.engine.finetune_config import read_finetune_config
+    from medssl.engine.predict import predict_landmarks_files
+    from medssl.matching.run import detect_landmarks_files
+    from medssl.metrics.report import evaluate_landmarks_files
+
     out.mkdir(parents=True)
     sections = read_datalist(datalist)
     pool = [item["image"] for item in sections["training"]]
@@ -119,12 +133,8 @@ def stage2_one(dims: int, checkpoint: str, seed: int, datalist: Path, landmarks_
     run = finetune(config, checkpoint=checkpoint, data=datalist, out=out / "run", labeled=1,
                    landmarks=landmarks_csv, pseudo=oneshot_csv)
     predict_landmarks_files(run, test, out / "test_predictions.csv")
-    scores = {"oneshot": evaluate_landmarks_files(oneshot_test, landmarks_csv, sdr_radii_mm=SDR_RADII_MM),
-              "stage2": evaluate_landmarks_files(out / "test_predictions.csv", landmarks_csv,
-                                                 sdr_radii_mm=SDR_RADII_MM)}
-    scores = json.loads(json.dumps(_json_ready(scores)))
-    done.write_text(json.dumps({"case": case, "scores": scores}, indent=1) + "\n")
-    return scores
+    return {"oneshot": evaluate_landmarks_files(oneshot_test, landmarks_csv, sdr_radii_mm=SDR_RADII_MM),
+            "stage2": evaluate_landmarks_files(out / "test_predictions.csv", landmarks_csv, sdr_radii_mm=SDR_RADII_MM)}
 
 
 def _cell(values: list[float], scale: float = 1.0) -> str:
@@ -149,8 +159,7 @@ def table(results: dict, task: str) -> str:
         header = ["N labeled", "init", "MRE (mm)"] + [f"SDR {k} mm (%)" for k in keys]
         lines = [[str(n), init, _cell([s["mre_mm"] for s in runs])]
                  + [_cell([s["sdr"][k] for s in runs], 100.0) for k in keys] for (_, n, init), runs in rows]
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                     + ["| " + " | ".join(line) + " |" for line in lines])
+    return "\n".join(markdown_table(header, lines))
 
 
 def run_grid(inits: dict[str, str], dims: int, out: Path, *, subjects: int = 24, data_seed: int = 1, test: int = 6,
@@ -185,9 +194,9 @@ def run_grid(inits: dict[str, str], dims: int, out: Path, *, subjects: int = 24,
                 if init == "none":
                     continue
                 started = time.perf_counter()
+                runs = out / "runs"
                 scores = stage2_one(dims, init, seed, datalist, root / "landmarks.csv",
-                                    out / "runs" / f"landmarks_{name}_n1_s{seed}", out / "runs" / f"stage2_{name}_s{seed}",
-                                    overrides)
+                                    runs / f"landmarks_{name}_n1_s{seed}", runs / f"stage2_{name}_s{seed}", overrides)
                 results.setdefault(("stage2", 1, name), []).append(scores)
                 progress(f"stage 2 {name} seed {seed}: one-shot {scores['oneshot']['mre_mm']:.2f} mm -> "
                          f"{scores['stage2']['mre_mm']:.2f} mm ({time.perf_counter() - started:.0f} s)")
@@ -208,8 +217,7 @@ def stage2_table(results: dict) -> str:
                               ("supervised, N = 1", supervised)):
             lines.append([name, label, _cell([s["mre_mm"] for s in scores])]
                          + [_cell([s["sdr"][k] for s in scores], 100.0) for k in keys])
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                     + ["| " + " | ".join(line) + " |" for line in lines])
+    return "\n".join(markdown_table(header, lines))
 
 
 def tables(results: dict, dims: int, tasks: Sequence[str]) -> str:

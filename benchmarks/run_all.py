@@ -3,9 +3,10 @@
 Quality suite: each objective pretrains on the demo population with its shipped ``configs/<method>_<D>d.yaml``;
 then one-shot landmarks (``bench_oneshot``: each run, random init, NCC, registration; MRE, SDR, s/image) and
 fine-tuning transfer (``bench_finetune``: segmentation Dice/HD95 and landmark MRE/SDR, N labeled x {the objective
-with the best one-shot MRE, or ``--finetune-methods``} or ``none`` x seeds, and stage 2 on one-shot pseudo-labels). Speed suite: seconds per step and its ratio to the bare network's forward+backward, and peak
-memory, per objective (``bench_objectives``); view pairs per second (``bench_views``); one-shot seconds per image
-against registration (from the quality suite's timings).
+with the best one-shot MRE, or ``--finetune-methods``} or ``none`` x seeds, and stage 2 on one-shot pseudo-labels).
+Speed suite: seconds per step and its ratio to the bare network's forward+backward, and peak memory, per objective
+(``bench_objectives``); view pairs per second (``bench_views``); one-shot seconds per image against registration
+(from the quality suite's timings).
 
     python benchmarks/run_all.py --dim 2                                   # full size: ~40 min on a 2-core CPU
     python benchmarks/run_all.py --dim 2 --quick --out /tmp/bench.md --work /tmp/bench_work   # toy size, minutes
@@ -40,6 +41,8 @@ import bench_finetune  # noqa: E402
 import bench_objectives  # noqa: E402
 import bench_oneshot  # noqa: E402
 import bench_views  # noqa: E402
+
+from medssl.report.markdown import markdown_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = ("quality", "speed")
@@ -314,10 +317,6 @@ def step_cost_figure(rows: list[dict], path: Path) -> Path:
     return _save(figure, path)
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
-
-
 def render(args: argparse.Namespace, budget: Budget, results: Results, command: str, figures: Path) -> str:
     """The whole document; writes its figures into ``figures``."""
     def image(caption: str, png: Path) -> list[str]:
@@ -337,7 +336,7 @@ def render(args: argparse.Namespace, budget: Budget, results: Results, command: 
               "Every number comes from this one machine and one run; times depend on its load (other jobs may have "
               "shared the cores), and quality numbers on the small demo populations and the budgets below.", ""]
     n_train = budget.ft_subjects - budget.ft_test - budget.ft_val
-    lines += ["## Budget", ""] + _table(["what", "setting"], [
+    lines += ["## Budget", ""] + markdown_table(["what", "setting"], [
         ["pretraining and one-shot population", f"{budget.subjects} {dims}D demo subjects (`medssl data demo --seed "
                                                 f"0`); template `subject_000`, {budget.subjects - 1} queries"],
         ["pretraining", f"`configs/<method>_{dims}d.yaml` for {', '.join(args.methods)}; overrides: "
@@ -356,7 +355,7 @@ def render(args: argparse.Namespace, budget: Budget, results: Results, command: 
     ]) + [""]
     if results.pretraining or results.oneshot or results.finetune:
         lines += ["## Quality", "", "### Pretraining runs", ""]
-        lines += _table(["method", "steps", "batch", "patch", "training s", "s/step", "last loss", "run"], [
+        lines += markdown_table(["method", "steps", "batch", "patch", "training s", "s/step", "last loss", "run"], [
             [r["method"], str(r["steps"]), str(r["batch"]), r["patch"], f"{r['seconds']:.1f}",
              f"{r['seconds'] / r['steps']:.2f}", f"{r['loss']:.4g}", f"`{r['run'].name}` ({r['status']})"]
             for r in results.pretraining]) + [""]
@@ -389,13 +388,13 @@ def render(args: argparse.Namespace, budget: Budget, results: Results, command: 
         lines += ["### One-shot seconds per image", ""]
         if results.oneshot:
             registration = next((r["seconds"] for r in results.oneshot if r["label"] == "registration"), None)
-            lines += _table(["method", "s / image", "× registration"], [
+            lines += markdown_table(["method", "s / image", "× registration"], [
                 [r["label"], f"{r['seconds']:.2f}", f"{r['seconds'] / registration:.2f}" if registration else "n/a"]
                 for r in results.oneshot]) + [""]
         else:
             lines += ["From the quality suite's timings: run it too (`--suites quality speed`).", ""]
     lines += ["## Time per stage", ""]
-    lines += _table(["stage", "seconds"], [[name, f"{seconds:.1f}"] for name, seconds in results.stages.items()]
+    lines += markdown_table(["stage", "seconds"], [[name, f"{seconds:.1f}"] for name, seconds in results.stages.items()]
                     + [["total", f"{total:.1f}"]]) + [""]
     return "\n".join(lines)
 

@@ -108,7 +108,9 @@ def _registration(fixed, seed: int, samples: int):
 def register(template: MetaTensor, query: MetaTensor, *, bspline_spacing_mm: float | None = 32.0,
              iterations: int = 30, samples: int = 20000, seed: int = 0):
     """SimpleITK transform mapping template world mm -> query world mm: affine (moments-initialised, Mattes MI),
-    then a B-spline on a control grid of ``bspline_spacing_mm`` (None: affine only).
+    then a B-spline on a control grid of ``bspline_spacing_mm`` (None: affine only); ``iterations`` per pyramid level
+    and stage, Mattes MI on ``samples`` random voxels per level (the defaults: 20 s per 86x104x90 volume on 2 CPU
+    cores, where SimpleITK's usual 25 % sample took 334 s).
 
     The template is the fixed image, so the transform carries template points to the query directly (no inverse).
     """

@@ -45,7 +45,8 @@ def _number(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a Markdown table: ``header``, the rule, one line per row of cells."""
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
@@ -56,7 +57,7 @@ def landmark_table(rows: list[Row]) -> list[str]:
     lines = [[row.label, f"{_number(row.scores['mre_mm'])} ± {_number(row.scores['std_mm'])}"]
              + [f"{100 * row.scores['sdr'][r]:.1f} %" for r in radii] + [_number(row.seconds_per_image)]
              for row in rows]
-    return _table(header, lines)
+    return markdown_table(header, lines)
 
 
 def segmentation_table(rows: list[Row], class_names: dict[int, str]) -> list[str]:
@@ -67,7 +68,7 @@ def segmentation_table(rows: list[Row], class_names: dict[int, str]) -> list[str
     lines = [[row.label, _number(row.scores["mean_dice"], 3)]
              + [_number(row.scores["dice"].get(c), 3) for c in classes]
              + [_number(row.scores["hd95_mm"].get(c)) for c in classes] for row in rows]
-    return _table(header, lines)
+    return markdown_table(header, lines)
 
 
 def summary(results: DemoResults) -> list[str]:
@@ -99,7 +100,7 @@ def render(results: DemoResults) -> str:
     for section, items in results.setup.items():
         lines += [f"**{section}**", ""] + [f"- {key}: {value}" for key, value in items.items()] + [""]
     lines += ["## Time per stage", ""]
-    lines += _table(["stage", "seconds"], [[name, f"{seconds:.1f}"] for name, seconds in results.stages.items()]
+    lines += markdown_table(["stage", "seconds"], [[name, f"{seconds:.1f}"] for name, seconds in results.stages.items()]
                     + [["total", f"{total:.1f}"]]) + [""]
     lines += ["## Rerun a stage", "", "Each run folder holds its fully resolved `config.yaml`.", "", "```bash"]
     lines += results.commands + ["```", ""]
