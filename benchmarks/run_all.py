@@ -42,6 +42,8 @@ import bench_objectives  # noqa: E402
 import bench_oneshot  # noqa: E402
 import bench_views  # noqa: E402
 
+from medssl.engine.monitor import clock  # noqa: E402
+from medssl.report.demo import StageClock  # noqa: E402
 from medssl.report.markdown import markdown_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,38 +108,15 @@ class Results:
     stages: dict[str, float] = field(default_factory=dict)
 
 
-class Stages:
-    """Logs the start and end of each stage with its seconds and the total so far, and keeps the seconds."""
-
-    def __init__(self, seconds: dict[str, float]):
-        self.seconds, self.started = seconds, time.perf_counter()
-
-    @contextlib.contextmanager
-    def __call__(self, name: str, detail: str = "") -> Iterator[None]:
-        log.info("bench %s: %s", name, detail or "start")
-        start = time.perf_counter()
-        yield
-        self.seconds[name] = time.perf_counter() - start
-        log.info("bench %s done in %.1f s (total %s)", name, self.seconds[name],
-                 clock(time.perf_counter() - self.started))
-
-
-def clock(seconds: float) -> str:
-    """``h:mm:ss``."""
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes // 60:d}:{minutes % 60:02d}:{secs:02d}"
-
-
 # ---------------------------------------------------------------------------------------------------- pretraining
 
 
 def _config_key(config: Any) -> dict[str, Any]:
     """The flattened config without the keys a resumed run may change (device, logging, validation)."""
-    from medssl.config import to_dict
-    from medssl.engine.pretrain import RESUME_MAY_CHANGE, _flatten
+    from medssl.config import flat_config
+    from medssl.engine.pretrain import RESUME_MAY_CHANGE
 
-    return {key: value for key, value in _flatten(to_dict(config)).items()
-            if not any(key == k or key.startswith(f"{k}.") for k in RESUME_MAY_CHANGE if k != "data.path")}
+    return flat_config(config, ignore=[key for key in RESUME_MAY_CHANGE if key != "data.path"])
 
 
 def pretrain_run(method: str, spatial_dims: int, data: Path, work: Path, overrides: Sequence[str],
@@ -182,7 +161,8 @@ def pretrain_run(method: str, spatial_dims: int, data: Path, work: Path, overrid
 # ---------------------------------------------------------------------------------------------------- suites
 
 
-def quality_suite(args: argparse.Namespace, budget: Budget, device: str, results: Results, stage: Stages) -> None:
+def quality_suite(args: argparse.Namespace, budget: Budget, device: str, results: Results,
+                  stage: StageClock) -> None:
     from medssl.data.demo import write_demo_dataset
 
     dims, work = args.dim, args.work
@@ -227,7 +207,8 @@ def _finetuned(args: argparse.Namespace, results: Results) -> list[str]:
     return [min(scored, key=lambda row: row["mre_mm"])["label"]] if scored else list(args.methods)
 
 
-def speed_suite(args: argparse.Namespace, budget: Budget, device: str, results: Results, stage: Stages) -> None:
+def speed_suite(args: argparse.Namespace, budget: Budget, device: str, results: Results,
+                stage: StageClock) -> None:
     with stage("cost per step", f"{', '.join(args.methods)} at the shipped {args.dim}D config sizes"):
         results.step_cost = bench_objectives.measure_all(
             [args.dim], device, budget.step_rounds, methods=args.methods, overrides=budget.step_cost,
@@ -453,7 +434,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> Path:
     args.labeled, args.seeds = args.labeled or budget.labeled, args.seeds or budget.seeds
     args.skip = list(budget.skip) if args.skip is None else args.skip
     device, results = pick_device(args.device), Results()
-    stage = Stages(results.stages)
+    stage = StageClock(prefix="bench")
+    results.stages = stage.seconds
     log.info("bench: %s suite(s), %dD%s, work %s, device %s", " + ".join(args.suites), args.dim,
              " (--quick)" if args.quick else "", args.work, device)
     if "quality" in args.suites:

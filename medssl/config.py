@@ -123,6 +123,23 @@ def to_dict(config: Any) -> Any:
     return config
 
 
+def flat_config(config: Any, ignore: Sequence[str] = ()) -> dict[str, Any]:
+    """``to_dict(config)`` as one level of dotted keys (``train.lr``), without the keys at or under ``ignore``."""
+    def flatten(data: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(data, dict):
+            return {k: v for key, value in data.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: data}
+
+    return {key: value for key, value in flatten(to_dict(config), "").items()
+            if not any(key == skip or key.startswith(f"{skip}.") for skip in ignore)}
+
+
+def config_differences(first: Any, second: Any, ignore: Sequence[str] = ()) -> list[str]:
+    """The sorted dotted keys whose values differ between two configs, the keys at or under ``ignore`` left out."""
+    a, b = flat_config(first, ignore), flat_config(second, ignore)
+    return sorted(key for key in a.keys() | b.keys() if a.get(key) != b.get(key))
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; a missing or malformed file is an ``InputError`` naming it."""
     path = Path(path)

@@ -86,3 +86,21 @@ def test_exponent_floats_without_a_dot_are_floats_in_files_and_overrides(tmp_pat
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  lr: 3e-4\n")
     assert load_config(path, Config).train.lr == pytest.approx(3e-4)
+
+
+def test_flat_config_and_differences_leave_out_ignored_sections():
+    from medssl.config import config_differences, flat_config
+
+    data = {"path": "a", "patch_size": [32, 32]}
+    first = {"train": {"lr": 0.1, "device": "cpu"}, "data": data, "validation": {"every": 5}}
+    second = {"train": {"lr": 0.2, "device": "cuda"}, "data": data, "validation": {"every": 9}}
+    assert flat_config(first, ignore=["validation"]) == {"train.lr": 0.1, "train.device": "cpu", "data.path": "a",
+                                                         "data.patch_size": [32, 32]}
+    assert config_differences(first, second) == ["train.device", "train.lr", "validation.every"]
+    assert config_differences(first, second, ignore=["train.device", "validation"]) == ["train.lr"]
+
+
+def test_clock_is_hours_minutes_seconds():
+    from medssl.engine.monitor import clock
+
+    assert [clock(s) for s in (0.4, 59.6, 3725.0)] == ["0:00:00", "0:01:00", "1:02:05"]

@@ -205,7 +205,7 @@ def test_layerwise_learning_rates_and_frozen_encoder():
     assert {in_optimizer[id(p)] for p in network.final_conv.parameters()} == {0.01}
 
 
-def test_resume_ends_with_the_weights_of_an_uninterrupted_run(demo2d, tmp_path, monkeypatch):
+def test_resume_ends_with_the_weights_of_an_uninterrupted_run(demo2d, tmp_path, monkeypatch, capsys):
     base = ["finetune", "seg", str(CONFIGS / "finetune_seg_2d.yaml"), "--checkpoint", "none", "--data",
             str(demo2d / "datalist.json"), *TINY_2D, "train.steps=4"]
     assert main(base + ["--out", str(tmp_path / "whole")]) == 0
@@ -225,6 +225,10 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(demo2d, tmp_path, 
     resumed = torch.load(part / engine.CHECKPOINT, weights_only=False)["network"]
     assert all(torch.equal(whole[key], resumed[key]) for key in whole)
     assert [r["step"] for r in csv.DictReader((part / "metrics.csv").open())] == ["1", "2", "3", "4"]
+    capsys.readouterr()
+    changed = ["finetune", "seg", str(part / "config.yaml"), "--resume", str(part), "train.lr=0.5", "train.device=cpu"]
+    assert main(changed) == 2  # a changed learning rate is refused; the device may change
+    assert "(train.lr differ)" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------- landmarks

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from medssl.config import save_config, to_dict, write_text_atomic
+from medssl.config import config_differences, save_config, to_dict, write_text_atomic
 from medssl.engine.checkpoint import model_payload, read_model_file, save_atomic
 from medssl.engine.finetune_config import (
     NO_CHECKPOINT, FinetuneConfig, finetune_config_from_dict, read_finetune_config,
@@ -250,10 +250,7 @@ def _run_folder(config: FinetuneConfig, out: str | Path | None, resume: str | Pa
         run = Path(resume)
         if not (run / CHECKPOINT).is_file():
             raise InputError(f"cannot resume: no {CHECKPOINT} in this folder (is it a fine-tuning run?)", path=run)
-        saved = _flatten(to_dict(read_finetune_config(run / "config.yaml")))
-        given = _flatten(to_dict(config))
-        differ = sorted(k for k in saved.keys() | given.keys()
-                        if saved.get(k) != given.get(k) and k not in RESUME_MAY_CHANGE)
+        differ = config_differences(read_finetune_config(run / "config.yaml"), config, RESUME_MAY_CHANGE)
         if differ:
             raise InputError(f"cannot resume with a different config ({', '.join(differ)} differ); pass the run's "
                              f"own config: medssl finetune {config.task} {run / 'config.yaml'} --resume {run}",
@@ -265,12 +262,6 @@ def _run_folder(config: FinetuneConfig, out: str | Path | None, resume: str | Pa
     (run / CHECKPOINT).parent.mkdir(parents=True, exist_ok=True)
     save_config(config, run / "config.yaml")
     return run
-
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        return {k: v for key, value in data.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: data}
 
 
 def _json(record: dict[str, Any]) -> str:

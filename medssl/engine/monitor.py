@@ -75,7 +75,7 @@ class Monitor:
             eta_s = (self.steps - step) / max(rate, 1e-9)
             log.info(
                 "step %d/%d  loss %.4g%s  %.2f steps/s  eta %s", step, self.steps, metrics["loss"],
-                "".join(f"  {key} {value:.4g}" for key, value in shown.items()), rate, _clock(eta_s),
+                "".join(f"  {key} {value:.4g}" for key, value in shown.items()), rate, clock(eta_s),
             )
 
     def close(self) -> None:
@@ -104,7 +104,7 @@ def _format(value: object) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
-def _clock(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours:d}:{minutes:02d}:{secs:02d}"
+def clock(seconds: float) -> str:
+    """``h:mm:ss``."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60:d}:{minutes % 60:02d}:{secs:02d}"

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medssl.config import check_kwargs, save_config, to_dict
+from medssl.config import check_kwargs, config_differences, save_config, to_dict
 from medssl.engine import distributed
 from medssl.engine.checkpoint import save_atomic, save_model
 from medssl.engine.monitor import Monitor
@@ -269,24 +269,13 @@ def _run_folder(config: PretrainConfig, out: str | Path | None, resume: str | Pa
 
 
 def _check_resumable(config: PretrainConfig, run: Path) -> None:
-    saved, given = _flatten(to_dict(read_pretrain_config(run / "config.yaml"))), _flatten(to_dict(config))
-    differ = sorted(k for k in set(saved) | set(given) if saved.get(k) != given.get(k)
-                    and not any(k == key or k.startswith(f"{key}.") for key in RESUME_MAY_CHANGE))
+    differ = config_differences(read_pretrain_config(run / "config.yaml"), config, RESUME_MAY_CHANGE)
     if differ:
         raise InputError(
             f"cannot resume with a different config ({', '.join(differ)} differ); "
             f"pass the run's own config: medssl pretrain {run / 'config.yaml'} --resume {run}",
             path=run,
         )
-
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        flat: dict[str, Any] = {}
-        for key, value in data.items():
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        return flat
-    return {prefix[:-1]: data}
 
 
 def _save_checkpoint(run, step, config, step_module, optimizer, scheduler, scaler, sampler, context) -> None:

@@ -42,7 +42,8 @@ def prepare_image(path: str | Path, *, spatial_dims: int, spacing_mm: float | Se
                   file_spacing_mm: float | Sequence[float] | None = None, modality: str = "mr",
                   intensity_window: Sequence[float] | None = None) -> MetaTensor:
     """Read ``path`` as the network saw its training scans (RAS, intensities in [0, 1]) on a grid of ``spacing_mm``
-    (one value for every axis, one per axis, or None to keep the file's). Resampling happens only where the spacing differs, so equal grids stay bit-exact."""
+    (one value for every axis, one per axis, or None to keep the file's). Resampling happens only where the spacing
+    differs, so equal grids stay bit-exact."""
     from medssl.transforms.preprocess import preprocess_image
 
     image = preprocess_image(path, spatial_dims=spatial_dims, modality=modality, intensity_window=intensity_window,

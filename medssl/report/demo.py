@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
+from medssl.engine.monitor import clock
 from medssl.errors import InputError
 
 if TYPE_CHECKING:
@@ -71,26 +72,21 @@ PRESETS: dict[tuple[int, bool], DemoSize] = {
 
 
 class StageClock:
-    """Times the named stages of a run (``seconds``: name -> s) and logs each start and end with the total so far."""
+    """Times the named stages of a run (``seconds``: name -> s) and logs each start and end, as ``PREFIX [i/count]
+    name`` (``PREFIX name`` without a count), with the total so far."""
 
-    def __init__(self, count: int):
-        self.count, self.seconds, self.started = count, {}, time.perf_counter()
+    def __init__(self, count: int | None = None, prefix: str = "demo"):
+        self.count, self.prefix, self.seconds, self.started = count, prefix, {}, time.perf_counter()
 
     @contextlib.contextmanager
     def __call__(self, name: str, detail: str) -> Iterator[None]:
-        index = len(self.seconds) + 1
-        log.info("demo [%d/%d] %s: %s", index, self.count, name, detail)
+        counter = f" [{len(self.seconds) + 1}/{self.count}]" if self.count else ""
+        label = f"{self.prefix}{counter} {name}"
+        log.info("%s: %s", label, detail)
         start = time.perf_counter()
         yield
         self.seconds[name] = time.perf_counter() - start
-        log.info("demo [%d/%d] %s done in %.1f s (total %s)", index, self.count, name, self.seconds[name],
-                 clock(time.perf_counter() - self.started))
-
-
-def clock(seconds: float) -> str:
-    """``h:mm:ss``."""
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes // 60:d}:{minutes % 60:02d}:{secs:02d}"
+        log.info("%s done in %.1f s (total %s)", label, self.seconds[name], clock(time.perf_counter() - self.started))
 
 
 def config_path(name: str) -> Path:
