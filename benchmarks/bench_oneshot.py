@@ -60,11 +60,12 @@ def oneshot_rows(data: Path, runs: dict[str, Path], work: Path, arch: str = "sma
 
 def format_rows(rows: list[dict]) -> str:
     radii = list(rows[0]["sdr"])
-    lines = ["| method | MRE ± std (mm) | " + " | ".join(f"SDR {r} mm" for r in radii) + " | s / image |",
-             "|---|---|" + "---|" * len(radii) + "---|"]
+    lines = ["| method | MRE ± std (mm) | median (mm) | " + " | ".join(f"SDR {r} mm" for r in radii) + " | s / image |",
+             "|---|---|---|" + "---|" * len(radii) + "---|"]
     for row in rows:
         sdr = " | ".join(f"{100 * row['sdr'][r]:.1f} %" for r in radii)
-        lines.append(f"| {row['label']} | {row['mre_mm']:.2f} ± {row['std_mm']:.2f} | {sdr} | {row['seconds']:.2f} |")
+        lines.append(f"| {row['label']} | {row['mre_mm']:.2f} ± {row['std_mm']:.2f} | {row['median_mm']:.2f} | {sdr} "
+                     f"| {row['seconds']:.2f} |")
     return "\n".join(lines)
 
 

@@ -24,17 +24,24 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 2,2.5,3,4, got '{text}'") from None
 
 
+def _variability_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--variability", choices=("realistic", "low"), default="realistic",
+                        help="realistic (default): pose, size, shape, tissue contrast, bias and noise vary as in real "
+                             "scans; low: the former easy population (small warps), for fast tests")
+
+
 # ----------------------------------------------------------------------------------------------- handlers
 def _data_demo(args: argparse.Namespace) -> None:
     from medssl.data.demo import write_demo_dataset
 
-    write_demo_dataset(args.out, spatial_dims=args.dim, n_subjects=args.subjects, seed=args.seed, plane=args.plane)
+    write_demo_dataset(args.out, spatial_dims=args.dim, n_subjects=args.subjects, seed=args.seed, plane=args.plane,
+                       variability=args.variability, figures=args.figures)
 
 
 def _demo(args: argparse.Namespace) -> None:
     from medssl.report.demo import run_demo
 
-    run_demo(args.out, spatial_dims=args.dim, quick=args.quick)
+    run_demo(args.out, spatial_dims=args.dim, quick=args.quick, variability=args.variability)
 
 
 def _pretrain(args: argparse.Namespace) -> None:
@@ -147,13 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "non-empty folder is refused")
     p.add_argument("--dim", type=int, choices=(2, 3), default=2, help="2D slices or 3D volumes (default 2)")
     p.add_argument("--quick", action="store_true", help="smoke size: fewer subjects and steps (about 3 minutes)")
+    _variability_option(p)
 
     # medssl data ...
     data = commands.add_parser("data", help="make datasets", description="Make datasets.")
     data_sub = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
     p = command(
         data_sub, "demo", "write the demo population (MNI ICBM152 anatomy, known deformations, labels, landmarks)",
-        "medssl data demo --out demo2d --dim 2 --subjects 24 --seed 0", _data_demo,
+        "medssl data demo --out demo2d --dim 2 --subjects 24 --seed 0 --figures\n"
+        "  medssl data demo --out easy3d --dim 3 --variability low", _data_demo,
     )
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--dim", type=int, choices=(2, 3), default=3, help="2D slices or 3D volumes (default 3)")
@@ -161,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--plane", choices=("axial", "coronal", "sagittal"), default="axial",
                    help="template plane for --dim 2 (default axial)")
+    _variability_option(p)
+    p.add_argument("--figures", action="store_true",
+                   help="also write a QC figure (template and first subjects, landmarks, labels) to OUT/figures/")
 
     # medssl pretrain ...
     p = command(

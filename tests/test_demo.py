@@ -13,9 +13,9 @@ from scipy import ndimage
 
 from medssl.cli import main
 from medssl.data import demo_anatomy
-from medssl.data.demo import change_intensity, make_subject, write_demo_dataset
+from medssl.data.demo import VARIABILITIES, change_intensity, make_subject, write_demo_dataset
 from medssl.data.demo_anatomy import LANDMARKS_MNI, PLANES, load_template
-from medssl.data.demo_warp import ControlGrid, RandomTransform, grid_points, jacobian_determinant, random_transform
+from medssl.data.demo_warp import grid_points, identity_transform, jacobian_determinant, random_transform
 from medssl.data.geometry import coordinate_grid, world_to_voxel
 from medssl.data.inputs import read_datalist
 from medssl.data.landmarks import check_landmarks_in_image, read_landmarks
@@ -59,11 +59,12 @@ def test_2d_files_follow_the_contract(tmp_path):
 
 
 def test_same_seed_same_files_other_seed_other_subjects(tmp_path):
-    first = write_demo_dataset(tmp_path / "a", spatial_dims=2, n_subjects=2, seed=3, plane="coronal")
-    second = write_demo_dataset(tmp_path / "b", spatial_dims=2, n_subjects=2, seed=3, plane="coronal")
-    other = write_demo_dataset(tmp_path / "c", spatial_dims=2, n_subjects=2, seed=4, plane="coronal")
+    low = dict(spatial_dims=2, n_subjects=2, plane="coronal", variability="low")
+    first = write_demo_dataset(tmp_path / "a", seed=3, **low)
+    second = write_demo_dataset(tmp_path / "b", seed=3, **low)
+    other = write_demo_dataset(tmp_path / "c", seed=4, **low)
     files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
-    assert len(files) == 6
+    assert len(files) == 7
     for name in files:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
     assert (first / "landmarks.csv").read_text() != (other / "landmarks.csv").read_text()
@@ -73,7 +74,7 @@ def test_same_seed_same_files_other_seed_other_subjects(tmp_path):
 
 def test_3d_files_have_world_affines_and_landmarks_inside(tmp_path):
     out = write_demo_dataset(tmp_path / "demo3d", spatial_dims=3, n_subjects=1, seed=0, spacing_mm=COARSE_MM)
-    template = load_template(3, spacing_mm=COARSE_MM)
+    template = load_template(3, spacing_mm=COARSE_MM, margin_mm=VARIABILITIES["realistic"].margin_mm)
     scan = nib.load(out / "images" / "subject_000.nii.gz")
     np.testing.assert_allclose(scan.affine, template.affine)
     assert scan.shape == template.shape
@@ -119,12 +120,6 @@ def test_random_maps_do_not_fold_and_stay_within_a_few_mm(spatial_dims):
         assert np.linalg.norm(mapped - points, axis=1).max() < 20.0
 
 
-def _identity(spatial_dims: int) -> RandomTransform:
-    zeros = np.zeros(spatial_dims)
-    return RandomTransform(matrix=np.eye(spatial_dims), centre_mm=zeros, shift_mm=zeros,
-                           displacement=ControlGrid(np.zeros((spatial_dims,) + (2,) * spatial_dims), zeros, 10.0))
-
-
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_landmarks_are_ground_truth(spatial_dims):
     """Noise-free subject: its intensity at a true subject landmark equals the template's at the template landmark.
@@ -148,7 +143,7 @@ def test_landmarks_are_ground_truth(spatial_dims):
         transform = random_transform(np.random.default_rng(11), template.affine, template.shape)
     subject = make_subject(template, transform)
     at_subject = np.stack([subject.landmarks[n] for n in names])
-    reference = _interpolate(make_subject(template, _identity(spatial_dims)).image, template.affine, at_template)
+    reference = _interpolate(make_subject(template, identity_transform(spatial_dims)).image, template.affine, at_template)
     error_true = np.abs(_interpolate(subject.image, template.affine, at_subject) - reference)
     error_undeformed = np.abs(_interpolate(subject.image, template.affine, at_template) - reference)
     assert np.median(error_true) < 0.04  # intensities span [0, 1]
@@ -195,9 +190,10 @@ def test_cli_writes_a_2d_dataset_and_rejects_zero_subjects(tmp_path, capsys):
 
 def test_intensity_changes_keep_the_anatomy_and_follow_the_seed():
     template = load_template(2)
-    image = make_subject(template, _identity(2)).image
-    changed = change_intensity(image, template.affine, np.random.default_rng(5))
+    image = make_subject(template, identity_transform(2)).image
+    changed, drawn = change_intensity(image, template.affine, np.random.default_rng(5))
     assert changed.shape == image.shape and changed.dtype == np.float32
+    assert set(drawn) == {"bias_range", "gamma", "blur_mm", "noise_sigma"}
     assert not np.allclose(changed, image)
     assert np.corrcoef(changed.ravel(), image.ravel())[0, 1] > 0.9
-    np.testing.assert_array_equal(changed, change_intensity(image, template.affine, np.random.default_rng(5)))
+    np.testing.assert_array_equal(changed, change_intensity(image, template.affine, np.random.default_rng(5))[0])

@@ -63,6 +63,7 @@ def test_report_has_every_row_figure_and_stage(toy):
     for stage in ("dataset", "pretraining", "one-shot landmarks", "segmentation transfer", "total"):
         assert float(_table_row(report, TIME, stage)[0]) > 0
     assert "torch " + torch.__version__ in report and "device: CPU" in report
+    assert "(realistic variability, seed 0)" in report and "--seed 0 --variability realistic" in report
 
 
 def test_report_numbers_match_an_independent_computation(toy):
@@ -114,10 +115,10 @@ def test_second_run_replaces_the_previous_demo_and_refuses_other_folders(toy, tm
 def test_cli_passes_its_options(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(demo, "run_demo", lambda out, **kwargs: calls.append((out, kwargs)))
-    assert main(["demo", "--out", str(tmp_path / "d3"), "--dim", "3", "--quick"]) == 0
+    assert main(["demo", "--out", str(tmp_path / "d3"), "--dim", "3", "--quick", "--variability", "low"]) == 0
     assert main(["demo"]) == 0
-    assert calls == [(tmp_path / "d3", {"spatial_dims": 3, "quick": True}),
-                     (Path("medssl_demo"), {"spatial_dims": 2, "quick": False})]
+    assert calls == [(tmp_path / "d3", {"spatial_dims": 3, "quick": True, "variability": "low"}),
+                     (Path("medssl_demo"), {"spatial_dims": 2, "quick": False, "variability": "realistic"})]
 
 
 @pytest.mark.parametrize("kwargs, message", [

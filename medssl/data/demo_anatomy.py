@@ -104,6 +104,8 @@ class Template:
     affine:       (D+1, D+1) output voxel -> world mm (every subject is written on this grid)
     shape:        output grid shape
     landmarks:    name -> world mm (D,) of the template's landmarks
+    plane:        (2D) the MNI plane the slice was cut from, else None
+    plane_to_mni: (2D) (3, 3) map from homogeneous template world mm (x, y, 1) to MNI mm, else None
     """
 
     image: np.ndarray
@@ -112,6 +114,8 @@ class Template:
     affine: np.ndarray
     shape: tuple[int, ...]
     landmarks: dict[str, np.ndarray]
+    plane: str | None = None
+    plane_to_mni: np.ndarray | None = None
 
     @property
     def spatial_dims(self) -> int:
@@ -161,13 +165,21 @@ def _head_box_mm(tissue: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np
     return corners.min(axis=0), corners.max(axis=0)
 
 
+def _sample_plane(volume: np.ndarray, affine: np.ndarray, plane_mm: np.ndarray) -> np.ndarray:
+    """Linear interpolation of a 3D ``volume`` (voxel -> MNI ``affine``) at MNI points ``plane_mm`` ``(*P, 3)``."""
+    from scipy import ndimage
+
+    from medssl.data.geometry import world_to_voxel
+
+    index = world_to_voxel(affine, plane_mm.reshape(-1, 3)).T  # (3, N)
+    return ndimage.map_coordinates(volume, index, order=1).reshape(plane_mm.shape[:-1])
+
+
 def _slice(t1: np.ndarray, tissue: np.ndarray, affine: np.ndarray, plane: str
            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One MNI plane sampled on its 1 mm in-plane grid: image (A, B), tissue (3, A, B), the plane coordinates
-    (a, b) of array index 0, and the (3, 4) map from homogeneous plane coordinates (a, b, 1) to MNI mm."""
-    from scipy import ndimage
-
-    from medssl.data.geometry import voxel_to_world, world_to_voxel
+    (a, b) of array index 0, and the (3, 3) map from homogeneous plane coordinates (a, b, 1) to MNI mm."""
+    from medssl.data.geometry import voxel_to_world
 
     axis, value_mm, (column, row), _ = PLANES[plane]
     u, v = np.array(column, dtype=float), np.array(row, dtype=float)
@@ -180,10 +192,38 @@ def _slice(t1: np.ndarray, tissue: np.ndarray, affine: np.ndarray, plane: str
     a = np.arange(np.round(a_range.min()), np.round(a_range.max()) + 1)
     b = np.arange(np.round(b_range.min()), np.round(b_range.max()) + 1)
     plane_ab = np.stack(np.meshgrid(a, b, indexing="ij"), axis=-1)  # (A, B, 2)
-    mni = plane_ab @ plane_to_mni[:, :2].T + plane_to_mni[:, 2]  # (A, B, 3)
-    index = world_to_voxel(affine, mni.reshape(-1, 3)).T  # (3, A*B): integer voxel centres, sampled exactly
-    sample = lambda volume: ndimage.map_coordinates(volume, index, order=1).reshape(len(a), len(b))  # noqa: E731
-    return sample(t1), np.stack([sample(channel) for channel in tissue]), np.array([a[0], b[0]]), plane_to_mni
+    mni = plane_ab @ plane_to_mni[:, :2].T + plane_to_mni[:, 2]  # (A, B, 3): integer voxel centres, sampled exactly
+    return (_sample_plane(t1, affine, mni), np.stack([_sample_plane(channel, affine, mni) for channel in tissue]),
+            np.array([a[0], b[0]]), plane_to_mni)
+
+
+def tilted_slice(template: Template, rotation: np.ndarray, offset_mm: float,
+                 volume: np.ndarray | None = None) -> Template:
+    """The 2D ``template`` cut again from the 3D MNI volume through a tilted and shifted plane: the plane is
+    rotated by ``rotation`` ``(3, 3)`` about the MNI point under the output grid's centre and moved ``offset_mm``
+    along its normal. The source grid, output grid and landmark names stay; each landmark becomes the projection
+    of its 3D MNI point onto the new plane, in the new plane's in-plane frame (so it stays in the slice).
+
+    ``volume`` replaces the T1 intensities (a 3D array on the 1 mm MNI grid; the tests paint blobs in it)."""
+    from medssl.data.geometry import voxel_to_world
+
+    if template.plane_to_mni is None or template.plane is None:
+        raise ValueError("tilted_slice needs a 2D template from load_template(2, ...)")
+    t1, tissue, mni_affine = _read_mni()
+    frame = template.plane_to_mni  # (3, 3): (x, y, 1) -> MNI mm
+    centre = frame @ np.append(voxel_to_world(template.affine, (np.array(template.shape) - 1.0) / 2.0), 1.0)
+    normal = np.cross(frame[:, 0], frame[:, 1])
+    tilted = np.concatenate([rotation @ frame[:, :2],
+                             (centre + rotation @ (frame[:, 2] - centre) + offset_mm * normal)[:, None]], axis=1)
+    index = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in template.image.shape], indexing="ij"), -1)
+    world = voxel_to_world(template.source_affine, index)  # (A, B, 2)
+    mni = world @ tilted[:, :2].T + tilted[:, 2]  # (A, B, 3)
+    image = _sample_plane(t1 if volume is None else volume, mni_affine, mni).astype(np.float32)
+    tissue_slice = np.stack([_sample_plane(channel, mni_affine, mni) for channel in tissue]).astype(np.float32)
+    landmarks = {name: tilted[:, :2].T @ (np.array(mni_mm, dtype=float) - tilted[:, 2])  # orthonormal columns
+                 for name, (mni_mm, _) in PLANES[template.plane][3].items()}
+    return Template(image=image, tissue=tissue_slice, source_affine=template.source_affine, affine=template.affine,
+                    shape=template.shape, landmarks=landmarks, plane=template.plane, plane_to_mni=tilted)
 
 
 def load_template(spatial_dims: int = 3, plane: str = "axial", spacing_mm: float | None = None,
@@ -220,10 +260,13 @@ def load_template(spatial_dims: int = 3, plane: str = "axial", spacing_mm: float
     shape = tuple(int(n) for n in np.floor((high + margin_mm - origin) / spacing_mm) + 1)
     affine = np.diag([spacing_mm] * spatial_dims + [1.0])
     affine[:spatial_dims, spatial_dims] = origin
+    frame = None
     if spatial_dims == 2:  # shift the plane frame so that the output grid starts at world (0, 0)
         source_affine[:2, 2] -= origin
         landmarks = {name: position - origin for name, position in landmarks.items()}
         affine[:2, 2] = 0.0
+        frame = plane_to_mni.copy()
+        frame[:, 2] += plane_to_mni[:, :2] @ origin  # (x, y, 1) world -> MNI mm
     log.debug("demo template: %dD grid %s at %.2f mm", spatial_dims, shape, spacing_mm)
     return Template(image=t1, tissue=tissue, source_affine=source_affine, affine=affine, shape=shape,
-                    landmarks=landmarks)
+                    landmarks=landmarks, plane=plane if spatial_dims == 2 else None, plane_to_mni=frame)

@@ -1,8 +1,10 @@
 """Random smooth spatial transforms of the demo population, with their exact inverse at points.
 
 A subject is made by pulling back: subject world point ``x`` (mm) -> template world point ``phi(x)`` with
-``phi(x) = c + A (x + u(x) - c) + t``: a free-form deformation ``u`` (cubic B-spline on a coarse control grid)
-followed by a small affine (rotation ``R``, per-axis scale, shift ``t``) about the grid centre ``c``.
+``phi(x) = c + A (x + u(x) - c) + t``: a free-form deformation ``u`` (cubic B-splines on one control grid, or the
+sum of a coarse and a fine one) followed by an affine (rotation ``R``, per-axis scale, shift ``t``) about the grid
+centre ``c``. ``x -> x + u(x)`` is a diffeomorphism when ``u``'s Lipschitz constant is below 1 (checked through
+the Jacobian determinant and by the inverse's convergence).
 Written here because MONAI's ``Rand2DElastic``/``Rand3DElastic`` resample images but expose neither the map at
 arbitrary points nor its inverse, which the ground-truth landmarks need.
 """
@@ -67,13 +69,28 @@ def random_control_grid(rng: np.random.Generator, affine: np.ndarray, shape: tup
 
 
 @dataclass(frozen=True)
+class FieldSum:
+    """The sum of smooth fields on several control grids (e.g. a coarse and a fine B-spline displacement)."""
+
+    grids: tuple[ControlGrid, ...]
+
+    def evaluate(self, points_mm: np.ndarray) -> np.ndarray:
+        """The summed field at world points ``(N, D)`` -> ``(N, C)``."""
+        return sum(grid.evaluate(points_mm) for grid in self.grids)
+
+    def on_grid(self, affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """The summed field at every voxel centre of an axis-aligned grid, ``(C, *shape)``."""
+        return sum(grid.on_grid(affine, shape) for grid in self.grids)
+
+
+@dataclass(frozen=True)
 class RandomTransform:
     """The pull-back map ``phi`` (subject world mm -> template world mm) of one subject."""
 
     matrix: np.ndarray  # (D, D) rotation @ diag(scale)
     centre_mm: np.ndarray  # (D,)
     shift_mm: np.ndarray  # (D,)
-    displacement: ControlGrid  # D channels, mm
+    displacement: ControlGrid | FieldSum  # D channels, mm
 
     def __call__(self, points_mm: np.ndarray) -> np.ndarray:
         """``phi`` at subject points ``(N, D)`` -> template points ``(N, D)``."""
@@ -127,6 +144,56 @@ def random_transform(rng: np.random.Generator, affine: np.ndarray, shape: tuple[
     displacement = random_control_grid(rng, affine, shape, dims, control_spacing_mm, displacement_mm / 2.0,
                                        displacement_mm)
     return RandomTransform(matrix=rotation * scale, centre_mm=centre, shift_mm=shift, displacement=displacement)
+
+
+def identity_transform(spatial_dims: int) -> RandomTransform:
+    """The map ``phi(x) = x``: the template itself on its output grid."""
+    zeros = np.zeros(spatial_dims)
+    return RandomTransform(matrix=np.eye(spatial_dims), centre_mm=zeros, shift_mm=zeros,
+                           displacement=ControlGrid(np.zeros((spatial_dims,) + (2,) * spatial_dims), zeros, 10.0))
+
+
+def rotation_about_axis(axis: np.ndarray, angle_deg: float) -> np.ndarray:
+    """The ``(D, D)`` rotation by ``angle_deg`` about the unit ``axis`` (3D, ``(3,)``); in 2D ``axis`` is ignored
+    (pass ``np.ones(1)``) and the rotation is in the plane."""
+    angle = np.radians(angle_deg)
+    if len(axis) == 1:
+        return np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    x, y, z = np.asarray(axis, dtype=np.float64) / np.linalg.norm(axis)
+    cross = np.array([[0.0, -z, y], [z, 0.0, -x], [-y, x, 0.0]])
+    return linalg.expm(angle * cross)  # Rodrigues' formula in matrix form
+
+
+def random_axis(rng: np.random.Generator, dims: int) -> np.ndarray:
+    """A rotation axis uniform on the sphere (3D, ``(3,)``), or ``np.ones(1)`` in 2D (no draw)."""
+    if dims == 2:
+        return np.ones(1)
+    axis = rng.normal(size=3)
+    return axis / np.linalg.norm(axis)
+
+
+def realistic_transform(rng: np.random.Generator, affine: np.ndarray, shape: tuple[int, ...], *,
+                        rotation_deg: float, scale_range: float, shift_mm: float,
+                        fields: tuple[tuple[float, float], ...]) -> tuple[RandomTransform, dict]:
+    """A pull-back map with subject-like pose and shape, and what was drawn (JSON-ready).
+
+    Rotation by an angle uniform in ``±rotation_deg`` about a random axis (3D; in-plane in 2D), per-axis scale in
+    ``1 ± scale_range``, shift uniform in ``±shift_mm`` per axis, and one B-spline displacement per
+    ``(control spacing mm, coefficient std mm)`` in ``fields`` (coefficients clipped at 2.5 std), summed.
+    """
+    dims = len(shape)
+    axis = random_axis(rng, dims)
+    angle = float(rng.uniform(-rotation_deg, rotation_deg))
+    scale = rng.uniform(1.0 - scale_range, 1.0 + scale_range, size=dims)
+    shift = rng.uniform(-shift_mm, shift_mm, size=dims)
+    centre = voxel_to_world(affine, (np.array(shape, dtype=float) - 1.0) / 2.0)
+    grids = tuple(random_control_grid(rng, affine, shape, dims, spacing, std, 2.5 * std) for spacing, std in fields)
+    transform = RandomTransform(matrix=rotation_about_axis(axis, angle) * scale, centre_mm=centre,
+                                shift_mm=shift, displacement=FieldSum(grids))
+    drawn = {"rotation_deg": angle, "rotation_axis": axis.tolist() if dims == 3 else None,
+             "scale": scale.tolist(), "shift_mm": shift.tolist(),
+             "fields": [{"control_spacing_mm": spacing, "coefficient_std_mm": std} for spacing, std in fields]}
+    return transform, drawn
 
 
 def grid_points(affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

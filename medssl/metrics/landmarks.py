@@ -74,7 +74,7 @@ def landmark_scores(pred: Landmarks, truth: Landmarks,
                     sdr_radii_mm: Sequence[float] = DEFAULT_SDR_RADII_MM) -> dict:
     """MRE, its standard deviation (population, ddof=0) and SDR over every landmark present in both.
 
-    Returns ``{"n_images", "mre_mm", "std_mm", "sdr": {"2": f, ...}, "per_landmark": {NAME: {"mre_mm"}},
+    Returns ``{"n_images", "mre_mm", "std_mm", "median_mm", "sdr": {"2": f, ...}, "per_landmark": {NAME: {"mre_mm"}},
     "n_missing"}``. ``n_images`` counts images with at least one scored landmark; SDR at radius r is the fraction
     of errors strictly below r. ``n_missing`` counts true landmarks of predicted images without a prediction:
     they are excluded from MRE and SDR and logged as a warning.
@@ -92,6 +92,7 @@ def landmark_scores(pred: Landmarks, truth: Landmarks,
         "n_images": len({image for image, _ in errors}),
         "mre_mm": float(values.mean()),
         "std_mm": float(values.std()),
+        "median_mm": float(np.median(values)),
         "sdr": {radius_key(r): float((values < r).mean()) for r in radii},
         "per_landmark": {
             name: {"mre_mm": float(np.mean([e for (_, n), e in errors.items() if n == name]))} for name in names

@@ -135,12 +135,12 @@ class Split:
         return [self.root / item["image"] for item in self.test]
 
 
-def make_dataset(root: Path, spatial_dims: int, size: DemoSize, seed: int) -> Split:
+def make_dataset(root: Path, spatial_dims: int, size: DemoSize, seed: int, variability: str = "realistic") -> Split:
     """Write the population and its split: ``split.json`` (training = pool, validation, test), ``pool.json`` (the
     pretraining images) and ``test.json`` (the images every model is scored on)."""
     from medssl.data.demo import write_demo_dataset
 
-    write_demo_dataset(root, spatial_dims=spatial_dims, n_subjects=size.subjects, seed=seed)
+    write_demo_dataset(root, spatial_dims=spatial_dims, n_subjects=size.subjects, seed=seed, variability=variability)
     items = json.loads((root / "datalist.json").read_text(encoding="utf-8"))["training"]
     n_pool = size.subjects - size.test - size.val
     split = Split(root, items[:n_pool], items[n_pool:n_pool + size.val], items[n_pool + size.val:])
@@ -154,13 +154,13 @@ def make_dataset(root: Path, spatial_dims: int, size: DemoSize, seed: int) -> Sp
 def run_demo(out: str | Path = DEFAULT_OUT, spatial_dims: int = 2, quick: bool = False, *, method: str = "infoguided",
              subjects: int | None = None, test: int | None = None, val: int | None = None, labeled: int | None = None,
              pretrain_overrides: Sequence[str] = (), finetune_overrides: Sequence[str] = (), device: str = "auto",
-             seed: int = 0) -> Path:
+             seed: int = 0, variability: str = "realistic") -> Path:
     """Run every stage (see the module docstring) into the folder ``out`` and return the path of its ``report.md``.
 
     ``spatial_dims`` and ``quick`` pick a ``PRESETS`` size; ``subjects``, ``test``, ``val``, ``labeled`` replace
     its numbers and ``pretrain_overrides`` / ``finetune_overrides`` (``key=value``) follow its config overrides.
     ``method`` names the pretraining config (``configs/<method>_<D>d.yaml``); ``device``: ``auto``, ``cpu`` or
-    ``cuda``; ``seed`` draws the population. A previous demo in ``out`` is replaced (``prepare_output``).
+    ``cuda``; ``seed`` and ``variability`` (``realistic`` or ``low``) draw the population. A previous demo in ``out`` is replaced (``prepare_output``).
     """
     import medssl.objectives  # noqa: F401  (fills the registry)
     from medssl.data.demo_anatomy import CSF, GREY, WHITE
@@ -186,8 +186,8 @@ def run_demo(out: str | Path = DEFAULT_OUT, spatial_dims: int = 2, quick: bool =
     runs, figures = out / "runs", out / "figures"
     class_names = {CSF: "CSF", GREY: "grey matter", WHITE: "white matter"}
     stage = StageClock(count=4)
-    with stage("dataset", f"{size.subjects} {spatial_dims}D demo subjects (seed {seed})"):
-        split = make_dataset(out / "data", spatial_dims, size, seed)
+    with stage("dataset", f"{size.subjects} {spatial_dims}D demo subjects ({variability} variability, seed {seed})"):
+        split = make_dataset(out / "data", spatial_dims, size, seed, variability)
     with stage("pretraining", f"{method} on the {len(split.pool)} pool images ({device})"):
         config, checkpoints = pretrain_stage(runs, split, spatial_dims, method, size.pretrain, device)
     with stage("one-shot landmarks", f"template {split.template.name}, {len(split.test)} test images"):

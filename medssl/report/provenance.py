@@ -15,6 +15,11 @@ if TYPE_CHECKING:
     from medssl.report.markdown import Row
 
 
+def population_variability(root: Path) -> str:
+    """The variability a demo population was made with (its ``meta.json``)."""
+    return json.loads((root / "meta.json").read_text(encoding="utf-8"))["variability"]["name"]
+
+
 def describe(split: Split, config: Any, size: DemoSize, checkpoints: dict[str, Path], seg_rows: list[Row], device: str,
              seed: int) -> dict[str, dict[str, str]]:
     """The report's "What ran" items: machine, dataset, pretraining, one-shot landmarks, segmentation transfer."""
@@ -36,6 +41,7 @@ def describe(split: Split, config: Any, size: DemoSize, checkpoints: dict[str, P
     first = load_image(split.template)
     spacing = np.linalg.norm(first.affine.numpy()[:-1, :-1], axis=0)
     names = read_landmarks(split.root / "landmarks.csv")[image_key(split.template)]
+    variability = population_variability(split.root)
     steps, loss = read_metric(next(iter(checkpoints.values())) / "metrics.csv", "loss")
     seg = read_finetune_config(seg_rows[0].source / "config.yaml")
     chosen = json.loads((seg_rows[0].source / "split.json").read_text(encoding="utf-8"))["labeled"]
@@ -44,7 +50,7 @@ def describe(split: Split, config: Any, size: DemoSize, checkpoints: dict[str, P
                     f"MONAI {monai.__version__}, Python {platform.python_version()} ({platform.system()})"},
         "Dataset": {
             "population": f"{size.subjects} {config.spatial_dims}D subjects warped from the MNI ICBM152 2009a "
-                          f"template (seed {seed}), images {tuple(first.shape[1:])} at "
+                          f"template ({variability} variability, seed {seed}), images {tuple(first.shape[1:])} at "
                           f"{' x '.join(f'{s:g}' for s in spacing)} mm, {len(names)} landmarks, 3 tissue classes",
             "split": f"{len(split.pool)} training pool (unlabeled for pretraining), {len(split.validation)} "
                      f"validation (picks the fine-tuned model), {len(split.test)} test (every score)",
@@ -76,7 +82,8 @@ def commands(out: Path, split: Split, checkpoints: dict[str, Path], seg_rows: li
     """Shell commands that rerun each stage from the demo's files."""
     truth, test = split.root / "landmarks.csv", split.root / "test.json"
     pretrained = next(iter(checkpoints.values()))
-    lines = [f"medssl data demo --out {split.root} --dim {spatial_dims} --subjects {size.subjects} --seed {seed}",
+    lines = [f"medssl data demo --out {split.root} --dim {spatial_dims} --subjects {size.subjects} --seed {seed} "
+             f"--variability {population_variability(split.root)}",
              f"# {split.root}/split.json, pool.json, test.json: the last {size.test} subjects test, the "
              f"{size.val} before them validate, the others are the training pool",
              f"medssl pretrain {pretrained}/config.yaml --out {out}/runs/pretrained_again"]
