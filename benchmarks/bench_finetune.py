@@ -33,6 +33,12 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SDR_RADII_MM = (2.0, 2.5, 3.0, 4.0)
 
 
+def population_variability(root: Path) -> str:
+    """The variability of the demo population in ``root`` (populations made before ``meta.json`` existed: low)."""
+    meta = root / "meta.json"
+    return json.loads(meta.read_text(encoding="utf-8"))["variability"]["name"] if meta.is_file() else "low"
+
+
 def split_dataset(root: Path, n_test: int, n_val: int) -> Path:
     """Write ``root/datalist_split.json``: the last ``n_test`` subjects are the test set, the ``n_val`` before them
     validate, the others train."""
@@ -165,16 +171,20 @@ def table(results: dict, task: str) -> str:
 def run_grid(inits: dict[str, str], dims: int, out: Path, *, subjects: int = 24, data_seed: int = 1, test: int = 6,
              val: int = 3, counts: Sequence[int | None] = (1, 3, None), seeds: Sequence[int] = (0, 1),
              tasks: Sequence[str] = ("seg", "landmarks"), overrides: Sequence[str] = (), stage2: bool = False,
-             progress: Callable[[str], None] = print) -> dict[tuple, list[dict]]:
+             variability: str = "realistic", progress: Callable[[str], None] = print) -> dict[tuple, list[dict]]:
     """``run_one`` for every task x N labeled (None: all) x initialisation (name -> run folder or ``none``) x seed on
-    the demo population ``out/data`` (written unless there); ``{(task, N or "all", name): [scores per seed]}``.
+    the demo population ``out/data`` (written unless there, with ``variability``; one made with another variability is
+    refused); ``{(task, N or "all", name): [scores per seed]}``.
     With ``stage2`` (needs the landmarks task and N = 1): ``stage2_one`` for every pretrained initialisation and
     seed, under ``("stage2", 1, name)``."""
     from medssl.data.demo import write_demo_dataset
 
     root = out / "data"
     if not (root / "datalist.json").is_file():
-        write_demo_dataset(root, spatial_dims=dims, n_subjects=subjects, seed=data_seed)
+        write_demo_dataset(root, spatial_dims=dims, n_subjects=subjects, seed=data_seed, variability=variability)
+    elif population_variability(root) != variability:
+        raise SystemExit(f"{root} holds a {population_variability(root)}-variability population, not {variability}; "
+                         "choose another --out")
     datalist = split_dataset(root, test, val)
     results: dict[tuple, list[dict]] = {}
     for task in tasks:
@@ -241,6 +251,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dim", type=int, choices=(2, 3), default=2)
     parser.add_argument("--subjects", type=int, default=24, help="demo subjects (default 24)")
     parser.add_argument("--data-seed", type=int, default=1, help="demo population seed (default 1)")
+    parser.add_argument("--variability", choices=("realistic", "low"), default="realistic",
+                        help="demo population variability (default realistic)")
     parser.add_argument("--test", type=int, default=6, help="test subjects (default 6)")
     parser.add_argument("--val", type=int, default=3, help="validation subjects (default 3)")
     parser.add_argument("--labeled", default="1,3,all", help="numbers of labeled images (default 1,3,all)")
@@ -258,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     results = run_grid(inits, args.dim, args.out, subjects=args.subjects, data_seed=args.data_seed, test=args.test,
                        val=args.val, counts=parse_counts(args.labeled),
                        seeds=[int(s) for s in args.seeds.split(",")], tasks=tasks, overrides=args.overrides,
-                       stage2=args.stage2, progress=lambda line: print(line, flush=True))
+                       stage2=args.stage2, variability=args.variability, progress=lambda line: print(line, flush=True))
     text = tables(results, args.dim, tasks)
     (args.out / "finetune_table.md").write_text(text + "\n")
     print(text)

@@ -60,7 +60,8 @@ def oneshot_rows(data: Path, runs: dict[str, Path], work: Path, arch: str = "sma
 
 def format_rows(rows: list[dict]) -> str:
     radii = list(rows[0]["sdr"])
-    lines = ["| method | MRE ± std (mm) | median (mm) | " + " | ".join(f"SDR {r} mm" for r in radii) + " | s / image |",
+    sdr_columns = " | ".join(f"SDR {r} mm" for r in radii)
+    lines = [f"| method | MRE ± std (mm) | median (mm) | {sdr_columns} | s / image |",
              "|---|---|---|" + "---|" * len(radii) + "---|"]
     for row in rows:
         sdr = " | ".join(f"{100 * row['sdr'][r]:.1f} %" for r in radii)

@@ -75,7 +75,8 @@ def threshold_rows(data: Path) -> dict[str, list[float]]:
     pooled = np.concatenate([image.ravel() for image, _ in pairs])
     shared = threshold_multiotsu(pooled[:: max(1, pooled.size // 2_000_000)], classes=4)
     return {
-        "multi-Otsu per image": [mean_dice(np.digitize(im, threshold_multiotsu(im, classes=4)), lb) for im, lb in pairs],
+        "multi-Otsu per image": [mean_dice(np.digitize(im, threshold_multiotsu(im, classes=4)), lb)
+                                 for im, lb in pairs],
         "multi-Otsu, one threshold set for all images": [mean_dice(np.digitize(im, shared), lb) for im, lb in pairs],
         "oracle thresholds per image (upper bound)": [oracle_threshold_dice(im, lb) for im, lb in pairs],
     }

@@ -166,14 +166,16 @@ def quality_suite(args: argparse.Namespace, budget: Budget, device: str, results
     from medssl.data.demo import write_demo_dataset
 
     dims, work = args.dim, args.work
-    data = work / f"data_{dims}d_{budget.subjects}s"
-    with stage("dataset", f"{budget.subjects} {dims}D demo subjects (seed 0) in {data}"):
+    data = work / f"data_{dims}d_{budget.subjects}s_{args.variability}"
+    with stage("dataset", f"{budget.subjects} {dims}D {args.variability} demo subjects (seed 0) in {data}"):
         if not (data / "datalist.json").is_file():
-            write_demo_dataset(data, spatial_dims=dims, n_subjects=budget.subjects, seed=0)
+            write_demo_dataset(data, spatial_dims=dims, n_subjects=budget.subjects, seed=0,
+                               variability=args.variability)
     overrides = [*budget.pretrain, *args.pretrain_override]
     for method in args.methods:
         with stage(f"pretraining {method}", f"configs/{method}_{dims}d.yaml {' '.join(overrides)}".strip()):
-            results.pretraining.append(pretrain_run(method, dims, data, work, overrides, device))
+            results.pretraining.append(  # the unlabeled images only, not the label maps beside them
+                pretrain_run(method, dims, data / "images", work, overrides, device))
             log.info("pretraining %s: %s (%s)", method, results.pretraining[-1]["status"],
                      results.pretraining[-1]["run"])
     runs = {row["method"]: row["run"] for row in results.pretraining}
@@ -192,10 +194,12 @@ def quality_suite(args: argparse.Namespace, budget: Budget, device: str, results
     with stage("fine-tuning", f"{'+'.join(args.tasks)} x N {args.labeled} x {len(inits)} inits x seeds {args.seeds}: "
                               f"{len(args.tasks) * len(counts) * len(inits) * len(seeds)} runs"):
         results.finetune = bench_finetune.run_grid(
-            inits, dims, work / f"finetune_{dims}d_{budget.ft_subjects}s", subjects=budget.ft_subjects,
+            inits, dims, work / f"finetune_{dims}d_{budget.ft_subjects}s_{args.variability}",
+            subjects=budget.ft_subjects,
             test=budget.ft_test, val=budget.ft_val, counts=counts, seeds=seeds, tasks=args.tasks,
             overrides=[f"train.device={device}", *budget.finetune, *args.finetune_override],
-            stage2="landmarks" in args.tasks, progress=lambda line: log.info("fine-tuning %s", line))
+            stage2="landmarks" in args.tasks, variability=args.variability,
+            progress=lambda line: log.info("fine-tuning %s", line))
 
 
 def _finetuned(args: argparse.Namespace, results: Results) -> list[str]:
@@ -319,7 +323,8 @@ def render(args: argparse.Namespace, budget: Budget, results: Results, command: 
     n_train = budget.ft_subjects - budget.ft_test - budget.ft_val
     lines += ["## Budget", ""] + markdown_table(["what", "setting"], [
         ["pretraining and one-shot population", f"{budget.subjects} {dims}D demo subjects (`medssl data demo --seed "
-                                                f"0`); template `subject_000`, {budget.subjects - 1} queries"],
+                                                f"0 --variability {args.variability}`); template `subject_000`, "
+                                                f"{budget.subjects - 1} queries"],
         ["pretraining", f"`configs/<method>_{dims}d.yaml` for {', '.join(args.methods)}; overrides: "
                         f"`{' '.join([*budget.pretrain, *args.pretrain_override]) or 'none'}`"],
         ["one-shot baselines", f"random init (`--checkpoint none`), NCC, registration; skipped: "
@@ -407,6 +412,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--skip", nargs="*", default=None, choices=("none", "ncc", "registration"),
                         help="one-shot baselines to leave out (default: none; registration with --quick)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--variability", choices=("realistic", "low"), default="realistic",
+                        help="demo population variability (default realistic; low: the former population)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     with _quiet("medssl.metrics", "matplotlib"):  # per-run score tables (the document has them), plot chatter

@@ -93,7 +93,8 @@ def change_intensity(image: np.ndarray, affine: np.ndarray, rng: np.random.Gener
     (sigma up to ``blur_max_mm``) and Rician noise (sigma in ``noise``)."""
     shape = image.shape
     dims = len(shape)
-    bias = random_control_grid(rng, affine, shape, 1, spacing_mm=60.0, std=bias_std, limit=round(bias_std * 8 / 3, 6))  # 0.4 at 0.15
+    limit = round(bias_std * 8 / 3, 6)  # clipped at 8/3 std: 0.4 at the former 0.15
+    bias = random_control_grid(rng, affine, shape, 1, spacing_mm=60.0, std=bias_std, limit=limit)
     field = np.exp(bias.on_grid(affine, shape)[0])  # (*S)
     gamma = np.exp(rng.uniform(-gamma_log, gamma_log))
     spacing = np.linalg.norm(affine[:dims, :dims], axis=0)

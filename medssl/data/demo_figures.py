@@ -52,7 +52,8 @@ def save_population_figure(path: str | Path, cases: Mapping[str, tuple[np.ndarra
 
     rows = []
     for name, (image, label, affine, landmarks) in cases.items():
-        points = np.stack([np.asarray(p, float) for p in landmarks.values()]) if landmarks else np.zeros((0, image.ndim))
+        points = (np.stack([np.asarray(p, float) for p in landmarks.values()]) if landmarks
+                  else np.zeros((0, image.ndim)))
         voxels = world_to_voxel(np.asarray(affine, float), points) if len(points) else points
         spacing = float(np.linalg.norm(np.asarray(affine, float)[:, 0][:image.ndim]))
         rows.append((name, _panels(image, label, voxels, spacing, near_mm)))

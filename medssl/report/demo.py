@@ -160,7 +160,8 @@ def run_demo(out: str | Path = DEFAULT_OUT, spatial_dims: int = 2, quick: bool =
     ``spatial_dims`` and ``quick`` pick a ``PRESETS`` size; ``subjects``, ``test``, ``val``, ``labeled`` replace
     its numbers and ``pretrain_overrides`` / ``finetune_overrides`` (``key=value``) follow its config overrides.
     ``method`` names the pretraining config (``configs/<method>_<D>d.yaml``); ``device``: ``auto``, ``cpu`` or
-    ``cuda``; ``seed`` and ``variability`` (``realistic`` or ``low``) draw the population. A previous demo in ``out`` is replaced (``prepare_output``).
+    ``cuda``; ``seed`` and ``variability`` (``realistic`` or ``low``) draw the population. A previous demo in
+    ``out`` is replaced (``prepare_output``).
     """
     import medssl.objectives  # noqa: F401  (fills the registry)
     from medssl.data.demo_anatomy import CSF, GREY, WHITE
