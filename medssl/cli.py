@@ -37,10 +37,19 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(args.out, spatial_dims=args.dim, quick=args.quick)
 
 
+def _config_not_in_out(args: argparse.Namespace) -> None:
+    """A new run folder must not hold the CONFIG it is started from (writing the run's config.yaml would replace it)."""
+    if args.out is not None and args.resume is None:
+        from medssl.outputs import check_output
+
+        check_output(args.out, kind="folder", inputs=[args.config])
+
+
 def _pretrain(args: argparse.Namespace) -> None:
     from medssl.engine.pretrain import pretrain
     from medssl.engine.pretrain_config import read_pretrain_config
 
+    _config_not_in_out(args)
     config = read_pretrain_config(args.config, args.overrides)
     run = pretrain(config, data=args.data, out=args.out, resume=args.resume)
     log.info("run folder: %s", run)
@@ -92,6 +101,7 @@ def _finetune(args: argparse.Namespace) -> None:
     from medssl.engine.finetune_config import read_finetune_config
     from medssl.errors import InputError
 
+    _config_not_in_out(args)
     config = read_finetune_config(args.config, args.overrides)
     if config.task != args.task:
         raise InputError(f"this is a '{config.task}' config; run 'medssl finetune {config.task}' or use a "

@@ -25,6 +25,7 @@ from medssl.engine.finetune_data import Case, prepare
 from medssl.errors import InputError
 from medssl.networks.heatmaps import decode_heatmaps
 from medssl.networks.task import TaskUNet
+from medssl.outputs import check_output
 
 log = logging.getLogger(__name__)
 
@@ -139,13 +140,15 @@ def predict_seg_files(model: str | Path, images: Sequence[str | Path], out_dir: 
                       device: str = "auto") -> list[Path]:
     """Write one label map per input image into ``out_dir`` (``<name><ext>``: the input's format where writable,
     else ``.nii.gz``) with the input's shape and affine; returns the written paths."""
+    paths = _inputs(images)
+    check_output(out_dir, kind="folder", inputs=[model, *images, *paths])
     predictor, preprocessing = load_predictor(model, device)
     if predictor.task["kind"] != "seg":
         raise InputError("this is a landmark model; use 'medssl predict landmarks'", path=model)
     dims = predictor.network.spatial_dims
     dtype = np.uint8 if len(predictor.task["classes"]) <= 256 else np.int32
     written = []
-    for path in _inputs(images):
+    for path in paths:
         raw, image = _read(path, preprocessing, dims)
         probabilities = ResampleToMatch(mode="bilinear", padding_mode="border")(
             predictor.probabilities(image), img_dst=MetaTensor(raw.as_tensor(), affine=raw.affine))  # (K, *S_in)
@@ -161,13 +164,15 @@ def predict_landmarks_files(model: str | Path, images: Sequence[str | Path], out
     """Write the landmarks of every input image (world mm, ``score`` = peak heat) to ``out_csv``."""
     from medssl.data.landmarks import write_landmarks
 
+    paths = _inputs(images)
+    check_output(out_csv, kind="file", inputs=[model, *images, *paths])
     predictor, preprocessing = load_predictor(model, device)
     if predictor.task["kind"] != "landmarks":
         raise InputError("this is a segmentation model; use 'medssl predict seg'", path=model)
     dims = predictor.network.spatial_dims
     names = predictor.task["names"]
     predictions, scores = {}, {}
-    for path in _inputs(images):
+    for path in paths:
         points, peaks = predictor.landmarks(_read(path, preprocessing, dims)[1])
         predictions[image_key(path)] = dict(zip(names, points))
         scores[image_key(path)] = {name: float(value) for name, value in zip(names, peaks)}

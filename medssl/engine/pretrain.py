@@ -23,12 +23,13 @@ from torch import nn
 
 from medssl.config import check_kwargs, config_differences, save_config, to_dict
 from medssl.engine import distributed
-from medssl.engine.checkpoint import save_atomic, save_model
+from medssl.engine.checkpoint import read_resume_state, save_atomic, save_model
 from medssl.engine.monitor import Monitor
 from medssl.engine.pretrain_config import PretrainConfig, pretrain_config_from_dict, read_pretrain_config
 from medssl.engine.schedule import build_optimizer, build_scheduler
 from medssl.engine.state import capture_rng, restore_rng
 from medssl.errors import InputError
+from medssl.outputs import check_output
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,8 @@ def pretrain(
         config = pretrain_config_from_dict({**to_dict(config), "data": {**config.data, "path": str(Path(data).resolve())}})
     context = distributed.setup(config.train.device)
     try:
-        run = _train(config, _run_folder(config, out, resume, context), resume is not None, context)
+        run, resume_state = _run_folder(config, out, resume, context)
+        run = _train(config, run, resume_state, context)
     except BaseException:
         distributed.teardown(context, finished=False)
         raise
@@ -150,7 +152,8 @@ def pretrain(
     return run
 
 
-def _train(config: PretrainConfig, run: Path, resuming: bool, context: distributed.Context) -> Path:
+def _train(config: PretrainConfig, run: Path, resume_state: dict[str, Any] | None,
+           context: distributed.Context) -> Path:
     from monai.utils import set_determinism
 
     train, device = config.train, context.device
@@ -163,6 +166,9 @@ def _train(config: PretrainConfig, run: Path, resuming: bool, context: distribut
     objectives, weights = build_objectives(config, network)
     step_module = TrainStep(network, objectives, weights).to(device)
     sampler = build_sampler(config, objectives, device=device, rank=context.rank)
+    if resume_state is None and context.is_main:  # only now: a run refused above leaves no folder behind
+        (run / CHECKPOINT).parent.mkdir(parents=True, exist_ok=True)
+        save_config(config, run / "config.yaml")
     optimizer = build_optimizer(
         [step_module], name=train.optimizer, lr=train.lr, weight_decay=train.weight_decay, momentum=train.momentum
     )
@@ -174,8 +180,9 @@ def _train(config: PretrainConfig, run: Path, resuming: bool, context: distribut
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype is torch.float16)
 
     start_step = 0
-    if resuming:
-        start_step = _load_checkpoint(run / CHECKPOINT, step_module, optimizer, scheduler, scaler, sampler, context)
+    if resume_state is not None:
+        start_step = _load_checkpoint(resume_state, run / CHECKPOINT, step_module, optimizer, scheduler, scaler,
+                                      sampler, context)
     model = step_module
     if context.distributed:
         model = nn.parallel.DistributedDataParallel(
@@ -183,7 +190,7 @@ def _train(config: PretrainConfig, run: Path, resuming: bool, context: distribut
         )
     monitor = Monitor(run, steps=train.steps, start_step=start_step, log_every=train.log_every) if context.is_main else None
     preprocessing = preprocessing_options(config)
-    last_saved = start_step if resuming else None
+    last_saved = start_step if resume_state is not None else None
     log.info("pretraining %s for %d steps on %s x%d -> %s", config.name, train.steps, device, context.world_size, run)
     try:
         step_module.train()
@@ -249,23 +256,27 @@ def _diverged(value: float, step: int, last_saved: int | None, run: Path) -> Non
     )
 
 
-def _run_folder(config: PretrainConfig, out: str | Path | None, resume: str | Path | None, context) -> Path:
-    """Choose (rank 0) and prepare the run folder; every rank gets the same path."""
+def _run_folder(config: PretrainConfig, out: str | Path | None, resume: str | Path | None,
+                context) -> tuple[Path, dict[str, Any] | None]:
+    """Choose (rank 0) and check the run folder (every rank gets the same path; ``_train`` creates it once the data
+    is read) and, with ``resume``, read its checkpoint (before any other work, so that a bad one is refused at
+    once)."""
+    data = config.data.get("path")
     if resume is not None:
         run = Path(resume)
         if not (run / CHECKPOINT).is_file():
             raise InputError(f"cannot resume: no {CHECKPOINT} in this folder (is it a pretraining run?)", path=run)
+        check_output(run, kind="folder", inputs=[data])
         _check_resumable(config, run)
-        return run
+        return run, read_resume_state(run / CHECKPOINT)
     run = Path(out) if out is not None else None
     if context.is_main:
         if run is None:
             run = Path("runs") / f"{config.name}_{time.strftime('%Y%m%d-%H%M%S')}"
         if (run / CHECKPOINT).is_file():
             raise InputError(f"already holds a run; continue it with --resume {run} or choose another --out", path=run)
-        (run / CHECKPOINT).parent.mkdir(parents=True, exist_ok=True)
-        save_config(config, run / "config.yaml")
-    return Path(distributed.broadcast_object(str(run), context))
+        check_output(run, kind="folder", inputs=[data])
+    return Path(distributed.broadcast_object(str(run), context)), None
 
 
 def _check_resumable(config: PretrainConfig, run: Path) -> None:
@@ -298,8 +309,7 @@ def _save_checkpoint(run, step, config, step_module, optimizer, scheduler, scale
         )
 
 
-def _load_checkpoint(path, step_module, optimizer, scheduler, scaler, sampler, context) -> int:
-    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: holds numpy/python RNG states
+def _load_checkpoint(state, path, step_module, optimizer, scheduler, scaler, sampler, context) -> int:
     step_module.network.load_state_dict(state["network"])
     step_module.objectives.load_state_dict(state["objectives"])
     optimizer.load_state_dict(state["optimizer"])

@@ -20,6 +20,7 @@ from medssl.data.inputs import resolve_images
 from medssl.data.landmarks import check_landmarks_in_image, read_landmarks, write_landmarks
 from medssl.data.readers import image_key, load_image
 from medssl.errors import InputError
+from medssl.outputs import check_output
 from medssl.registry import did_you_mean
 
 if TYPE_CHECKING:
@@ -92,6 +93,13 @@ def image_preparer(preprocessing: dict[str, Any], first_image: Path, spatial_dim
     options = {key: preprocessing[key] for key in _PREPROCESSING_KEYS if preprocessing.get(key) is not None}
     return functools.partial(prepare_image, spatial_dims=spatial_dims, spacing_mm=grid,
                              file_spacing_mm=file_spacing_mm, **options)
+
+
+def _checkpoint_input(checkpoint: str | Path | None, method: str = "embedding") -> str | Path | None:
+    """The checkpoint as an input path for ``check_output`` (None when unused or ``none``)."""
+    if method != "embedding" or checkpoint is None or str(checkpoint).lower() == NO_CHECKPOINT:
+        return None
+    return checkpoint
 
 
 @dataclass(frozen=True)
@@ -189,6 +197,10 @@ def detect_landmarks_files(checkpoint: str | Path | None, templates: Sequence[Pa
     queries = [image for path in images for image in resolve_images(path)]
     if not queries:
         raise InputError("no images to detect landmarks in; pass --images PATH")
+    inputs = [_checkpoint_input(checkpoint, method), *templates, *template_landmarks, *images, *queries, truth]
+    check_output(out_csv, kind="file", inputs=inputs)
+    if figure_dir is not None:
+        check_output(figure_dir, kind="folder", inputs=[*inputs, out_csv])
     truth_table = read_landmarks(truth) if truth is not None else {}
     also_queries = sorted({image_key(t) for t in templates} & {image_key(q) for q in queries} & truth_table.keys())
     if also_queries:
@@ -248,6 +260,7 @@ def rank_templates_files(checkpoint: str | Path, images: Sequence[str | Path], o
         raise InputError(f"ranking templates needs at least two images, got {len(paths)}")
     if n_points < 1:
         raise InputError(f"the number of salient points must be >= 1, got {n_points}", path="--points")
+    check_output(out_csv, kind="file", inputs=[_checkpoint_input(checkpoint), *images, *paths])
     dims = load_image(paths[0], spacing_mm=spacing_mm).ndim - 1
     device = pick_device(device)
     network, preprocessing = load_network(checkpoint, dims, arch, device)
