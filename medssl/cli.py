@@ -24,6 +24,12 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 2,2.5,3,4, got '{text}'") from None
 
 
+def _seed(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got '{text}'")
+    return int(text)
+
+
 # ----------------------------------------------------------------------------------------------- handlers
 def _data_demo(args: argparse.Namespace) -> None:
     from medssl.data.demo import write_demo_dataset
@@ -168,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--dim", type=int, choices=(2, 3), default=3, help="2D slices or 3D volumes (default 3)")
     p.add_argument("--subjects", type=int, default=8, help="number of subjects (default 8)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed >= 0 (default 0)")
     p.add_argument("--plane", choices=("axial", "coronal", "sagittal"), default="axial",
                    help="template plane for --dim 2 (default axial)")
 

@@ -270,3 +270,115 @@ def test_a_read_only_folder_is_refused_for_real(data, tmp_path, capsys):
                          data / "landmarks.csv", "--json", locked / "s.json"], locked, "not writable", inputs=(data,))
     finally:
         locked.chmod(0o755)
+
+
+# ------------------------------------------------------------------------- 4, 7: degenerate images, checked first
+def _bad_image(folder: Path, kind: str) -> Path:
+    """A 2D image that must be refused: NaN-holding (NIfTI), constant, one pixel wide, a 4D series, or corrupt."""
+    folder.mkdir(parents=True, exist_ok=True)
+    values = np.random.default_rng(1).random((SIDE, SIDE)).astype(np.float32)
+    if kind == "nan":
+        values[3:9, 4:7] = np.nan
+        return save_image(values, np.eye(3), folder / "nan.nii.gz")
+    if kind == "constant":
+        return _png(folder / "constant.png", np.zeros((SIDE, SIDE), np.uint8))
+    if kind == "thin":
+        return _png(folder / "thin.png", (255 * values[:1]).astype(np.uint8))  # 1 x 32: under the U-Net's divisor
+    if kind == "4d":
+        import nibabel as nib
+
+        path = folder / "series.nii.gz"
+        frames = np.random.default_rng(2).random((SIDE, SIDE, 1, 5)).astype(np.float32)  # 5: not read as RGB(A)
+        nib.save(nib.Nifti1Image(frames, np.eye(4)), str(path))
+        return path
+    path = folder / "corrupt.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    return path
+
+
+IMAGE_PROBLEMS = {"nan": "NaN or infinite", "constant": "constant", "thin": "too small", "4d": "channel"}
+
+
+@pytest.mark.parametrize("kind", IMAGE_PROBLEMS)
+def test_a_bad_query_or_template_image_is_refused_by_name(data, pretrained, seg_model, tmp_path, capsys, kind):
+    bad = _bad_image(tmp_path / "bad", kind)
+    csv = tmp_path / "template.csv"
+    csv.write_text(f"image,name,x,y\n{bad.name.split('.')[0]},centre,10,10\n")
+    good = data / "images" / "s0.png"
+    oneshot = ["landmarks", "oneshot", "--checkpoint", pretrained, "--out", tmp_path / "p.csv"]
+    for args in (
+        [*oneshot, "--template", good, "--template-landmarks", data / "landmarks.csv", "--images", bad],
+        [*oneshot, "--template", bad, "--template-landmarks", csv, "--images", data / "images"],
+        ["landmarks", "select-template", "--checkpoint", pretrained, "--images", data / "images", bad,
+         "--out", tmp_path / "r.csv"],
+        ["predict", "seg", "--model", seg_model, "--images", bad, "--out", tmp_path / "pred"],
+    ):
+        refused(capsys, args, bad, IMAGE_PROBLEMS[kind], inputs=(data, bad))
+    assert not (tmp_path / "p.csv").exists() and not (tmp_path / "r.csv").exists()
+
+
+@pytest.mark.parametrize("kind", ["nan", "constant", "corrupt"])
+def test_a_bad_scan_in_a_training_pool_is_refused_before_step_1(data, tmp_path, capsys, kind):
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for image in (data / "images").iterdir():
+        (pool / image.name).write_bytes(image.read_bytes())
+    bad = _bad_image(pool, kind)
+    out = tmp_path / "run"
+    refused(capsys, ["pretrain", CONFIGS / "pgssl_2d.yaml", "--data", pool, "--out", out, *TINY_PRETRAIN], bad,
+            inputs=(pool,))
+    assert not out.exists()  # refused before the run folder is made
+
+
+def test_a_bad_image_in_a_finetuning_datalist_is_refused(data, tmp_path, capsys):
+    bad = _bad_image(tmp_path / "bad", "nan")
+    label = save_image(np.ones((SIDE, SIDE), np.uint8), np.eye(3), tmp_path / "bad" / "nan_label.nii.gz")
+    items = [{"image": str(data / f"images/s{k}.png"), "label": str(data / f"labels/s{k}.png")} for k in range(3)]
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": [*items, {"image": str(bad), "label": str(label)}]}))
+    out = tmp_path / "run"
+    refused(capsys, ["finetune", "seg", CONFIGS / "finetune_seg_2d.yaml", "--checkpoint", "none", "--data", datalist,
+                     "--out", out, *TINY_FINETUNE], bad, "NaN", inputs=(data, tmp_path / "bad"))
+    assert not out.exists()
+
+
+def test_pretraining_a_demo_folder_skips_its_label_maps(data, tmp_path, caplog):
+    from medssl.engine.pretrain import training_images
+
+    images = training_images(data)
+    assert sorted(p.name for p in images) == [f"s{k}.png" for k in range(4)]
+    assert all(p.parent.name == "images" for p in images)
+
+
+# ------------------------------------------------------------------------------------ 5: files that are not text
+def test_binary_files_as_csv_config_or_pred_are_refused(data, tmp_path, capsys):
+    binary = tmp_path / "binary.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    refused(capsys, ["evaluate", "landmarks", "--pred", binary, "--truth", data / "landmarks.csv"], binary, "UTF-8",
+            inputs=(data, binary))
+    refused(capsys, ["landmarks", "oneshot", "--method", "ncc", "--template", data / "images" / "s0.png",
+                     "--template-landmarks", binary, "--images", data / "images", "--out", tmp_path / "p.csv"],
+            binary, "UTF-8", inputs=(data, binary))
+    refused(capsys, ["pretrain", binary, "--data", data / "images", "--out", tmp_path / "run"], binary, "UTF-8",
+            inputs=(data, binary))
+    refused(capsys, ["finetune", "seg", binary, "--checkpoint", "none", "--data", data / "datalist.json",
+                     "--out", tmp_path / "run"], binary, "UTF-8", inputs=(data, binary))
+
+
+# ------------------------------------------------------------------------------ 10: messages that name the key
+@pytest.mark.parametrize(("override", "key"), [
+    ("data.patch_size=[7,7]", "data.patch_size"),
+    ("data.modality=mri", "data.modality"),
+    ("method=foo", "foo"),
+])
+def test_config_mistakes_name_the_key(data, tmp_path, capsys, override, key):
+    refused(capsys, ["pretrain", CONFIGS / "pgssl_2d.yaml", "--data", data / "images", "--out", tmp_path / "run",
+                     *TINY_PRETRAIN, override], key, inputs=(data,))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_negative_demo_seed_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["data", "demo", "--out", str(tmp_path / "d"), "--seed=-5"])
+    assert stop.value.code == 2
+    assert "--seed" in capsys.readouterr().err

@@ -34,6 +34,7 @@ from medssl.outputs import check_output
 log = logging.getLogger(__name__)
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
+DATALIST = "datalist.json"
 #: config keys (or sections) that may differ between a run and its resumption (they do not change the trained weights)
 RESUME_MAY_CHANGE = ("data.path", "train.device", "train.log_every", "train.checkpoint_every", "validation")
 #: sampler arguments the engine fills itself (from ``spatial_dims``, ``seed`` and the objectives)
@@ -94,7 +95,6 @@ def build_objectives(config: PretrainConfig, network: nn.Module) -> tuple[dict[s
 def build_sampler(config: PretrainConfig, objectives: dict[str, nn.Module], *, device: torch.device, rank: int):
     """The pair-of-views sampler over ``data.path``: preset from the first objective, information maps if any
     objective needs them, a different stream per rank."""
-    from medssl.data.inputs import resolve_images
     from medssl.transforms.sampler import ViewPairSampler
 
     options = {key: value for key, value in config.data.items() if key != "path"}
@@ -103,7 +103,7 @@ def build_sampler(config: PretrainConfig, objectives: dict[str, nn.Module], *, d
         raise InputError("no training data: pass --data PATH (a folder, datalist JSON or image) or set data.path")
     first = next(iter(objectives.values()))
     return ViewPairSampler(
-        resolve_images(config.data["path"]),
+        training_images(config.data["path"]),
         spatial_dims=config.spatial_dims,
         preset=first.views,
         info_guided=any(getattr(o, "needs_info", False) for o in objectives.values()),
@@ -111,6 +111,29 @@ def build_sampler(config: PretrainConfig, objectives: dict[str, nn.Module], *, d
         seed=config.seed + rank,
         **options,
     )
+
+
+def training_images(path: str | Path) -> list[Path]:
+    """The scans of ``data.path``; a folder holding a ``datalist.json`` (as ``medssl data demo`` writes) is read as
+    that datalist, so that its label maps are not trained on as images."""
+    from medssl.data.inputs import resolve_images
+
+    datalist = Path(path) / DATALIST
+    if Path(path).is_dir() and datalist.is_file():
+        log.info("%s holds %s: training on the images it lists (not on every image below the folder)", path,
+                 DATALIST)
+        return resolve_images(datalist)
+    return resolve_images(path)
+
+
+def _check_channels(sampler: Any, network: nn.Module) -> None:
+    """Every scan the sampler read must have the network's input channels (a 4D series is refused by name)."""
+    from medssl.data.readers import check_image_shape
+
+    scans, channels = getattr(sampler, "scans", None), getattr(network, "in_channels", None)
+    if scans is not None and channels is not None:
+        for index, path in enumerate(scans.paths):
+            check_image_shape(scans[index].image, path, channels=channels)
 
 
 def preprocessing_options(config: PretrainConfig) -> dict[str, Any]:
@@ -163,9 +186,14 @@ def _train(config: PretrainConfig, run: Path, resume_state: dict[str, Any] | Non
     set_determinism(seed=config.seed)
     torch.use_deterministic_algorithms(train.deterministic, warn_only=True)  # warn, not fail, where none exists
     network = build_network(config).to(device)
+    divisor = getattr(network, "min_size_divisor", 1)
+    if any(p % divisor for p in config.data["patch_size"]):
+        raise InputError(f"config key 'data.patch_size' {config.data['patch_size']} must be a multiple of {divisor} "
+                         f"for this U-Net (it halves the size {divisor.bit_length() - 1} times)")
     objectives, weights = build_objectives(config, network)
     step_module = TrainStep(network, objectives, weights).to(device)
     sampler = build_sampler(config, objectives, device=device, rank=context.rank)
+    _check_channels(sampler, network)
     if resume_state is None and context.is_main:  # only now: a run refused above leaves no folder behind
         (run / CHECKPOINT).parent.mkdir(parents=True, exist_ok=True)
         save_config(config, run / "config.yaml")

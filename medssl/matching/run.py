@@ -76,11 +76,13 @@ def load_network(checkpoint: str | Path, spatial_dims: int, arch: str | None = N
 
 
 def image_preparer(preprocessing: dict[str, Any], first_image: Path, spatial_dims: int,
-                   file_spacing_mm: float | Sequence[float] | None = None) -> Callable[[Path], MetaTensor]:
+                   file_spacing_mm: float | Sequence[float] | None = None,
+                   network: Any = None) -> Callable[[Path], MetaTensor]:
     """``path -> prepared image`` as the network saw its training scans (``model.pt`` ``preprocessing``: modality,
     intensity window, spacing), every image on one grid: the pretraining spacing if the model has one, else the
     first image's own spacing (so templates and queries are compared at one physical scale). ``file_spacing_mm``
-    (default: the model's ``file_spacing_mm``, else 1 mm) is the pixel size of 2D files without geometry."""
+    (default: the model's ``file_spacing_mm``, else 1 mm) is the pixel size of 2D files without geometry; with the
+    ``network``, images smaller than its divisor or with other than its input channels are refused."""
     from medssl.matching.oneshot import prepare_image
 
     if file_spacing_mm is None:
@@ -92,7 +94,7 @@ def image_preparer(preprocessing: dict[str, Any], first_image: Path, spatial_dim
         grid = affine_spacing_mm(load_image(first_image, spacing_mm=file_spacing_mm).affine)
     options = {key: preprocessing[key] for key in _PREPROCESSING_KEYS if preprocessing.get(key) is not None}
     return functools.partial(prepare_image, spatial_dims=spatial_dims, spacing_mm=grid,
-                             file_spacing_mm=file_spacing_mm, **options)
+                             file_spacing_mm=file_spacing_mm, **options, **_network_fit(network))
 
 
 def _checkpoint_input(checkpoint: str | Path | None, method: str = "embedding") -> str | Path | None:
@@ -100,6 +102,13 @@ def _checkpoint_input(checkpoint: str | Path | None, method: str = "embedding") 
     if method != "embedding" or checkpoint is None or str(checkpoint).lower() == NO_CHECKPOINT:
         return None
     return checkpoint
+
+
+def _network_fit(network: Any) -> dict[str, int]:
+    """``prepare_image``'s ``min_size`` and ``channels`` for ``network`` (nothing without one)."""
+    if network is None:
+        return {}
+    return {"min_size": int(network.min_size_divisor), "channels": int(network.in_channels)}
 
 
 @dataclass(frozen=True)
@@ -214,7 +223,8 @@ def detect_landmarks_files(checkpoint: str | Path | None, templates: Sequence[Pa
         device = pick_device(device)
         network, preprocessing = load_network(checkpoint, dims, arch, device)
         matcher = OneShotMatcher(network, device=device)
-    prepare = image_preparer(preprocessing, templates[0], dims, spacing_mm)
+    prepare = image_preparer(preprocessing, templates[0], dims, spacing_mm,
+                             network=None if matcher is None else matcher.network)
     log.info("one-shot landmarks (%s): %d template(s), %d image(s), grid %s mm", method, len(templates),
              len(queries), tuple(round(s, 4) for s in prepare.keywords["spacing_mm"]))
     loaded = load_templates(templates, template_landmarks, prepare)
@@ -264,7 +274,7 @@ def rank_templates_files(checkpoint: str | Path, images: Sequence[str | Path], o
     dims = load_image(paths[0], spacing_mm=spacing_mm).ndim - 1
     device = pick_device(device)
     network, preprocessing = load_network(checkpoint, dims, arch, device)
-    prepare = image_preparer(preprocessing, paths[0], dims, spacing_mm)
+    prepare = image_preparer(preprocessing, paths[0], dims, spacing_mm, network=network)
     values = rank_templates(OneShotMatcher(network, device=device), [prepare(p) for p in paths], n_points=n_points)
     order = np.argsort(-values, kind="stable")
     out_csv = Path(out_csv)

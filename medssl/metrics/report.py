@@ -13,7 +13,7 @@ from medssl.config import write_text_atomic
 from medssl.data import keys
 from medssl.data.inputs import resolve_images, resolve_items
 from medssl.data.landmarks import read_landmarks
-from medssl.data.readers import image_key, load_image, load_label
+from medssl.data.readers import image_key, load_label
 from medssl.errors import InputError
 from medssl.metrics.landmarks import DEFAULT_SDR_RADII_MM, check_sdr_radii, landmark_scores
 from medssl.metrics.segmentation import segmentation_scores
@@ -121,7 +121,7 @@ def evaluate_segmentation_files(pred: str | Path, truth: str | Path, json_path: 
         if key not in labels:
             raise InputError(f"prediction for image '{key}' has no true label map in {truth}; names must match "
                              "without extension", path=prediction)
-        true_label = load_label(labels[key], like=load_image(labels[key], grayscale=False))
+        true_label = load_label(labels[key])
         pairs.append((load_label(prediction, like=true_label), true_label))
     unscored = len(set(labels.values()) - {labels[key] for key in seen})
     if unscored:
