@@ -342,7 +342,7 @@ def test_a_bad_image_in_a_finetuning_datalist_is_refused(data, tmp_path, capsys)
     assert not out.exists()
 
 
-def test_pretraining_a_demo_folder_skips_its_label_maps(data, tmp_path, caplog):
+def test_pretraining_a_demo_folder_skips_its_label_maps(data):
     from medssl.engine.pretrain import training_images
 
     images = training_images(data)
