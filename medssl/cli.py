@@ -30,6 +30,12 @@ def _variability_option(parser: argparse.ArgumentParser) -> None:
                              "scans; low: the former easy population (small warps), for fast tests")
 
 
+def _seed(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got '{text}'")
+    return int(text)
+
+
 # ----------------------------------------------------------------------------------------------- handlers
 def _data_demo(args: argparse.Namespace) -> None:
     from medssl.data.demo import write_demo_dataset
@@ -44,10 +50,19 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(args.out, spatial_dims=args.dim, quick=args.quick, variability=args.variability)
 
 
+def _config_not_in_out(args: argparse.Namespace) -> None:
+    """A new run folder must not hold the CONFIG it is started from (writing the run's config.yaml would replace it)."""
+    if args.out is not None and args.resume is None:
+        from medssl.outputs import check_output
+
+        check_output(args.out, kind="folder", inputs=[args.config])
+
+
 def _pretrain(args: argparse.Namespace) -> None:
     from medssl.engine.pretrain import pretrain
     from medssl.engine.pretrain_config import read_pretrain_config
 
+    _config_not_in_out(args)
     config = read_pretrain_config(args.config, args.overrides)
     run = pretrain(config, data=args.data, out=args.out, resume=args.resume)
     log.info("run folder: %s", run)
@@ -99,6 +114,7 @@ def _finetune(args: argparse.Namespace) -> None:
     from medssl.engine.finetune_config import read_finetune_config
     from medssl.errors import InputError
 
+    _config_not_in_out(args)
     config = read_finetune_config(args.config, args.overrides)
     if config.task != args.task:
         raise InputError(f"this is a '{config.task}' config; run 'medssl finetune {config.task}' or use a "
@@ -167,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--dim", type=int, choices=(2, 3), default=3, help="2D slices or 3D volumes (default 3)")
     p.add_argument("--subjects", type=int, default=8, help="number of subjects (default 8)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed >= 0 (default 0)")
     p.add_argument("--plane", choices=("axial", "coronal", "sagittal"), default="axial",
                    help="template plane for --dim 2 (default axial)")
     _variability_option(p)

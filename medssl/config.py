@@ -146,7 +146,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise InputError("config file not found; pass one of the files in configs/ or your own YAML", path=path)
     try:
-        data = _load_yaml(path.read_text())
+        data = _load_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise InputError("not a text file (not UTF-8); pass a YAML config", path=path) from None
     except yaml.YAMLError as err:
         raise InputError(f"not valid YAML: {err}", path=path) from None
     if not isinstance(data, dict):

@@ -98,7 +98,7 @@ def _seg_dataset(tmp_path: Path) -> tuple[Path, Path]:
 def test_seg_against_itself_folder_and_datalist(tmp_path: Path):
     labels, datalist = _seg_dataset(tmp_path)
     for truth in (labels, datalist):
-        out = tmp_path / f"{truth.stem}.json"
+        out = tmp_path / f"{truth.stem}_scores.json"  # not the datalist itself: an input
         assert main(["evaluate", "seg", "--pred", str(labels), "--truth", str(truth), "--json", str(out)]) == 0
         scores = json.loads(out.read_text())
         assert scores == {"n_images": 2, "mean_dice": 1.0, "dice": {"1": 1.0, "2": 1.0},

@@ -119,7 +119,7 @@ def test_bad_template_csv_rows_exit_2_naming_the_csv(demo, tmp_path, capsys):
 
 
 def test_2d_3d_mismatch_exits_2_naming_the_file(demo, tmp_path, capsys):
-    volume = save_image(np.zeros((8, 8, 8), np.float32), np.eye(4), tmp_path / "volume.nii.gz")
+    volume = save_image(np.arange(512, dtype=np.float32).reshape(8, 8, 8), np.eye(4), tmp_path / "volume.nii.gz")
     assert oneshot(demo, tmp_path / "p.csv", "--method", "ncc", images=[str(volume)]) == 2
     line = error_line(capsys)
     assert str(volume) in line and "expected a 2D image" in line

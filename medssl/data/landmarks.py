@@ -27,9 +27,18 @@ SCORE = "score"
 
 
 def _rows(path: Path) -> Iterator[tuple[int, dict[str, str], list[str]]]:
-    """(line number, stripped row, header) for every non-blank data row; checks the header first."""
+    """(line number, stripped row, header) for every non-blank data row; checks the header first. A file that is not
+    UTF-8 text (or holds NUL bytes) is an ``InputError``."""
     if not path.is_file():
         raise InputError("no such landmark CSV; check the path", path=path)
+    try:
+        yield from _text_rows(path)
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise InputError(f"not a landmark CSV: not UTF-8 text without NUL bytes ({type(error).__name__}); expected a header "
+                         "'image,name,x,y' or 'image,name,x,y,z'", path=path) from None
+
+
+def _text_rows(path: Path) -> Iterator[tuple[int, dict[str, str], list[str]]]:
     with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)
         header = next((row for row in reader if any(cell.strip() for cell in row)), None)

@@ -165,25 +165,57 @@ def _to_grey(array: torch.Tensor) -> torch.Tensor:
     return array[:1]  # (1, *spatial)
 
 
+def check_image_shape(array: torch.Tensor, path: str | Path, *, min_size: int = 1,
+                      channels: int | None = None) -> None:
+    """Refuse (``InputError`` naming ``path``) an image ``(C, *spatial)`` with a side shorter than ``min_size`` or
+    (where ``channels`` is given: the network's input channels) another number of channels."""
+    if channels is not None and array.shape[0] != channels:
+        raise InputError(f"image has {array.shape[0]} channel(s) (shape {tuple(array.shape)}, channel first; a 4D "
+                         f"series?) but the network takes {channels}; pass {channels}-channel 2D or 3D images",
+                         path=path)
+    if min(array.shape[1:]) < min_size:
+        raise InputError(f"image of shape {tuple(array.shape[1:])} is too small: every side needs at least "
+                         f"{min_size} pixels for this network", path=path)
+
+
+def check_image_values(array: torch.Tensor, path: str | Path) -> None:
+    """Refuse (``InputError`` naming ``path``) an image ``(C, *spatial)`` that holds NaN/inf or is constant
+    (nothing to learn or match; intensity normalisation would divide by zero)."""
+    finite = torch.isfinite(array)
+    if not bool(finite.all()):
+        raise InputError(f"image holds {int((~finite).sum())} NaN or infinite value(s); fix or remove the file",
+                         path=path)
+    if array.numel() == 0 or bool((array == array.reshape(-1)[0]).all()):
+        value = array.reshape(-1)[0].item() if array.numel() else "nothing"
+        raise InputError(f"image is constant (every value is {value}): it holds no anatomy; fix or remove the file",
+                         path=path)
+
+
 def load_image(path: str | Path, *, spacing_mm: float | Sequence[float] | None = None,
-               grayscale: bool = True) -> MetaTensor:
+               grayscale: bool = True, min_size: int = 1) -> MetaTensor:
     """Read a scan as float32 ``(C, *spatial)`` with ``.affine`` (float64, ``(D+1, D+1)``) voxel index -> world mm.
 
     ``spacing_mm`` (default 1.0) is the pixel size of 2D files without geometry (PNG/JPEG/TIFF); files with
-    geometry keep their own. ``grayscale`` turns RGB(A) 2D images into one luma channel.
+    geometry keep their own. ``grayscale`` turns RGB(A) 2D images into one luma channel. Images that are non-finite,
+    constant or have a side shorter than ``min_size`` (the network's divisor, where known) are refused
+    (``check_image_values``).
     """
     image = _read(path, spacing_mm, grayscale)
     array = image.as_tensor().to(torch.float32)
     if grayscale and array.ndim == 3 and array.shape[0] in (2, 3, 4):
         array = _to_grey(array)
+    check_image_shape(array, path, min_size=min_size)
+    check_image_values(array, path)
     return MetaTensor(array, affine=image.affine, meta={"filename_or_obj": str(path)})
 
 
-def load_label(path: str | Path, like: MetaTensor) -> MetaTensor:
-    """Read an integer label map ``(1, *spatial)`` (int64) that must share ``like``'s shape and affine."""
-    dims = like.ndim - 1
+def load_label(path: str | Path, like: MetaTensor | None = None) -> MetaTensor:
+    """Read an integer label map ``(1, *spatial)`` (int64) that must share ``like``'s shape and affine (None: the
+    map on its own grid; 2D files without geometry at 1 mm)."""
+    dims = None if like is None else like.ndim - 1
     label = _read(path, affine_spacing_mm(like.affine)[:2] if dims == 2 else None, grayscale=False)
     path = Path(path)
+    like = label if like is None else like
     if label.shape[0] != 1:
         raise InputError(f"a label map must have one channel, got {label.shape[0]}", path=path)
     if tuple(label.shape[1:]) != tuple(like.shape[1:]):
@@ -196,6 +228,9 @@ def load_label(path: str | Path, like: MetaTensor) -> MetaTensor:
                          f"({like.meta.get('filename_or_obj', 'image')}); resample the label onto the image",
                          path=path)
     values = label.as_tensor()
+    if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+        raise InputError("label map holds NaN or infinite values; labels must be class indices 0, 1, 2, ...",
+                         path=path)
     if values.is_floating_point():
         rounded = values.round()
         if (values - rounded).abs().max().item() > 1e-3:

@@ -1,4 +1,4 @@
-"""Atomic saving, ``model.pt`` (a clean network to rebuild with no config at hand) and ``load_model``.
+"""Atomic saving, resume checkpoints (read with ``weights_only=True``), ``model.pt`` (a clean network to rebuild with no config at hand) and ``load_model``.
 
 ``model.pt`` holds ``{"format": "medssl.model/1", "network": <get_config()>, "state_dict": <the network's own
 state dict>, "preprocessing": {...}, "spatial_dims": D}``: the state dict loads into the network built from
@@ -36,6 +36,31 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def stale_temporaries(path: str | Path) -> list[Path]:
+    """The partial files ``save_atomic`` leaves beside ``path`` when the process is killed mid-write."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{path.name}.*.tmp"))
+
+
+def read_resume_state(path: str | Path) -> dict[str, Any]:
+    """The training state in a run's ``checkpoints/last.pt``, loaded with ``weights_only=True`` (tensors and plain
+    values only: a file holding anything else, e.g. code to run, is refused). Partial temporary files of an
+    interrupted write beside it are removed first."""
+    path = Path(path)
+    for partial in stale_temporaries(path):
+        partial.unlink(missing_ok=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for corrupt, foreign or unsafe files
+        reason = f"{err.__class__.__name__}: {err}".splitlines()[0][:200]
+        raise InputError(f"cannot resume from this checkpoint ({reason}); it is corrupt, was written by an older "
+                         "medssl, or holds more than tensors and numbers. Start the run again with a new --out",
+                         path=path) from None
+    if not isinstance(state, dict):
+        raise InputError("not a medssl resume checkpoint; start the run again with a new --out", path=path)
+    return state
 
 
 def model_payload(network: nn.Module, *, spatial_dims: int, preprocessing: dict[str, Any]) -> dict[str, Any]:

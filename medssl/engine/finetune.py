@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from medssl.config import config_differences, save_config, to_dict, write_text_atomic
-from medssl.engine.checkpoint import model_payload, read_model_file, save_atomic
+from medssl.engine.checkpoint import model_payload, read_model_file, read_resume_state, save_atomic
 from medssl.engine.finetune_config import (
     NO_CHECKPOINT, FinetuneConfig, finetune_config_from_dict, read_finetune_config,
 )
@@ -34,6 +34,7 @@ from medssl.engine.state import capture_rng, restore_rng
 from medssl.errors import InputError
 from medssl.networks import UNet
 from medssl.networks.task import PARTS, TaskUNet
+from medssl.outputs import check_output
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,8 @@ def finetune(config: FinetuneConfig | str | Path, *, checkpoint: str | Path | No
         raise InputError("no training data: pass --data DATALIST (a MONAI datalist JSON)")
     if config.task == "landmarks" and config.data.landmarks is None:
         raise InputError("landmark fine-tuning needs the true landmarks: pass --landmarks CSV")
-    run = _run_folder(config, out, resume)
-    return _train(config, run, resume is not None)
+    run, resume_state = _run_folder(config, out, resume)
+    return _train(config, run, resume_state)
 
 
 # -------------------------------------------------------------------------------------------------- network
@@ -149,7 +150,7 @@ def task_loss(config: FinetuneConfig) -> Callable[[torch.Tensor, Any], torch.Ten
 
 
 # ----------------------------------------------------------------------------------------------------- loop
-def _train(config: FinetuneConfig, run: Path, resuming: bool) -> Path:
+def _train(config: FinetuneConfig, run: Path, resume_state: dict[str, Any] | None) -> Path:
     from monai.utils import set_determinism
 
     from medssl.engine.distributed import pick_device
@@ -160,12 +161,15 @@ def _train(config: FinetuneConfig, run: Path, resuming: bool) -> Path:
     set_determinism(seed=config.seed)
     torch.use_deterministic_algorithms(train.deterministic, warn_only=True)
     data, record = prepare_data(config)
-    write_text_atomic(run / SPLIT_FILE, _json(record))
     network, pretrained = build_task_network(config, data.head_channels)
     _check_preprocessing(config, pretrained)
     if any(p % network.min_size_divisor for p in config.data.patch_size):
         raise InputError(f"data.patch_size {config.data.patch_size} must be a multiple of "
                          f"{network.min_size_divisor} for this U-Net (depth {network.depth})")
+    if resume_state is None:  # only now: a run refused above leaves no folder behind
+        (run / CHECKPOINT).parent.mkdir(parents=True, exist_ok=True)
+        save_config(config, run / "config.yaml")
+    write_text_atomic(run / SPLIT_FILE, _json(record))
     network = network.to(device)
     optimizer, frozen = build_optimizer(network, train)
     scheduler = build_scheduler(optimizer, steps=train.steps, warmup_steps=train.warmup_steps,
@@ -174,8 +178,8 @@ def _train(config: FinetuneConfig, run: Path, resuming: bool) -> Path:
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     metric, higher_is_better = SELECTION[config.task]
     state: dict[str, Any] = {"step": 0, "best": None, "best_step": 0, "last": math.nan}
-    if resuming:
-        state = _load_checkpoint(run / CHECKPOINT, network, optimizer, scheduler, scaler)
+    if resume_state is not None:
+        state = _load_checkpoint(resume_state, network, optimizer, scheduler, scaler)
     options = config.data
     sampler = PatchSampler(data.train, patch_size=options.patch_size, num_classes=data.num_classes,
                            augment=options.augment, rotate_deg=options.rotate_deg, scale_range=options.scale_range,
@@ -245,7 +249,12 @@ def _diverged(value: float, step: int, best_step: int, run: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- runs
-def _run_folder(config: FinetuneConfig, out: str | Path | None, resume: str | Path | None) -> Path:
+def _run_folder(config: FinetuneConfig, out: str | Path | None,
+                resume: str | Path | None) -> tuple[Path, dict[str, Any] | None]:
+    """The run folder (checked; ``_train`` creates it once the data is read) and, with ``resume``, its checkpoint's
+    state (read before any other work, so that a bad one is refused at once)."""
+    inputs = [config.data.path, config.data.landmarks, config.data.pseudo,
+              None if config.checkpoint == NO_CHECKPOINT else config.checkpoint]
     if resume is not None:
         run = Path(resume)
         if not (run / CHECKPOINT).is_file():
@@ -255,13 +264,13 @@ def _run_folder(config: FinetuneConfig, out: str | Path | None, resume: str | Pa
             raise InputError(f"cannot resume with a different config ({', '.join(differ)} differ); pass the run's "
                              f"own config: medssl finetune {config.task} {run / 'config.yaml'} --resume {run}",
                              path=run)
-        return run
+        check_output(run, kind="folder", inputs=inputs)
+        return run, read_resume_state(run / CHECKPOINT)
     run = Path(out) if out is not None else Path("runs") / f"{config.name}_{time.strftime('%Y%m%d-%H%M%S')}"
     if (run / CHECKPOINT).is_file():
         raise InputError(f"already holds a run; continue it with --resume {run} or choose another --out", path=run)
-    (run / CHECKPOINT).parent.mkdir(parents=True, exist_ok=True)
-    save_config(config, run / "config.yaml")
-    return run
+    check_output(run, kind="folder", inputs=inputs)
+    return run, None
 
 
 def _json(record: dict[str, Any]) -> str:
@@ -276,8 +285,7 @@ def _save_checkpoint(path, config, state, network, optimizer, scheduler, scaler)
                  "scaler": scaler.state_dict(), "rng": capture_rng()}, path)
 
 
-def _load_checkpoint(path, network, optimizer, scheduler, scaler) -> dict[str, Any]:
-    saved = torch.load(path, map_location="cpu", weights_only=False)  # our own file: holds python RNG states
+def _load_checkpoint(saved, network, optimizer, scheduler, scaler) -> dict[str, Any]:
     network.load_state_dict(saved["network"])
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])

@@ -112,6 +112,7 @@ def validate(config: FinetuneConfig) -> FinetuneConfig:
     from monai.losses import DiceCELoss
 
     from medssl.networks import UNet
+    from medssl.transforms.preprocess import check_modality
 
     train, data = config.train, config.data
     for key in ("steps", "batch_size", "log_every", "val_every"):
@@ -129,6 +130,7 @@ def validate(config: FinetuneConfig) -> FinetuneConfig:
                          f"(spatial_dims={config.spatial_dims}), got {data.patch_size!r}")
     if data.labeled is not None and data.labeled < 1:
         raise InputError(f"--labeled (data.labeled) must be at least 1, got {data.labeled}")
+    check_modality(data.modality)
     if not 0 < data.val_fraction < 1:
         raise InputError(f"config key 'data.val_fraction' must be in (0, 1), got {data.val_fraction}")
     check_kwargs(UNet, config.network, "network", reserved=("spatial_dims",))

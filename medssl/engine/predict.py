@@ -20,11 +20,12 @@ from monai.transforms import ResampleToMatch
 
 from medssl.data.geometry import voxel_to_world
 from medssl.data.inputs import resolve_images
-from medssl.data.readers import image_extension, image_key, load_image, save_image
+from medssl.data.readers import check_image_shape, image_extension, image_key, load_image, save_image
 from medssl.engine.finetune_data import Case, prepare
 from medssl.errors import InputError
 from medssl.networks.heatmaps import decode_heatmaps
 from medssl.networks.task import TaskUNet
+from medssl.outputs import check_output
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +126,13 @@ def _inputs(images: Sequence[str | Path]) -> list[Path]:
     return paths
 
 
-def _read(path: Path, preprocessing: dict[str, Any], spatial_dims: int) -> tuple[MetaTensor, MetaTensor]:
-    """The input as read (its own grid) and prepared as in training."""
+def _read(path: Path, preprocessing: dict[str, Any], network: TaskUNet) -> tuple[MetaTensor, MetaTensor]:
+    """The input as read (its own grid; refused when it does not fit ``network``) and prepared as in training."""
+    spatial_dims = network.spatial_dims
     raw = load_image(path, spacing_mm=preprocessing.get("file_spacing_mm"))
     if raw.ndim - 1 != spatial_dims:
         raise InputError(f"the model is {spatial_dims}D but this image is {raw.ndim - 1}D", path=path)
+    check_image_shape(raw, path, min_size=network.min_size_divisor, channels=network.in_channels)
     image, _ = prepare(raw, modality=preprocessing.get("modality", "mr"), spacing_mm=preprocessing.get("spacing_mm"),
                        intensity_window=preprocessing.get("intensity_window"))
     return raw, image
@@ -139,14 +142,15 @@ def predict_seg_files(model: str | Path, images: Sequence[str | Path], out_dir: 
                       device: str = "auto") -> list[Path]:
     """Write one label map per input image into ``out_dir`` (``<name><ext>``: the input's format where writable,
     else ``.nii.gz``) with the input's shape and affine; returns the written paths."""
+    paths = _inputs(images)
+    check_output(out_dir, kind="folder", inputs=[model, *images, *paths])
     predictor, preprocessing = load_predictor(model, device)
     if predictor.task["kind"] != "seg":
         raise InputError("this is a landmark model; use 'medssl predict landmarks'", path=model)
-    dims = predictor.network.spatial_dims
     dtype = np.uint8 if len(predictor.task["classes"]) <= 256 else np.int32
     written = []
-    for path in _inputs(images):
-        raw, image = _read(path, preprocessing, dims)
+    for path in paths:
+        raw, image = _read(path, preprocessing, predictor.network)
         probabilities = ResampleToMatch(mode="bilinear", padding_mode="border")(
             predictor.probabilities(image), img_dst=MetaTensor(raw.as_tensor(), affine=raw.affine))  # (K, *S_in)
         labels = probabilities.as_tensor().argmax(dim=0).numpy().astype(dtype)  # (*S_in)
@@ -161,14 +165,16 @@ def predict_landmarks_files(model: str | Path, images: Sequence[str | Path], out
     """Write the landmarks of every input image (world mm, ``score`` = peak heat) to ``out_csv``."""
     from medssl.data.landmarks import write_landmarks
 
+    paths = _inputs(images)
+    check_output(out_csv, kind="file", inputs=[model, *images, *paths])
     predictor, preprocessing = load_predictor(model, device)
     if predictor.task["kind"] != "landmarks":
         raise InputError("this is a segmentation model; use 'medssl predict seg'", path=model)
     dims = predictor.network.spatial_dims
     names = predictor.task["names"]
     predictions, scores = {}, {}
-    for path in _inputs(images):
-        points, peaks = predictor.landmarks(_read(path, preprocessing, dims)[1])
+    for path in paths:
+        points, peaks = predictor.landmarks(_read(path, preprocessing, predictor.network)[1])
         predictions[image_key(path)] = dict(zip(names, points))
         scores[image_key(path)] = {name: float(value) for name, value in zip(names, peaks)}
     log.info("landmarks of %d image(s) -> %s", len(predictions), out_csv)

@@ -23,16 +23,18 @@ from torch import nn
 
 from medssl.config import check_kwargs, config_differences, save_config, to_dict
 from medssl.engine import distributed
-from medssl.engine.checkpoint import save_atomic, save_model
+from medssl.engine.checkpoint import read_resume_state, save_atomic, save_model
 from medssl.engine.monitor import Monitor
 from medssl.engine.pretrain_config import PretrainConfig, pretrain_config_from_dict, read_pretrain_config
 from medssl.engine.schedule import build_optimizer, build_scheduler
 from medssl.engine.state import capture_rng, restore_rng
 from medssl.errors import InputError
+from medssl.outputs import check_output
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
+DATALIST = "datalist.json"
 #: config keys (or sections) that may differ between a run and its resumption (they do not change the trained weights)
 RESUME_MAY_CHANGE = ("data.path", "train.device", "train.log_every", "train.checkpoint_every", "validation")
 #: sampler arguments the engine fills itself (from ``spatial_dims``, ``seed`` and the objectives)
@@ -93,7 +95,6 @@ def build_objectives(config: PretrainConfig, network: nn.Module) -> tuple[dict[s
 def build_sampler(config: PretrainConfig, objectives: dict[str, nn.Module], *, device: torch.device, rank: int):
     """The pair-of-views sampler over ``data.path``: preset from the first objective, information maps if any
     objective needs them, a different stream per rank."""
-    from medssl.data.inputs import resolve_images
     from medssl.transforms.sampler import ViewPairSampler
 
     options = {key: value for key, value in config.data.items() if key != "path"}
@@ -102,7 +103,7 @@ def build_sampler(config: PretrainConfig, objectives: dict[str, nn.Module], *, d
         raise InputError("no training data: pass --data PATH (a folder, datalist JSON or image) or set data.path")
     first = next(iter(objectives.values()))
     return ViewPairSampler(
-        resolve_images(config.data["path"]),
+        training_images(config.data["path"]),
         spatial_dims=config.spatial_dims,
         preset=first.views,
         info_guided=any(getattr(o, "needs_info", False) for o in objectives.values()),
@@ -110,6 +111,29 @@ def build_sampler(config: PretrainConfig, objectives: dict[str, nn.Module], *, d
         seed=config.seed + rank,
         **options,
     )
+
+
+def training_images(path: str | Path) -> list[Path]:
+    """The scans of ``data.path``; a folder holding a ``datalist.json`` (as ``medssl data demo`` writes) is read as
+    that datalist, so that its label maps are not trained on as images."""
+    from medssl.data.inputs import resolve_images
+
+    datalist = Path(path) / DATALIST
+    if Path(path).is_dir() and datalist.is_file():
+        log.info("%s holds %s: training on the images it lists (not on every image below the folder)", path,
+                 DATALIST)
+        return resolve_images(datalist)
+    return resolve_images(path)
+
+
+def _check_channels(sampler: Any, network: nn.Module) -> None:
+    """Every scan the sampler read must have the network's input channels (a 4D series is refused by name)."""
+    from medssl.data.readers import check_image_shape
+
+    scans, channels = getattr(sampler, "scans", None), getattr(network, "in_channels", None)
+    if scans is not None and channels is not None:
+        for index, path in enumerate(scans.paths):
+            check_image_shape(scans[index].image, path, channels=channels)
 
 
 def preprocessing_options(config: PretrainConfig) -> dict[str, Any]:
@@ -142,7 +166,8 @@ def pretrain(
         config = pretrain_config_from_dict({**to_dict(config), "data": {**config.data, "path": str(Path(data).resolve())}})
     context = distributed.setup(config.train.device)
     try:
-        run = _train(config, _run_folder(config, out, resume, context), resume is not None, context)
+        run, resume_state = _run_folder(config, out, resume, context)
+        run = _train(config, run, resume_state, context)
     except BaseException:
         distributed.teardown(context, finished=False)
         raise
@@ -150,7 +175,8 @@ def pretrain(
     return run
 
 
-def _train(config: PretrainConfig, run: Path, resuming: bool, context: distributed.Context) -> Path:
+def _train(config: PretrainConfig, run: Path, resume_state: dict[str, Any] | None,
+           context: distributed.Context) -> Path:
     from monai.utils import set_determinism
 
     train, device = config.train, context.device
@@ -160,9 +186,17 @@ def _train(config: PretrainConfig, run: Path, resuming: bool, context: distribut
     set_determinism(seed=config.seed)
     torch.use_deterministic_algorithms(train.deterministic, warn_only=True)  # warn, not fail, where none exists
     network = build_network(config).to(device)
+    divisor = getattr(network, "min_size_divisor", 1)
+    if any(p % divisor for p in config.data["patch_size"]):
+        raise InputError(f"config key 'data.patch_size' {config.data['patch_size']} must be a multiple of {divisor} "
+                         f"for this U-Net (it halves the size {divisor.bit_length() - 1} times)")
     objectives, weights = build_objectives(config, network)
     step_module = TrainStep(network, objectives, weights).to(device)
     sampler = build_sampler(config, objectives, device=device, rank=context.rank)
+    _check_channels(sampler, network)
+    if resume_state is None and context.is_main:  # only now: a run refused above leaves no folder behind
+        (run / CHECKPOINT).parent.mkdir(parents=True, exist_ok=True)
+        save_config(config, run / "config.yaml")
     optimizer = build_optimizer(
         [step_module], name=train.optimizer, lr=train.lr, weight_decay=train.weight_decay, momentum=train.momentum
     )
@@ -174,8 +208,9 @@ def _train(config: PretrainConfig, run: Path, resuming: bool, context: distribut
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype is torch.float16)
 
     start_step = 0
-    if resuming:
-        start_step = _load_checkpoint(run / CHECKPOINT, step_module, optimizer, scheduler, scaler, sampler, context)
+    if resume_state is not None:
+        start_step = _load_checkpoint(resume_state, run / CHECKPOINT, step_module, optimizer, scheduler, scaler,
+                                      sampler, context)
     model = step_module
     if context.distributed:
         model = nn.parallel.DistributedDataParallel(
@@ -183,7 +218,7 @@ def _train(config: PretrainConfig, run: Path, resuming: bool, context: distribut
         )
     monitor = Monitor(run, steps=train.steps, start_step=start_step, log_every=train.log_every) if context.is_main else None
     preprocessing = preprocessing_options(config)
-    last_saved = start_step if resuming else None
+    last_saved = start_step if resume_state is not None else None
     log.info("pretraining %s for %d steps on %s x%d -> %s", config.name, train.steps, device, context.world_size, run)
     try:
         step_module.train()
@@ -249,23 +284,27 @@ def _diverged(value: float, step: int, last_saved: int | None, run: Path) -> Non
     )
 
 
-def _run_folder(config: PretrainConfig, out: str | Path | None, resume: str | Path | None, context) -> Path:
-    """Choose (rank 0) and prepare the run folder; every rank gets the same path."""
+def _run_folder(config: PretrainConfig, out: str | Path | None, resume: str | Path | None,
+                context) -> tuple[Path, dict[str, Any] | None]:
+    """Choose (rank 0) and check the run folder (every rank gets the same path; ``_train`` creates it once the data
+    is read) and, with ``resume``, read its checkpoint (before any other work, so that a bad one is refused at
+    once)."""
+    data = config.data.get("path")
     if resume is not None:
         run = Path(resume)
         if not (run / CHECKPOINT).is_file():
             raise InputError(f"cannot resume: no {CHECKPOINT} in this folder (is it a pretraining run?)", path=run)
+        check_output(run, kind="folder", inputs=[data])
         _check_resumable(config, run)
-        return run
+        return run, read_resume_state(run / CHECKPOINT)
     run = Path(out) if out is not None else None
     if context.is_main:
         if run is None:
             run = Path("runs") / f"{config.name}_{time.strftime('%Y%m%d-%H%M%S')}"
         if (run / CHECKPOINT).is_file():
             raise InputError(f"already holds a run; continue it with --resume {run} or choose another --out", path=run)
-        (run / CHECKPOINT).parent.mkdir(parents=True, exist_ok=True)
-        save_config(config, run / "config.yaml")
-    return Path(distributed.broadcast_object(str(run), context))
+        check_output(run, kind="folder", inputs=[data])
+    return Path(distributed.broadcast_object(str(run), context)), None
 
 
 def _check_resumable(config: PretrainConfig, run: Path) -> None:
@@ -298,8 +337,7 @@ def _save_checkpoint(run, step, config, step_module, optimizer, scheduler, scale
         )
 
 
-def _load_checkpoint(path, step_module, optimizer, scheduler, scaler, sampler, context) -> int:
-    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: holds numpy/python RNG states
+def _load_checkpoint(state, path, step_module, optimizer, scheduler, scaler, sampler, context) -> int:
     step_module.network.load_state_dict(state["network"])
     step_module.objectives.load_state_dict(state["objectives"])
     optimizer.load_state_dict(state["optimizer"])

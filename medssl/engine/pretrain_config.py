@@ -89,6 +89,14 @@ def validate(config: PretrainConfig) -> None:
     """Cross-field checks: positive sizes, a patch size per spatial dimension, objective sections per method."""
     if not config.methods:
         raise InputError("config key 'method' must name at least one method (pgssl, infoguided, lewel, msf)")
+    import medssl.objectives  # noqa: F401  (fills the registry)
+    from medssl.objectives.base import OBJECTIVES
+    from medssl.transforms.preprocess import check_modality
+
+    for name in config.methods:
+        if name not in OBJECTIVES:
+            OBJECTIVES.get(name)  # the "unknown method ... did you mean" error
+    check_modality(config.data.get("modality", "mr"))
     train = config.train
     for key in ("steps", "batch_size", "log_every", "checkpoint_every"):
         if getattr(train, key) < 1:

@@ -40,21 +40,24 @@ _SPACING_TOLERANCE = 1e-3  # relative difference below which two spacings count 
 
 def prepare_image(path: str | Path, *, spatial_dims: int, spacing_mm: float | Sequence[float] | None = None,
                   file_spacing_mm: float | Sequence[float] | None = None, modality: str = "mr",
-                  intensity_window: Sequence[float] | None = None) -> MetaTensor:
+                  intensity_window: Sequence[float] | None = None, min_size: int = 1,
+                  channels: int | None = None) -> MetaTensor:
     """Read ``path`` as the network saw its training scans (RAS, intensities in [0, 1]) on a grid of ``spacing_mm``
     (one value for every axis, one per axis, or None to keep the file's). Resampling happens only where the spacing
-    differs, so equal grids stay bit-exact."""
+    differs, so equal grids stay bit-exact. An image whose grid has a side under ``min_size`` (the network's
+    divisor) or other than ``channels`` channels (the network's input) is refused."""
+    from medssl.data.readers import check_image_shape
     from medssl.transforms.preprocess import preprocess_image
 
     image = preprocess_image(path, spatial_dims=spatial_dims, modality=modality, intensity_window=intensity_window,
                              file_spacing_mm=file_spacing_mm)
-    if spacing_mm is None:
-        return image
-    target = np.broadcast_to(np.asarray(spacing_mm, dtype=np.float64), (spatial_dims,))
-    current = np.asarray(affine_spacing_mm(image.affine))
-    if np.all(np.abs(current - target) <= _SPACING_TOLERANCE * target):
-        return image
-    return Spacing(pixdim=target.tolist(), mode="bilinear")(image)
+    if spacing_mm is not None:
+        target = np.broadcast_to(np.asarray(spacing_mm, dtype=np.float64), (spatial_dims,))
+        current = np.asarray(affine_spacing_mm(image.affine))
+        if not np.all(np.abs(current - target) <= _SPACING_TOLERANCE * target):
+            image = Spacing(pixdim=target.tolist(), mode="bilinear")(image)
+    check_image_shape(image, path, min_size=min_size, channels=channels)
+    return image
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from medssl.data.inputs import resolve_images
 from medssl.data.landmarks import check_landmarks_in_image, read_landmarks, write_landmarks
 from medssl.data.readers import image_key, load_image
 from medssl.errors import InputError
+from medssl.outputs import check_output
 from medssl.registry import did_you_mean
 
 if TYPE_CHECKING:
@@ -75,11 +76,13 @@ def load_network(checkpoint: str | Path, spatial_dims: int, arch: str | None = N
 
 
 def image_preparer(preprocessing: dict[str, Any], first_image: Path, spatial_dims: int,
-                   file_spacing_mm: float | Sequence[float] | None = None) -> Callable[[Path], MetaTensor]:
+                   file_spacing_mm: float | Sequence[float] | None = None,
+                   network: Any = None) -> Callable[[Path], MetaTensor]:
     """``path -> prepared image`` as the network saw its training scans (``model.pt`` ``preprocessing``: modality,
     intensity window, spacing), every image on one grid: the pretraining spacing if the model has one, else the
     first image's own spacing (so templates and queries are compared at one physical scale). ``file_spacing_mm``
-    (default: the model's ``file_spacing_mm``, else 1 mm) is the pixel size of 2D files without geometry."""
+    (default: the model's ``file_spacing_mm``, else 1 mm) is the pixel size of 2D files without geometry; with the
+    ``network``, images smaller than its divisor or with other than its input channels are refused."""
     from medssl.matching.oneshot import prepare_image
 
     if file_spacing_mm is None:
@@ -91,7 +94,21 @@ def image_preparer(preprocessing: dict[str, Any], first_image: Path, spatial_dim
         grid = affine_spacing_mm(load_image(first_image, spacing_mm=file_spacing_mm).affine)
     options = {key: preprocessing[key] for key in _PREPROCESSING_KEYS if preprocessing.get(key) is not None}
     return functools.partial(prepare_image, spatial_dims=spatial_dims, spacing_mm=grid,
-                             file_spacing_mm=file_spacing_mm, **options)
+                             file_spacing_mm=file_spacing_mm, **options, **_network_fit(network))
+
+
+def _checkpoint_input(checkpoint: str | Path | None, method: str = "embedding") -> str | Path | None:
+    """The checkpoint as an input path for ``check_output`` (None when unused or ``none``)."""
+    if method != "embedding" or checkpoint is None or str(checkpoint).lower() == NO_CHECKPOINT:
+        return None
+    return checkpoint
+
+
+def _network_fit(network: Any) -> dict[str, int]:
+    """``prepare_image``'s ``min_size`` and ``channels`` for ``network`` (nothing without one)."""
+    if network is None:
+        return {}
+    return {"min_size": int(network.min_size_divisor), "channels": int(network.in_channels)}
 
 
 @dataclass(frozen=True)
@@ -189,6 +206,10 @@ def detect_landmarks_files(checkpoint: str | Path | None, templates: Sequence[Pa
     queries = [image for path in images for image in resolve_images(path)]
     if not queries:
         raise InputError("no images to detect landmarks in; pass --images PATH")
+    inputs = [_checkpoint_input(checkpoint, method), *templates, *template_landmarks, *images, *queries, truth]
+    check_output(out_csv, kind="file", inputs=inputs)
+    if figure_dir is not None:
+        check_output(figure_dir, kind="folder", inputs=[*inputs, out_csv])
     truth_table = read_landmarks(truth) if truth is not None else {}
     also_queries = sorted({image_key(t) for t in templates} & {image_key(q) for q in queries} & truth_table.keys())
     if also_queries:
@@ -202,7 +223,8 @@ def detect_landmarks_files(checkpoint: str | Path | None, templates: Sequence[Pa
         device = pick_device(device)
         network, preprocessing = load_network(checkpoint, dims, arch, device)
         matcher = OneShotMatcher(network, device=device)
-    prepare = image_preparer(preprocessing, templates[0], dims, spacing_mm)
+    prepare = image_preparer(preprocessing, templates[0], dims, spacing_mm,
+                             network=None if matcher is None else matcher.network)
     log.info("one-shot landmarks (%s): %d template(s), %d image(s), grid %s mm", method, len(templates),
              len(queries), tuple(round(s, 4) for s in prepare.keywords["spacing_mm"]))
     loaded = load_templates(templates, template_landmarks, prepare)
@@ -248,10 +270,11 @@ def rank_templates_files(checkpoint: str | Path, images: Sequence[str | Path], o
         raise InputError(f"ranking templates needs at least two images, got {len(paths)}")
     if n_points < 1:
         raise InputError(f"the number of salient points must be >= 1, got {n_points}", path="--points")
+    check_output(out_csv, kind="file", inputs=[_checkpoint_input(checkpoint), *images, *paths])
     dims = load_image(paths[0], spacing_mm=spacing_mm).ndim - 1
     device = pick_device(device)
     network, preprocessing = load_network(checkpoint, dims, arch, device)
-    prepare = image_preparer(preprocessing, paths[0], dims, spacing_mm)
+    prepare = image_preparer(preprocessing, paths[0], dims, spacing_mm, network=network)
     values = rank_templates(OneShotMatcher(network, device=device), [prepare(p) for p in paths], n_points=n_points)
     order = np.argsort(-values, kind="stable")
     out_csv = Path(out_csv)

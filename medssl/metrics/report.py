@@ -13,10 +13,11 @@ from medssl.config import write_text_atomic
 from medssl.data import keys
 from medssl.data.inputs import resolve_images, resolve_items
 from medssl.data.landmarks import read_landmarks
-from medssl.data.readers import image_key, load_image, load_label
+from medssl.data.readers import image_key, load_label
 from medssl.errors import InputError
 from medssl.metrics.landmarks import DEFAULT_SDR_RADII_MM, check_sdr_radii, landmark_scores
 from medssl.metrics.segmentation import segmentation_scores
+from medssl.outputs import check_output
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ def evaluate_landmarks_files(pred: str | Path, truth: str | Path,
     True images without any prediction are not scored (logged); errors in the pairing name the prediction CSV.
     """
     check_sdr_radii(sdr_radii_mm)
+    if json_path is not None:
+        check_output(json_path, kind="file", inputs=[pred, truth])
     predicted, true = read_landmarks(pred), read_landmarks(truth)
     try:
         scores = landmark_scores(predicted, true, sdr_radii_mm)
@@ -104,6 +107,8 @@ def _truth_labels(truth: str | Path) -> dict[str, Path]:
 def evaluate_segmentation_files(pred: str | Path, truth: str | Path, json_path: str | Path | None = None) -> dict:
     """Score a folder of predicted label maps against true ones (folder or datalist JSON), see
     ``segmentation_scores``. Every prediction needs a truth with the same image key and the same grid."""
+    if json_path is not None:
+        check_output(json_path, kind="file", inputs=[pred, truth])
     labels = _truth_labels(truth)
     predictions = resolve_images(pred)
     seen: dict[str, Path] = {}
@@ -116,7 +121,7 @@ def evaluate_segmentation_files(pred: str | Path, truth: str | Path, json_path: 
         if key not in labels:
             raise InputError(f"prediction for image '{key}' has no true label map in {truth}; names must match "
                              "without extension", path=prediction)
-        true_label = load_label(labels[key], like=load_image(labels[key], grayscale=False))
+        true_label = load_label(labels[key])
         pairs.append((load_label(prediction, like=true_label), true_label))
     unscored = len(set(labels.values()) - {labels[key] for key in seen})
     if unscored:

@@ -32,12 +32,18 @@ INTENSITY_PRESETS: dict[str, dict[str, tuple[float, float]]] = {
 _LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
+def check_modality(modality: object) -> None:
+    """``InputError`` naming the config key unless ``modality`` is one of ``INTENSITY_PRESETS``."""
+    if modality not in INTENSITY_PRESETS:
+        raise InputError(f"config key 'data.modality': unknown modality '{modality}'"
+                         f"{did_you_mean(str(modality), list(INTENSITY_PRESETS))}; "
+                         f"choose one of: {', '.join(INTENSITY_PRESETS)}")
+
+
 def normalise_intensity(image: torch.Tensor, modality: str = "mr",
                         window: Sequence[float] | None = None) -> torch.Tensor:
     """Map intensities to [0, 1] (clipped): ``window`` (absolute low, high) if given, else the modality preset."""
-    if modality not in INTENSITY_PRESETS:
-        raise InputError(f"unknown modality '{modality}'{did_you_mean(modality, list(INTENSITY_PRESETS))}; "
-                         f"choose one of: {', '.join(INTENSITY_PRESETS)}")
+    check_modality(modality)
     preset = INTENSITY_PRESETS[modality]
     window = window if window is not None else preset.get("window")
     if window is not None:
@@ -116,6 +122,13 @@ class ScanCache:
         if index not in self._scans:
             self._scans[index] = self._load(index)
         return self._scans[index]
+
+    def load_all(self) -> None:
+        """Read and prepare every scan now, so that a bad file (unreadable, non-finite, constant, wrong
+        dimensionality) is refused before training starts rather than when it is first sampled."""
+        for index in range(len(self)):
+            self[index]
+        log.info("%d scan(s) read and checked", len(self))
 
     def _disk_path(self, path: Path) -> Path | None:
         if self.cache_dir is None:

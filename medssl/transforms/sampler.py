@@ -125,6 +125,7 @@ class ViewPairSampler:
         self.info_brightness, self.info_contrast = (torch.tensor(r, device=self.device) for r in ranges)  # (3, 2)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(int(seed))
+        self.scans.load_all()  # every scan checked before the first batch (and a constant one refused, not skipped)
 
     def _thresholds(self) -> tuple[float, float]:
         """The category thresholds in bits: configured, or the dataset percentiles (computed once)."""
