@@ -1,4 +1,5 @@
-"""Shared test fixtures: a tiny oblique, anisotropic geometry and a tiny DICOM series (written by SimpleITK)."""
+"""Shared test fixtures: a tiny oblique, anisotropic geometry, a tiny DICOM series (written by SimpleITK), and one
+torch thread for modules that train tiny networks."""
 
 from __future__ import annotations
 
@@ -6,6 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny convolutions on a shared 2-core machine: one intra-op thread avoids OpenMP spin-waits (>10x faster).
+    Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -29,13 +29,7 @@ TINY_PRETRAIN = ["network.channels=[4,8,8]", "train.steps=2", "train.batch_size=
 SIDE = 32  # pixels of the tiny 2D images (1 mm)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The networks here are tiny: one thread is faster than two fighting over a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _png(path: Path, values: np.ndarray) -> Path:

@@ -75,13 +75,7 @@ class Collapse(Objective):
         return {"loss": loss}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions on a shared 2-core machine: one intra-op thread avoids OpenMP spin-waits (>10x faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2d", "3d"])

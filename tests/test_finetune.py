@@ -34,13 +34,7 @@ TINY_2D = TINY + ["data.patch_size=[16,16]", "data.spacing_mm=4.0"]
 TINY_3D = TINY + ["data.patch_size=[16,16,16]", "data.spacing_mm=8.0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The networks here are tiny: one thread is faster than two fighting over a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
