@@ -33,12 +33,6 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SDR_RADII_MM = (2.0, 2.5, 3.0, 4.0)
 
 
-def population_variability(root: Path) -> str:
-    """The variability of the demo population in ``root`` (populations made before ``meta.json`` existed: low)."""
-    meta = root / "meta.json"
-    return json.loads(meta.read_text(encoding="utf-8"))["variability"]["name"] if meta.is_file() else "low"
-
-
 def split_dataset(root: Path, n_test: int, n_val: int) -> Path:
     """Write ``root/datalist_split.json``: the last ``n_test`` subjects are the test set, the ``n_val`` before them
     validate, the others train."""
@@ -177,7 +171,7 @@ def run_grid(inits: dict[str, str], dims: int, out: Path, *, subjects: int = 24,
     refused); ``{(task, N or "all", name): [scores per seed]}``.
     With ``stage2`` (needs the landmarks task and N = 1): ``stage2_one`` for every pretrained initialisation and
     seed, under ``("stage2", 1, name)``."""
-    from medssl.data.demo import write_demo_dataset
+    from medssl.data.demo import population_variability, write_demo_dataset
 
     root = out / "data"
     if not (root / "datalist.json").is_file():

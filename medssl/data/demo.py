@@ -190,19 +190,19 @@ def draw_subject(template: Template, rng: np.random.Generator, preset: Variabili
         return replace(subject, drawn=drawn), Geometry(template, transform)
     for attempt in range(1, attempts + 1):
         drawn: dict = {"attempt": attempt}
-        geometry = Geometry(template, identity_transform(template.spatial_dims))
+        source, rotation, level = template, None, 0.0
         if template.spatial_dims == 2:
             axis = rng.normal(size=2)
             in_plane = template.plane_to_mni[:, :2] @ (axis / np.linalg.norm(axis))  # (3,) tilt axis in the plane
             tilt = float(rng.uniform(-preset.slice_tilt_deg, preset.slice_tilt_deg))
             level = float(rng.uniform(-preset.slice_level_mm, preset.slice_level_mm))
             rotation = rotation_about_axis(in_plane, tilt)
-            geometry = Geometry(tilted_slice(template, rotation, level), geometry.transform, rotation, level)
+            source = tilted_slice(template, rotation, level)
             drawn.update(slice_tilt_deg=tilt, slice_tilt_axis_mni=in_plane.tolist(), slice_level_mm=level)
         transform, pose = realistic_transform(rng, template.affine, template.shape, rotation_deg=preset.rotation_deg,
                                               scale_range=preset.scale_range, shift_mm=preset.shift_mm,
                                               fields=preset.fields)
-        geometry = replace(geometry, transform=transform)
+        geometry = Geometry(source, transform, rotation, level)
         try:
             subject = make_subject(geometry.source, transform, rng, preset)
         except RuntimeError as error:
@@ -211,6 +211,13 @@ def draw_subject(template: Template, rng: np.random.Generator, preset: Variabili
         drawn = {**drawn, **pose, **_nonlinear_mm(transform, subject.landmarks), **subject.drawn}
         return replace(subject, drawn=drawn), geometry
     raise RuntimeError(f"no valid demo subject in {attempts} draws; the variability is too large for the grid")
+
+
+def population_variability(root: str | Path) -> str:
+    """The variability of the demo population in the folder ``root``, from its ``meta.json`` (populations written
+    before ``meta.json`` existed: ``low``)."""
+    meta = Path(root) / "meta.json"
+    return json.loads(meta.read_text(encoding="utf-8"))["variability"]["name"] if meta.is_file() else "low"
 
 
 def _progress(n_subjects: int):

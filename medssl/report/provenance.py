@@ -9,15 +9,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from medssl.data.demo import population_variability
 from medssl.report.demo import NCC, DemoSize, Split, slug
 
 if TYPE_CHECKING:
     from medssl.report.markdown import Row
-
-
-def population_variability(root: Path) -> str:
-    """The variability a demo population was made with (its ``meta.json``)."""
-    return json.loads((root / "meta.json").read_text(encoding="utf-8"))["variability"]["name"]
 
 
 def describe(split: Split, config: Any, size: DemoSize, checkpoints: dict[str, Path], seg_rows: list[Row], device: str,
