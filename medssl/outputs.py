@@ -2,15 +2,21 @@
 
 Every command calls ``check_output`` for each path it will write, with the paths it reads, so that a mistaken
 ``--out`` is refused at once (exit 2, naming the path) instead of failing after training or overwriting an input.
+``undone_on_failure`` removes what a new run wrote when it fails before its first checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import shutil
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Iterable, Iterator, Literal
 
 from medssl.errors import InputError
+
+log = logging.getLogger(__name__)
 
 
 def _resolved(path: str | Path) -> Path:
@@ -59,3 +65,27 @@ def check_output(path: str | Path, *, kind: Literal["file", "folder"],
         raise InputError(f"cannot write this output: the folder {existing} is not writable (read-only?); choose "
                          "another output path", path=path)
     return Path(path)
+
+
+@contextlib.contextmanager
+def undone_on_failure(run: Path, checkpoint: Path, *, enabled: bool = True) -> Iterator[None]:
+    """On an error before ``checkpoint`` (a path inside ``run``) exists, remove ``run`` if it did not exist on entry,
+    else only the entries added to it since (logged as a warning); then re-raise. Does nothing when not ``enabled``
+    (a resumed run, or a rank other than 0); an interrupt (Ctrl-C) keeps what the run wrote."""
+    existed = run.is_dir()
+    before = set(run.iterdir()) if existed else set()
+    try:
+        yield
+    except Exception:
+        if enabled and not checkpoint.exists() and run.is_dir():
+            added = [run] if not existed else sorted(set(run.iterdir()) - before)
+            for path in added:
+                with contextlib.suppress(OSError):  # the run's own error is the one to report
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
+            if added:
+                log.warning("the run failed before its first checkpoint: removed %s", run if not existed else
+                            ", ".join(str(path) for path in added))
+        raise

@@ -3,6 +3,7 @@ the file or key, no traceback, and no input file changed; resuming never runs co
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -376,3 +377,122 @@ def test_a_negative_demo_seed_is_a_usage_error(tmp_path, capsys):
         main(["data", "demo", "--out", str(tmp_path / "d"), "--seed=-5"])
     assert stop.value.code == 2
     assert "--seed" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ 9: silent drops
+def test_finetune_landmarks_reports_csv_images_not_found_and_unlabeled_images(data, tmp_path, caplog):
+    table = tmp_path / "landmarks.csv"
+    rows = (data / "landmarks.csv").read_text().splitlines()
+    table.write_text("\n".join([r for r in rows if not r.startswith("s3,")] + ["s9,centre,10,10"]) + "\n")
+    run = tmp_path / "run"
+    assert main(["finetune", "landmarks", str(CONFIGS / "finetune_landmarks_2d.yaml"), "--checkpoint", "none",
+                 "--data", str(data / "images"), "--landmarks", str(table), "--out", str(run), *TINY_FINETUNE]) == 0
+    split = json.loads((run / "split.json").read_text())
+    assert split["csv_images_not_found"] == ["s9"] and split["unlabeled"] == ["s3"]
+    assert sorted(split["labeled"] + split["validation"]) == ["s0", "s1", "s2"]
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "s9" in r.getMessage()]
+    assert len(warned) == 1 and str(table) in warned[0]
+
+
+def test_a_validation_image_without_finite_landmarks_is_refused(data, tmp_path, capsys):
+    items = [{"image": str(data / f"images/s{k}.png")} for k in range(4)]
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": items[:3], "validation": items[3:]}))
+    table = tmp_path / "landmarks.csv"
+    rows = (data / "landmarks.csv").read_text().splitlines()
+    args = ["finetune", "landmarks", CONFIGS / "finetune_landmarks_2d.yaml", "--checkpoint", "none", "--data",
+            datalist, "--landmarks", table, "--out", tmp_path / "run", *TINY_FINETUNE]
+    table.write_text("\n".join(r for r in rows if not r.startswith("s3,")) + "\n")  # s3: no rows
+    refused(capsys, args, table, "validation image(s) s3", inputs=(data, table, datalist))
+    table.write_text("\n".join(r.replace("s3,centre,18,13", "s3,centre,nan,13") for r in rows) + "\n")
+    refused(capsys, args, table, "finite", inputs=(data, table, datalist))  # a NaN coordinate: refused when read
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_landmarks_reports_unscored_and_unknown_images(data, tmp_path, caplog):
+    rows = (data / "landmarks.csv").read_text().splitlines()
+    pred = tmp_path / "pred.csv"
+    pred.write_text("\n".join(rows[:5] + ["s7,centre,1,1"]) + "\n")  # s0, s1 and an image not in the truth
+    out = tmp_path / "scores.json"
+    assert main(["evaluate", "landmarks", "--pred", str(pred), "--truth", str(data / "landmarks.csv"),
+                 "--json", str(out)]) == 0
+    scores = json.loads(out.read_text())
+    assert scores["unscored_images"] == ["s2", "s3"] and scores["unknown_images"] == ["s7"]
+    assert scores["n_images"] == 2 and scores["n_missing"] == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("s2, s3" in w for w in warnings) and any("s7" in w for w in warnings)
+
+
+# ------------------------------------------------------------------------- 11: resumed clock, failed runs, ranks
+def test_metrics_seconds_continue_across_a_resume(data, tmp_path, monkeypatch):
+    from medssl.transforms.sampler import ViewPairSampler
+
+    run = tmp_path / "run"
+    args = ["pretrain", str(CONFIGS / "pgssl_2d.yaml"), "--data", str(data / "images"), "--out", str(run),
+            *TINY_PRETRAIN, "train.steps=4", "train.checkpoint_every=2", "train.log_every=1"]
+    sample, calls = ViewPairSampler.sample, []
+
+    def interrupted(self, batch_size):
+        calls.append(batch_size)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return sample(self, batch_size)
+
+    monkeypatch.setattr(ViewPairSampler, "sample", interrupted)
+    assert main(args) == 130
+    monkeypatch.setattr(ViewPairSampler, "sample", sample)
+    assert main(["pretrain", str(run / "config.yaml"), "--resume", str(run)]) == 0
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [r["step"] for r in rows] == ["1", "2", "3", "4"]
+    seconds = [float(r["seconds"]) for r in rows]
+    assert seconds == sorted(seconds) and seconds[2] >= seconds[1] > 0, seconds
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_new_run_that_fails_before_its_first_checkpoint_leaves_nothing(data, tmp_path, capsys, caplog, command,
+                                                                          existed):
+    run = tmp_path / "run"
+    if existed:
+        run.mkdir()
+        (run / "notes.txt").write_text("the user's own file\n")
+    if command == "pretrain":
+        args = ["pretrain", CONFIGS / "pgssl_2d.yaml", "--data", data / "images", *TINY_PRETRAIN]
+    else:
+        args = ["finetune", "seg", CONFIGS / "finetune_seg_2d.yaml", "--checkpoint", "none", "--data",
+                data / "datalist.json", *TINY_FINETUNE]
+    capsys.readouterr()
+    assert main([str(a) for a in [*args, "--out", run, "train.lr=1e30"]]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("medssl: error:") and "loss became nan" in lines[0], lines
+    if existed:
+        assert [p.name for p in run.iterdir()] == ["notes.txt"]
+    else:
+        assert not run.exists()
+    assert any("removed" in r.getMessage() and str(run) in r.getMessage() for r in caplog.records)
+
+
+def test_a_run_folder_error_on_rank_0_is_raised_on_every_rank(data, tmp_path, capsys, monkeypatch):
+    from medssl.engine import distributed
+    from medssl.errors import InputError
+
+    taken = tmp_path / "taken"
+    (taken / "checkpoints").mkdir(parents=True)
+    (taken / "checkpoints" / "last.pt").write_bytes(b"a run's checkpoint")
+    refused(capsys, ["pretrain", CONFIGS / "pgssl_2d.yaml", "--data", data / "images", "--out", taken,
+                     *TINY_PRETRAIN], taken, "already holds a run", inputs=(data, taken))
+    sent: list = []
+    monkeypatch.setattr(distributed, "broadcast_object", lambda obj, context: sent.append(obj) or obj)
+    single = distributed.Context(rank=0, world_size=1, device=torch.device("cpu"))
+
+    def taken_run() -> Path:
+        raise InputError("already holds a run", path=taken)
+
+    with pytest.raises(InputError, match="already holds") as on_rank_0:
+        distributed.on_main(taken_run, single)
+    # another rank gets what rank 0 broadcast, and raises the same error without computing anything itself
+    monkeypatch.setattr(distributed, "broadcast_object", lambda obj, context: sent[0])
+    other = distributed.Context(rank=1, world_size=2, device=torch.device("cpu"))
+    with pytest.raises(InputError) as on_rank_1:
+        distributed.on_main(lambda: pytest.fail("rank 1 must not compute"), other)
+    assert str(on_rank_1.value) == str(on_rank_0.value) and on_rank_1.value.path == taken

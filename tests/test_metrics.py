@@ -46,8 +46,10 @@ def test_landmark_scores_hand_computed_and_strict_sdr():
     assert scores["sdr"] == {"2": 0.25, "2.5": 0.5, "3": 0.75, "4": 0.75, "5": 0.75, "5.5": 1.0}
     assert scores["per_landmark"] == {"L1": {"mre_mm": 2.5}, "L2": {"mre_mm": 2.25}}
     assert scores["n_missing"] == 1
+    assert (scores["unscored_images"], scores["unknown_images"]) == (["d"], ["c"])  # not in n_missing
     assert scores["median_mm"] == pytest.approx(2.25)  # of 0, 2, 2.5, 5
-    assert set(scores) == {"n_images", "mre_mm", "std_mm", "median_mm", "sdr", "per_landmark", "n_missing"}
+    assert set(scores) == {"n_images", "mre_mm", "std_mm", "median_mm", "sdr", "per_landmark", "n_missing",
+                           "unscored_images", "unknown_images"}
 
 
 def test_missing_predictions_counts_only_predicted_images():

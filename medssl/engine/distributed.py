@@ -9,12 +9,15 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from medssl.errors import InputError
+
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -38,8 +41,6 @@ class Context:
 def pick_device(preference: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error the user can fix."""
     if preference == "cuda" and not torch.cuda.is_available():
-        from medssl.errors import InputError
-
         raise InputError("train.device=cuda but no CUDA GPU is visible; use train.device=auto or cpu")
     if preference == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
@@ -97,6 +98,21 @@ def broadcast_object(obj: Any, context: Context) -> Any:
     holder = [obj]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def on_main(compute: Callable[[], T], context: Context) -> T:
+    """``compute()`` run on rank 0 only, its result on every rank; an ``InputError`` it raises is raised on every
+    rank (so that no rank waits for a result that will never come)."""
+    result, error = None, None
+    if context.is_main:
+        try:
+            result = compute()
+        except InputError as raised:
+            error = (raised.message, raised.path)
+    result, error = broadcast_object((result, error), context)
+    if error is not None:
+        raise InputError(*error)
+    return result
 
 
 def concat_across_ranks(tensor: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ from medssl.engine.state import capture_rng, restore_rng
 from medssl.errors import InputError
 from medssl.networks import UNet
 from medssl.networks.task import PARTS, TaskUNet
-from medssl.outputs import check_output
+from medssl.outputs import check_output, undone_on_failure
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,8 @@ def finetune(config: FinetuneConfig | str | Path, *, checkpoint: str | Path | No
     if config.task == "landmarks" and config.data.landmarks is None:
         raise InputError("landmark fine-tuning needs the true landmarks: pass --landmarks CSV")
     run, resume_state = _run_folder(config, out, resume)
-    return _train(config, run, resume_state)
+    with undone_on_failure(run, run / CHECKPOINT, enabled=resume_state is None):
+        return _train(config, run, resume_state)
 
 
 # -------------------------------------------------------------------------------------------------- network

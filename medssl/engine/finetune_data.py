@@ -222,19 +222,20 @@ class TaskData:
         return self.num_classes or len(self.task["names"])
 
 
-def _sections(path: Path) -> tuple[list[dict], list[dict]]:
-    """Training and validation items of a datalist JSON (any other PATH: all images are training items)."""
+def _sections(path: Path) -> dict[str, list[Item]]:
+    """The sections of a datalist JSON (``training``, ``validation``, ``test``); any other PATH: its images, all
+    ``training``."""
     if path.suffix.lower() == ".json":
-        sections = read_datalist(path)
-        return sections.get("training", []), sections.get("validation", [])
-    return resolve_items(path), []
+        return read_datalist(path)
+    return {"training": resolve_items(path)}
 
 
 def prepare_data(config: FinetuneConfig) -> tuple[TaskData, dict[str, Any]]:
     """Split, read and prepare the images; returns the data and the split record (``split.json``)."""
     data = config.data
     source = Path(data.path)
-    training, validation = _sections(source)
+    sections = _sections(source)
+    training, validation = sections.get("training", []), sections.get("validation", [])
     options = {key: getattr(data, key) for key in PREPROCESSING_KEYS}
     load = dict(spatial_dims=config.spatial_dims, options=options)
     if config.task == "seg":
@@ -250,6 +251,7 @@ def prepare_data(config: FinetuneConfig) -> tuple[TaskData, dict[str, Any]]:
         if not any(is_labeled(item) for item in training):
             raise InputError(f"no training image of {source} has rows in this CSV (rows match images by file name)",
                              path=data.landmarks)
+        not_found = _check_landmark_rows(table, sections, Path(data.landmarks), source)
     chosen, held, unlabeled = split_items(training, validation, is_labeled, labeled=data.labeled,
                                           val_fraction=data.val_fraction, seed=data.split_seed, source=source)
     if config.task == "seg":
@@ -266,21 +268,38 @@ def prepare_data(config: FinetuneConfig) -> tuple[TaskData, dict[str, Any]]:
         train = [load_case(item[keys.IMAGE], landmarks=table[_key(item)], **load) for item in chosen]
         val = [load_case(item[keys.IMAGE], landmarks=table[_key(item)], **load) for item in held]
         task = {"kind": "landmarks", "names": names, "sigma_mm": config.landmarks.sigma_mm}
-        record = {"missing_landmarks": _missing(train, names)}
+        record = {"missing_landmarks": _missing(train, names), "csv_images_not_found": not_found}
     anchors: list[int] = []
     if data.pseudo is not None:
         pseudo = _pseudo_cases(Path(data.pseudo), unlabeled, load)
         anchors, train = list(range(len(train))), train + pseudo
         record["pseudo"] = [case.key for case in pseudo]
-    record = {"labeled": [c.key for c in train if c.truth], "validation": [c.key for c in val], **record}
-    log.info("%s: %d labeled training image(s) (split_seed %d): %s; %d validation image(s)%s", config.name,
-             len(record["labeled"]), data.split_seed, ", ".join(record["labeled"]), len(val),
-             f"; {len(record['pseudo'])} pseudo-labeled" if "pseudo" in record else "")
+    record = {"labeled": [c.key for c in train if c.truth], "validation": [c.key for c in val],
+              "unlabeled": [_key(item) for item in training if not is_labeled(item)], **record}
+    log.info("%s: %d labeled training image(s) (split_seed %d): %s; %d validation image(s); %d without labels%s",
+             config.name, len(record["labeled"]), data.split_seed, ", ".join(record["labeled"]), len(val),
+             len(record["unlabeled"]), f"; {len(record['pseudo'])} pseudo-labeled" if "pseudo" in record else "")
     return TaskData(train, val, task, anchors), record
 
 
 def _key(item: dict) -> str:
     return image_key(item[keys.IMAGE])
+
+
+def _check_landmark_rows(table: dict[str, Any], sections: dict[str, list[Item]], csv_path: Path,
+                         source: Path) -> list[str]:
+    """Refuse a datalist ``validation`` image without rows in the CSV; returns the CSV's images that are none of the
+    data's images (their rows are not used; a warning)."""
+    unlabeled = [_key(item) for item in sections.get("validation", []) if _key(item) not in table]
+    if unlabeled:
+        raise InputError(f"validation image(s) {', '.join(unlabeled[:5])} of {source} have no rows in this CSV; add "
+                         "their landmarks or move them out of the datalist's validation list", path=csv_path)
+    not_found = sorted(table.keys() - {_key(item) for items in sections.values() for item in items})
+    if not_found:
+        log.warning("%s: %d image(s) with landmark rows are not among the images of %s and are not used: %s%s "
+                    "(rows match images by file name without extension)", csv_path, len(not_found), source,
+                    ", ".join(not_found[:5]), " ..." if len(not_found) > 5 else "")
+    return not_found
 
 
 def _missing(cases: list[Case], names: list[str]) -> dict[str, list[str]]:

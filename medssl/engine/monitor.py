@@ -17,20 +17,23 @@ from medssl.config import write_text_atomic
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.csv"
+SECONDS = "seconds"  # the column of training time, continued across resumptions
 #: metrics named ``val/...`` (``medssl.engine.validation``) appear in every log line and keep their TensorBoard name
 VALIDATION_PREFIX = "val/"
 
 
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Keep only the rows of ``metrics.csv`` up to ``last_step`` (a resumed run rewrites the steps after it)."""
+def truncate_metrics(path: Path, last_step: int) -> list[list[str]]:
+    """Keep only the rows of ``metrics.csv`` up to ``last_step`` (a resumed run rewrites the steps after it);
+    returns the header and the kept rows (empty without a file)."""
     if not path.is_file():
-        return
+        return []
     with path.open(newline="") as handle:
         rows = list(csv.reader(handle))
     if not rows:
-        return
+        return []
     kept = [rows[0]] + [row for row in rows[1:] if row and int(row[0]) <= last_step]
     write_text_atomic(path, "".join(",".join(row) + "\n" for row in kept))
+    return kept
 
 
 class Monitor:
@@ -42,11 +45,10 @@ class Monitor:
 
         self.path = run / METRICS_FILE
         self.steps, self.start_step, self.log_every, self.prefix = steps, start_step, log_every, prefix
-        truncate_metrics(self.path, start_step)
-        self.columns: list[str] | None = None
-        if self.path.is_file():
-            with self.path.open(newline="") as handle:
-                self.columns = next(csv.reader(handle), None)
+        kept = truncate_metrics(self.path, start_step)
+        self.columns: list[str] | None = kept[0] if kept else None
+        #: ``seconds`` of the last kept row: a resumed run's clock continues from it
+        self.seconds_before = _last_seconds(kept)
         self.writer = SummaryWriter(log_dir=str(run), purge_step=start_step + 1 if start_step else None)
         self.bar = None
         if sys.stderr.isatty():
@@ -67,7 +69,7 @@ class Monitor:
             return
         elapsed = time.perf_counter() - self.started
         rate = (step - self.start_step) / max(elapsed, 1e-9)
-        row = {"step": step, **metrics, "seconds": round(elapsed, 3)}
+        row = {"step": step, **metrics, SECONDS: round(self.seconds_before + elapsed, 3)}
         self._append(row)
         for key, value in metrics.items():
             self.writer.add_scalar(key if key in shown else f"{self.prefix}/{key}", value, step)
@@ -98,6 +100,14 @@ class Monitor:
         with self.path.open("a", newline="") as handle:
             cells = [_format(row.get(column, "")) for column in self.columns]
             csv.writer(handle, lineterminator="\n").writerow(cells)
+
+
+def _last_seconds(rows: list[list[str]]) -> float:
+    """The ``seconds`` cell of the last of ``rows`` (header first; 0 without one)."""
+    if len(rows) < 2 or SECONDS not in rows[0]:
+        return 0.0
+    index = rows[0].index(SECONDS)
+    return float(rows[-1][index]) if index < len(rows[-1]) and rows[-1][index] else 0.0
 
 
 def _format(value: object) -> str:

@@ -29,7 +29,7 @@ from medssl.engine.pretrain_config import PretrainConfig, pretrain_config_from_d
 from medssl.engine.schedule import build_optimizer, build_scheduler
 from medssl.engine.state import capture_rng, restore_rng
 from medssl.errors import InputError
-from medssl.outputs import check_output
+from medssl.outputs import check_output, undone_on_failure
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,8 @@ def pretrain(
     context = distributed.setup(config.train.device)
     try:
         run, resume_state = _run_folder(config, out, resume, context)
-        run = _train(config, run, resume_state, context)
+        with undone_on_failure(run, run / CHECKPOINT, enabled=resume_state is None and context.is_main):
+            _train(config, run, resume_state, context)
     except BaseException:
         distributed.teardown(context, finished=False)
         raise
@@ -273,22 +274,20 @@ def _validator(config: PretrainConfig, device: torch.device):
 
 
 def _diverged(value: float, step: int, last_saved: int | None, run: Path) -> None:
-    kept = (
-        f"the last good checkpoint (step {last_saved}) is kept in {run / CHECKPOINT} and {run / 'model.pt'}"
-        if last_saved else "no checkpoint had been written yet"
-    )
-    raise TrainingDiverged(
-        f"loss became {value} at step {step}; training stopped and {kept}. Lower train.lr, set train.grad_clip, "
-        f"or check the data, then start again (or continue with --resume {run})",
-        path=run,
-    )
+    if last_saved:
+        kept = f"the last good checkpoint (step {last_saved}) is kept in {run / CHECKPOINT} and {run / 'model.pt'}"
+        again = f"start again (or continue with --resume {run})"
+    else:
+        kept, again = "no checkpoint had been written yet", "start again"
+    raise TrainingDiverged(f"loss became {value} at step {step}; training stopped and {kept}. Lower train.lr, set "
+                           f"train.grad_clip, or check the data, then {again}", path=run)
 
 
 def _run_folder(config: PretrainConfig, out: str | Path | None, resume: str | Path | None,
-                context) -> tuple[Path, dict[str, Any] | None]:
-    """Choose (rank 0) and check the run folder (every rank gets the same path; ``_train`` creates it once the data
-    is read) and, with ``resume``, read its checkpoint (before any other work, so that a bad one is refused at
-    once)."""
+                context: distributed.Context) -> tuple[Path, dict[str, Any] | None]:
+    """Choose and check the run folder on rank 0 (every rank gets the same path, or raises the same ``InputError``;
+    ``_train`` creates it once the data is read) and, with ``resume``, read its checkpoint (before any other work,
+    so that a bad one is refused at once)."""
     data = config.data.get("path")
     if resume is not None:
         run = Path(resume)
@@ -297,14 +296,14 @@ def _run_folder(config: PretrainConfig, out: str | Path | None, resume: str | Pa
         check_output(run, kind="folder", inputs=[data])
         _check_resumable(config, run)
         return run, read_resume_state(run / CHECKPOINT)
-    run = Path(out) if out is not None else None
-    if context.is_main:
-        if run is None:
-            run = Path("runs") / f"{config.name}_{time.strftime('%Y%m%d-%H%M%S')}"
+
+    def new_run() -> Path:
+        run = Path(out) if out is not None else Path("runs") / f"{config.name}_{time.strftime('%Y%m%d-%H%M%S')}"
         if (run / CHECKPOINT).is_file():
             raise InputError(f"already holds a run; continue it with --resume {run} or choose another --out", path=run)
-        check_output(run, kind="folder", inputs=[data])
-    return Path(distributed.broadcast_object(str(run), context)), None
+        return check_output(run, kind="folder", inputs=[data])
+
+    return distributed.on_main(new_run, context), None
 
 
 def _check_resumable(config: PretrainConfig, run: Path) -> None:

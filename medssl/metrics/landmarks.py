@@ -75,17 +75,23 @@ def landmark_scores(pred: Landmarks, truth: Landmarks,
     """MRE, its standard deviation (population, ddof=0) and SDR over every landmark present in both.
 
     Returns ``{"n_images", "mre_mm", "std_mm", "median_mm", "sdr": {"2": f, ...}, "per_landmark": {NAME: {"mre_mm"}},
-    "n_missing"}``. ``n_images`` counts images with at least one scored landmark; SDR at radius r is the fraction
-    of errors strictly below r. ``n_missing`` counts true landmarks of predicted images without a prediction:
-    they are excluded from MRE and SDR and logged as a warning.
+    "n_missing", "unscored_images", "unknown_images"}``. ``n_images`` counts images with at least one scored
+    landmark; SDR at radius r is the fraction of errors strictly below r. ``n_missing`` counts true landmarks of
+    predicted images without a prediction: they are excluded from MRE and SDR. ``unscored_images`` lists the true
+    images without any prediction, ``unknown_images`` the predicted images not in the truth (both sorted, not
+    scored). Each of the three is logged as a warning when not empty.
     """
     radii = check_sdr_radii(sdr_radii_mm)
     errors = radial_errors_mm(pred, truth)
     missing = missing_predictions(pred, truth)
-    if missing:
-        shown = ", ".join(f"{image}/{name}" for image, name in missing[:5])
-        log.warning("%d true landmark(s) have no prediction and are not scored: %s%s",
-                    len(missing), shown, " ..." if len(missing) > 5 else "")
+    unscored, unknown = sorted(truth.keys() - pred.keys()), sorted(pred.keys() - truth.keys())
+    for what, found in (("true landmark(s) of predicted images have no prediction",
+                         [f"{image}/{name}" for image, name in missing]),
+                        ("true image(s) have no prediction", unscored),
+                        ("predicted image(s) are not in the truth", unknown)):
+        if found:
+            log.warning("%d %s and are not scored: %s%s", len(found), what, ", ".join(found[:5]),
+                        " ..." if len(found) > 5 else "")
     values = np.array(list(errors.values()))  # (N,)
     names = sorted({name for _, name in errors})
     return {
@@ -98,4 +104,6 @@ def landmark_scores(pred: Landmarks, truth: Landmarks,
             name: {"mre_mm": float(np.mean([e for (_, n), e in errors.items() if n == name]))} for name in names
         },
         "n_missing": len(missing),
+        "unscored_images": unscored,
+        "unknown_images": unknown,
     }

@@ -61,7 +61,8 @@ def evaluate_landmarks_files(pred: str | Path, truth: str | Path,
                              json_path: str | Path | None = None) -> dict:
     """Score a predicted landmark CSV against a true one (see ``landmark_scores``); images match by image key.
 
-    True images without any prediction are not scored (logged); errors in the pairing name the prediction CSV.
+    Images in only one of the two are not scored (listed in the scores, and warned about); errors in the pairing
+    name the prediction CSV.
     """
     check_sdr_radii(sdr_radii_mm)
     if json_path is not None:
@@ -71,9 +72,6 @@ def evaluate_landmarks_files(pred: str | Path, truth: str | Path,
         scores = landmark_scores(predicted, true, sdr_radii_mm)
     except InputError as error:
         raise InputError(f"{error.message} (truth: {truth})", path=pred) from None
-    unscored = len(true.keys() - predicted.keys())
-    if unscored:
-        log.info("%d image(s) of %s have no predictions and are not scored", unscored, truth)
     log.info("landmarks: %d image(s), %d missing prediction(s)\n%s\n\n%s", scores["n_images"], scores["n_missing"],
              format_table(["score", "value"], [["MRE (mm)", scores["mre_mm"]], ["SD (mm)", scores["std_mm"]]]
                           + [[f"SDR < {r} mm", value] for r, value in scores["sdr"].items()]),
