@@ -496,3 +496,63 @@ def test_a_run_folder_error_on_rank_0_is_raised_on_every_rank(data, tmp_path, ca
     with pytest.raises(InputError) as on_rank_1:
         distributed.on_main(lambda: pytest.fail("rank 1 must not compute"), other)
     assert str(on_rank_1.value) == str(on_rank_0.value) and on_rank_1.value.path == taken
+
+
+# ------------------------------------------------------------------------------------------------ 7: out of memory
+def _pretrain_args(data: Path, run: Path) -> list:
+    return ["pretrain", CONFIGS / "pgssl_2d.yaml", "--data", data / "images", "--out", run, *TINY_PRETRAIN]
+
+
+def _finetune_args(data: Path, run: Path) -> list:
+    return ["finetune", "seg", CONFIGS / "finetune_seg_2d.yaml", "--checkpoint", "none", "--data",
+            data / "datalist.json", "--out", run, *TINY_FINETUNE]
+
+
+@pytest.mark.parametrize("make_args", [_pretrain_args, _finetune_args])
+def test_a_step_that_cannot_fit_in_memory_is_refused_before_training(data, tmp_path, capsys, monkeypatch,
+                                                                      make_args):
+    from medssl.engine import memory
+
+    monkeypatch.setattr(memory, "free_memory_bytes", lambda device: 1024)  # a machine with 1 KiB free
+    run = tmp_path / "run"
+    line = refused(capsys, make_args(data, run), "train.batch_size (now 2)", "data.patch_size (now [16, 16])",
+                   "MiB free", inputs=(data,))
+    assert "at least" in line and not run.exists()
+
+
+@pytest.mark.parametrize("make_args", [_pretrain_args, _finetune_args])
+def test_running_out_of_memory_in_a_step_says_what_to_lower(data, tmp_path, capsys, monkeypatch, make_args):
+    def exhausted(self, *args, **kwargs):  # the first backward pass of the training loop
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:118] data. DefaultCPUAllocator: not enough memory: "
+                           "you tried to allocate 68719476736 bytes.")
+
+    monkeypatch.setattr(torch.Tensor, "backward", exhausted)
+    run = tmp_path / "run"
+    line = refused(capsys, make_args(data, run), run, "ran out of memory on cpu", "batch 2 of [16, 16] patches",
+                   "lower train.batch_size", inputs=(data,))
+    assert "no " in line and not run.exists()  # nothing was saved, and the run left no folder
+
+
+def test_an_error_that_is_not_out_of_memory_stays_a_bug(data, tmp_path, monkeypatch):
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(torch.Tensor, "backward", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main([str(a) for a in _pretrain_args(data, tmp_path / "run")])
+
+
+def test_the_memory_estimate_grows_with_the_batch_and_the_patch_volume():
+    from medssl.engine.memory import estimate_step_bytes
+
+    network = UNet(spatial_dims=2, channels=[4, 8, 8])
+    params = sum(p.numel() for p in network.parameters()) * 16
+    def activations(batch: int, side: int, views: int = 1) -> int:
+        return estimate_step_bytes(network, spatial_dims=2, patch_size=[side, side], batch_size=batch,
+                                   images_per_sample=views) - params
+
+    base = activations(1, 16)
+    assert base > 0
+    assert activations(4, 16) == pytest.approx(4 * base, rel=1e-6)
+    assert activations(1, 32) == pytest.approx(4 * base, rel=1e-6)
+    assert activations(1, 16, views=2) == pytest.approx(2 * base, rel=1e-6)

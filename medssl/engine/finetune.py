@@ -26,6 +26,7 @@ from medssl.engine.finetune_config import (
     NO_CHECKPOINT, FinetuneConfig, finetune_config_from_dict, read_finetune_config,
 )
 from medssl.engine.finetune_data import PREPROCESSING_KEYS, PatchSampler, prepare_data
+from medssl.engine.memory import check_memory, raise_if_out_of_memory
 from medssl.engine.monitor import VALIDATION_PREFIX, Monitor
 from medssl.engine.predict import Predictor, score_cases
 from medssl.engine.pretrain import TrainingDiverged
@@ -167,6 +168,8 @@ def _train(config: FinetuneConfig, run: Path, resume_state: dict[str, Any] | Non
     if any(p % network.min_size_divisor for p in config.data.patch_size):
         raise InputError(f"data.patch_size {config.data.patch_size} must be a multiple of "
                          f"{network.min_size_divisor} for this U-Net (depth {network.depth})")
+    memory = dict(patch_size=config.data.patch_size, batch_size=train.batch_size, device=device)
+    estimate = check_memory(network, spatial_dims=config.spatial_dims, images_per_sample=1, **memory)
     if resume_state is None:  # only now: a run refused above leaves no folder behind
         (run / CHECKPOINT).parent.mkdir(parents=True, exist_ok=True)
         save_config(config, run / "config.yaml")
@@ -227,6 +230,11 @@ def _train(config: FinetuneConfig, run: Path, resume_state: dict[str, Any] | Non
                 validated[f"{VALIDATION_PREFIX}{metric}"] = state["last"]
                 _save_checkpoint(run / CHECKPOINT, config, state, network, optimizer, scheduler, scaler)
             monitor.step(step + 1, {"loss": value, "lr": lr, **validated}, force=bool(validated))
+    except (RuntimeError, MemoryError) as error:
+        kept = (f"the best model so far (step {state['best_step']}) is kept in {run / 'model.pt'}" if state["best_step"]
+                else "no model had been written yet")
+        raise_if_out_of_memory(error, run=run, estimate_bytes=estimate, kept=kept, **memory)
+        raise
     finally:
         monitor.close()
     if state["best"] is None:

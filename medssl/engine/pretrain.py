@@ -24,6 +24,7 @@ from torch import nn
 from medssl.config import check_kwargs, config_differences, save_config, to_dict
 from medssl.engine import distributed
 from medssl.engine.checkpoint import read_resume_state, save_atomic, save_model
+from medssl.engine.memory import check_memory, raise_if_out_of_memory
 from medssl.engine.monitor import Monitor
 from medssl.engine.pretrain_config import PretrainConfig, pretrain_config_from_dict, read_pretrain_config
 from medssl.engine.schedule import build_optimizer, build_scheduler
@@ -195,6 +196,8 @@ def _train(config: PretrainConfig, run: Path, resume_state: dict[str, Any] | Non
     step_module = TrainStep(network, objectives, weights).to(device)
     sampler = build_sampler(config, objectives, device=device, rank=context.rank)
     _check_channels(sampler, network)
+    memory = dict(patch_size=config.data["patch_size"], batch_size=train.batch_size, device=device)
+    estimate = check_memory(network, spatial_dims=config.spatial_dims, images_per_sample=2, **memory)
     if resume_state is None and context.is_main:  # only now: a run refused above leaves no folder behind
         (run / CHECKPOINT).parent.mkdir(parents=True, exist_ok=True)
         save_config(config, run / "config.yaml")
@@ -255,6 +258,9 @@ def _train(config: PretrainConfig, run: Path, resume_state: dict[str, Any] | Non
                 if context.is_main:
                     save_model(network, run, spatial_dims=config.spatial_dims, preprocessing=preprocessing)
                 last_saved = step + 1
+    except (RuntimeError, MemoryError) as error:
+        raise_if_out_of_memory(error, run=run, estimate_bytes=estimate, kept=_kept(last_saved, run)[0], **memory)
+        raise
     finally:
         if monitor is not None:
             monitor.close()
@@ -273,12 +279,16 @@ def _validator(config: PretrainConfig, device: torch.device):
                              device=device)
 
 
-def _diverged(value: float, step: int, last_saved: int | None, run: Path) -> None:
+def _kept(last_saved: int | None, run: Path) -> tuple[str, str]:
+    """What survives a failed step (for the message) and how to go on."""
     if last_saved:
-        kept = f"the last good checkpoint (step {last_saved}) is kept in {run / CHECKPOINT} and {run / 'model.pt'}"
-        again = f"start again (or continue with --resume {run})"
-    else:
-        kept, again = "no checkpoint had been written yet", "start again"
+        return (f"the last good checkpoint (step {last_saved}) is kept in {run / CHECKPOINT} and {run / 'model.pt'}",
+                f"start again (or continue with --resume {run})")
+    return "no checkpoint had been written yet", "start again"
+
+
+def _diverged(value: float, step: int, last_saved: int | None, run: Path) -> None:
+    kept, again = _kept(last_saved, run)
     raise TrainingDiverged(f"loss became {value} at step {step}; training stopped and {kept}. Lower train.lr, set "
                            f"train.grad_clip, or check the data, then {again}", path=run)
 
