@@ -337,12 +337,22 @@ def test_a_bad_image_in_a_finetuning_datalist_is_refused(data, tmp_path, capsys)
     assert not out.exists()
 
 
-def test_pretraining_a_demo_folder_skips_its_label_maps(data):
-    from medssl.engine.pretrain import training_images
+def test_a_folder_with_its_own_datalist_leaves_out_the_label_maps_it_names(data, tmp_path, capsys):
+    from medssl.data.inputs import resolve_images
 
-    images = training_images(data)
+    images = resolve_images(data)  # what pretrain --data, oneshot/select-template/predict --images read
     assert sorted(p.name for p in images) == [f"s{k}.png" for k in range(4)]
     assert all(p.parent.name == "images" for p in images)
+    out = tmp_path / "pred.csv"
+    assert main([str(a) for a in ["landmarks", "oneshot", "--method", "ncc", "--template", data / "images" / "s0.png",
+                                  "--template-landmarks", data / "landmarks.csv", "--images", data, "--out", out]]) == 0
+    rows = [line.split(",")[0] for line in out.read_text().splitlines()[1:]]
+    assert sorted(rows) == sorted(2 * [f"s{k}" for k in range(4)])  # 4 images x 2 landmarks: no label map matched
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    _png(broken / "a.png", np.arange(16, dtype=np.uint8).reshape(4, 4))
+    (broken / "datalist.json").write_text("{not json")
+    assert [p.name for p in resolve_images(broken)] == ["a.png"]  # an unreadable datalist.json is only warned about
 
 
 # ------------------------------------------------------------------------------------ 5: files that are not text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -10,7 +11,12 @@ from medssl.data import keys
 from medssl.data.readers import SUPPORTED_EXTENSIONS, dicom_series_ids, image_extension, is_dicom_file
 from medssl.errors import InputError
 
+log = logging.getLogger(__name__)
+
 DATALIST_SECTIONS = ("training", "validation", "test")
+#: a folder holding this file (as ``medssl data demo`` writes): its images below the folder that the datalist names
+#: as a ``label`` are label maps, not images, and are left out
+FOLDER_DATALIST = "datalist.json"
 _PATH_KEYS = (keys.IMAGE, keys.LABEL)
 
 
@@ -92,18 +98,41 @@ def _datalist_item(entry: object, where: str, base: Path, json_path: Path) -> di
 
 def resolve_items(path: str | Path) -> list[dict[str, Path]]:
     """Items ``{"image": ..., "label"?: ...}`` of any PATH form: datalist JSON (all sections, in order),
-    folder (every image below it, sorted) or a single image file / DICOM series folder."""
+    folder (every image below it, sorted, less the label maps its own ``datalist.json`` names) or a single image
+    file / DICOM series folder."""
     path = Path(path)
     if not path.exists():
         raise InputError("no such file or folder; pass an image, a folder of images or a datalist JSON", path=path)
     if path.is_file() and path.suffix.lower() == ".json":
         return [item for items in read_datalist(path).values() for item in items]
     if path.is_dir():
-        return [{keys.IMAGE: image} for image in _scan_folder(path)]
+        return [{keys.IMAGE: image} for image in _without_label_maps(path, _scan_folder(path))]
     if image_extension(path) is None:
         raise InputError(f"not an image: unknown extension '{''.join(path.suffixes) or path.name}'; supported: "
                          f"{', '.join(SUPPORTED_EXTENSIONS)}, a folder or a datalist .json", path=path)
     return [{keys.IMAGE: path}]
+
+
+def _without_label_maps(folder: Path, images: list[Path]) -> list[Path]:
+    """``images`` less the label maps named by the folder's own ``datalist.json`` (logged), if it has one."""
+    datalist = folder / FOLDER_DATALIST
+    if not datalist.is_file():
+        return images
+    try:
+        sections = read_datalist(datalist)
+    except InputError as error:
+        log.warning("%s; reading every image below %s (label maps included)", error, folder)
+        return images
+    labels = {Path(os.path.abspath(item[keys.LABEL])) for items in sections.values() for item in items
+              if keys.LABEL in item}
+    kept = [image for image in images if Path(os.path.abspath(image)) not in labels]
+    if len(kept) < len(images):
+        log.info("%s: %d label map(s) named by its %s left out; %d image(s) read", folder, len(images) - len(kept),
+                 FOLDER_DATALIST, len(kept))
+    if not kept:
+        raise InputError(f"every image below this folder is a label map of its {FOLDER_DATALIST}; pass the image "
+                         "folder or the datalist", path=folder)
+    return kept
 
 
 def resolve_images(path: str | Path) -> list[Path]:

@@ -35,7 +35,6 @@ from medssl.outputs import check_output, undone_on_failure
 log = logging.getLogger(__name__)
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
-DATALIST = "datalist.json"
 #: config keys (or sections) that may differ between a run and its resumption (they do not change the trained weights)
 RESUME_MAY_CHANGE = ("data.path", "train.device", "train.log_every", "train.checkpoint_every", "validation")
 #: sampler arguments the engine fills itself (from ``spatial_dims``, ``seed`` and the objectives)
@@ -96,6 +95,7 @@ def build_objectives(config: PretrainConfig, network: nn.Module) -> tuple[dict[s
 def build_sampler(config: PretrainConfig, objectives: dict[str, nn.Module], *, device: torch.device, rank: int):
     """The pair-of-views sampler over ``data.path``: preset from the first objective, information maps if any
     objective needs them, a different stream per rank."""
+    from medssl.data.inputs import resolve_images
     from medssl.transforms.sampler import ViewPairSampler
 
     options = {key: value for key, value in config.data.items() if key != "path"}
@@ -104,7 +104,7 @@ def build_sampler(config: PretrainConfig, objectives: dict[str, nn.Module], *, d
         raise InputError("no training data: pass --data PATH (a folder, datalist JSON or image) or set data.path")
     first = next(iter(objectives.values()))
     return ViewPairSampler(
-        training_images(config.data["path"]),
+        resolve_images(config.data["path"]),
         spatial_dims=config.spatial_dims,
         preset=first.views,
         info_guided=any(getattr(o, "needs_info", False) for o in objectives.values()),
@@ -112,19 +112,6 @@ def build_sampler(config: PretrainConfig, objectives: dict[str, nn.Module], *, d
         seed=config.seed + rank,
         **options,
     )
-
-
-def training_images(path: str | Path) -> list[Path]:
-    """The scans of ``data.path``; a folder holding a ``datalist.json`` (as ``medssl data demo`` writes) is read as
-    that datalist, so that its label maps are not trained on as images."""
-    from medssl.data.inputs import resolve_images
-
-    datalist = Path(path) / DATALIST
-    if Path(path).is_dir() and datalist.is_file():
-        log.info("%s holds %s: training on the images it lists (not on every image below the folder)", path,
-                 DATALIST)
-        return resolve_images(datalist)
-    return resolve_images(path)
 
 
 def _check_channels(sampler: Any, network: nn.Module) -> None:
