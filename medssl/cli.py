@@ -30,6 +30,12 @@ def _variability_option(parser: argparse.ArgumentParser) -> None:
                              "scans; low: the former easy population (small warps), for fast tests")
 
 
+def _levels_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--levels", default=None, metavar="L,L",
+                        help="feature levels to match with, comma-separated: 0 = bottleneck, then the decoder "
+                             "levels coarse to fine (default: all)")
+
+
 def _seed(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got '{text}'")
@@ -68,13 +74,19 @@ def _pretrain(args: argparse.Namespace) -> None:
     log.info("run folder: %s", run)
 
 
+def _levels(args: argparse.Namespace) -> list[int] | None:
+    from medssl.matching.run import parse_levels
+
+    return None if args.levels is None else parse_levels(args.levels)
+
+
 def _landmarks_oneshot(args: argparse.Namespace) -> None:
     from medssl.matching.run import detect_landmarks_files, pick_device
 
     out = detect_landmarks_files(
         args.checkpoint, args.template, args.template_landmarks, args.images, args.out, method=args.method,
         arch=args.arch, spacing_mm=args.spacing, figure_dir=args.figures, device=pick_device(args.device),
-        truth=args.truth,
+        truth=args.truth, levels=_levels(args),
     )
     if args.truth is not None:
         from medssl.metrics.report import evaluate_landmarks_files
@@ -86,7 +98,7 @@ def _landmarks_select_template(args: argparse.Namespace) -> None:
     from medssl.matching.run import pick_device, rank_templates_files
 
     rank_templates_files(args.checkpoint, args.images, args.out, arch=args.arch, spacing_mm=args.spacing,
-                         n_points=args.points, device=pick_device(args.device))
+                         n_points=args.points, device=pick_device(args.device), levels=_levels(args))
 
 
 def _evaluate_landmarks(args: argparse.Namespace) -> None:
@@ -240,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="true landmarks: drawn in the figures, and MRE/SDR are reported after predicting")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where the network runs (default auto)")
+    _levels_option(p)
     p = command(
         lm_sub, "select-template", "rank unlabeled images as one-shot templates (SCP-style: how well each image's "
         "salient points are found in all the others); label the first one",
@@ -259,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pixel size of 2D files without geometry (default: the model's, else 1.0 mm)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where the network runs (default auto)")
+    _levels_option(p)
 
     # medssl finetune ... / medssl predict ...
     finetune = commands.add_parser("finetune", help="fine-tune a task head on a pretrained (or random) U-Net",

@@ -98,6 +98,25 @@ def test_select_template_writes_a_ranking(demo, tmp_path):
     assert values == sorted(values, reverse=True) and all(np.isfinite(values))
 
 
+def test_levels_choose_the_matched_feature_levels_and_bad_values_exit_2(demo, tmp_path, capsys):
+    query = [image(demo, "subject_001")]
+    predicted = {}
+    for levels in ("0", "3,4"):  # the bottleneck alone, the two finest decoder levels
+        out = tmp_path / f"levels_{levels}.csv"
+        assert oneshot(demo, out, "--checkpoint", "none", "--device", "cpu", "--levels", levels, images=query) == 0
+        predicted[levels] = read_landmarks(out)["subject_001"]
+    assert any(np.abs(predicted["0"][name] - predicted["3,4"][name]).max() > 1.0 for name in predicted["0"])
+    for value, message in [("0,x", "comma-separated level indices"), ("0,5", "level(s) 5 out of range")]:
+        assert oneshot(demo, tmp_path / "bad.csv", "--checkpoint", "none", "--levels", value, images=query) == 2
+        line = error_line(capsys)
+        assert line.startswith("medssl: error: --levels:") and message in line
+    select = ["landmarks", "select-template", "--checkpoint", "none", "--images", str(demo / "images"), "--out",
+              str(tmp_path / "ranking.csv"), "--levels=-1"]
+    assert main(select) == 2
+    assert "--levels: level(s) -1 out of range" in error_line(capsys)
+    assert not (tmp_path / "bad.csv").exists() and not (tmp_path / "ranking.csv").exists()
+
+
 def test_bad_template_csv_rows_exit_2_naming_the_csv(demo, tmp_path, capsys):
     table = read_landmarks(demo / "landmarks.csv")
     others = write_landmarks(tmp_path / "others.csv", {k: table[k] for k in ("subject_001", "subject_002")})

@@ -70,9 +70,12 @@ def test_a_few_steps_on_a_fixed_batch_lower_the_loss(name, dims):
 def test_pgssl_uncertainty_modes_and_logged_parts(uncertainty):
     network, objective, batch = _setup("pgssl", 2, uncertainty=uncertainty, max_pixels=64, mc_samples=4)
     out = _loss(objective, network, batch)
-    assert set(out) == {"loss", "loss_global", "loss_pixel", "uncertainty_mean"}
+    spread = {f"uncertainty_{stat}" for stat in ("mean", "std", "min", "max")}
+    assert set(out) == {"loss", "loss_global", "loss_pixel", *spread}
     assert torch.isclose(out["loss"], out["loss_global"] + out["loss_pixel"])
-    assert float(out["uncertainty_mean"]) > 0
+    assert all(out[key].ndim == 0 and not out[key].requires_grad for key in spread)
+    assert 0 < float(out["uncertainty_min"]) < float(out["uncertainty_mean"]) < float(out["uncertainty_max"])
+    assert float(out["uncertainty_std"]) > 0
     out["loss"].backward()
     assert objective.stabilizer.out.weight.grad is not None
     with pytest.raises(InputError, match="uncertainty"):

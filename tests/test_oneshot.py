@@ -123,6 +123,18 @@ def test_world_shift_sliding_window_and_ensemble():
     assert np.abs(predicted_mm - (points_mm + moved_mm)).max() < 0.1
 
 
+def test_levels_select_feature_levels_and_are_checked():
+    image = as_image(texture(SHAPES[2], seed=2), affine_for(2))
+    full = tiny_matcher(2, unet=True).embed(image).features  # depth 2: bottleneck + 2 decoder levels
+    chosen = tiny_matcher(2, unet=True, levels=[2, 0]).embed(image).features
+    assert len(full) == 3 and [c.shape for c in chosen] == [full[2].shape, full[0].shape]
+    assert torch.equal(chosen[0], full[2]) and torch.equal(chosen[1], full[0])
+    for levels, message in [([3], r"level\(s\) 3 out of range"), ([], "whole level indices"),
+                            ([0.5], "whole level indices")]:
+        with pytest.raises(InputError, match=message):
+            tiny_matcher(2, unet=True, levels=levels)
+
+
 @pytest.mark.parametrize("dims", [2, 3])
 def test_peak_positions_recovers_parabola_vertex(dims):
     shape = (20, 17, 15)[:dims]

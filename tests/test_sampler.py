@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -89,6 +91,25 @@ def test_dataset_percentile_thresholds(scans):
     sampler.sample(1)
     expected = percentile_thresholds([sampler.scans[i].info for i in range(2)], (30.0, 70.0))
     assert sampler.state_dict()["thresholds_bits"] == pytest.approx(expected)
+
+
+def test_category_shares_are_logged_and_a_missing_category_is_warned_about(scans, caplog):
+    paths, dims = scans
+    caplog.set_level(logging.INFO, logger="medssl.transforms.sampler")
+    default = _sampler(paths, dims, info_guided=True)  # (2, 4.5) bits: above a 2 mm window's reach
+    default.sample(1)
+    shares = default.category_shares()
+    assert shares["positions"]["high"] == 0 and shares["anchors"]["high"] == 0
+    for kind in ("positions", "anchors"):
+        assert sum(shares[kind].values()) == pytest.approx(100)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("category 'high' holds 0.00 %" in w and "data.info_thresholds_bits" in w for w in warnings)
+    assert sum("information categories (thresholds 2.000, 4.500 bits" in r.getMessage() for r in caplog.records) == 1
+    caplog.clear()
+    inside = percentile_thresholds([default.scans[i].info for i in range(2)], (30.0, 70.0))
+    spread = _sampler(paths, dims, info_guided=True, info_thresholds_bits=inside).category_shares()
+    assert all(value > 1 for kind in ("positions", "anchors") for value in spread[kind].values())
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
 def test_state_dict_resume_and_seed(scans):

@@ -38,6 +38,19 @@ DEFAULT_ROI_SIZE = {2: 512, 3: 128}
 _SPACING_TOLERANCE = 1e-3  # relative difference below which two spacings count as equal
 
 
+def check_levels(levels: Sequence[int], count: int) -> list[int]:
+    """``levels`` as a list of indices into ``count`` feature levels (0 = bottleneck, ``count - 1`` = finest);
+    ``InputError`` naming ``--levels`` for an empty list, a non-integer or an index out of range."""
+    levels = list(levels)
+    if not levels or any(isinstance(level, bool) or not isinstance(level, (int, np.integer)) for level in levels):
+        raise InputError(f"expected one or more whole level indices such as 0,1, got {levels}", path="--levels")
+    outside = [int(level) for level in levels if not 0 <= level < count]
+    if outside:
+        raise InputError(f"level(s) {', '.join(map(str, outside))} out of range: the network has {count} feature "
+                         f"levels, 0 (bottleneck) to {count - 1} (finest)", path="--levels")
+    return [int(level) for level in levels]
+
+
 def prepare_image(path: str | Path, *, spatial_dims: int, spacing_mm: float | Sequence[float] | None = None,
                   file_spacing_mm: float | Sequence[float] | None = None, modality: str = "mr",
                   intensity_window: Sequence[float] | None = None, min_size: int = 1,
@@ -141,8 +154,9 @@ class OneShotMatcher:
     """Match template landmarks into query images with a network's multi-scale dense features (METHODS 5.6).
 
     ``levels`` selects entries of ``forward_features`` (default all; e.g. ``[0]`` = bottleneck only, for methods
-    that pretrain only the encoder). ``combine`` is ``"product"`` (CC2D: cosine clamped to [0, 1], multiplied;
-    reported as the geometric mean, which has the same arg-max) or ``"mean"`` (SAM: raw cosine averaged).
+    that pretrain only the encoder; checked against ``network.feature_info``). ``combine`` is ``"product"`` (CC2D:
+    cosine clamped to [0, 1], multiplied; reported as the geometric mean, which has the same arg-max) or ``"mean"``
+    (SAM: raw cosine averaged).
     ``roi_size`` is the sliding-window size in voxels (default ``DEFAULT_ROI_SIZE``; rounded up to twice the
     network's divisor so that every window starts on the coarsest grid). ``candidates``: how many local maxima of
     the combined map per landmark are re-scored on the feature field (``refine``).
@@ -155,7 +169,7 @@ class OneShotMatcher:
             raise InputError(f"unknown combine mode '{combine}'; choose one of: {', '.join(COMBINE_MODES)}")
         self.device = torch.device(device)
         self.network = network.to(self.device).eval()
-        self.levels = None if levels is None else [int(level) for level in levels]
+        self.levels = None if levels is None else check_levels(levels, len(network.feature_info))
         self.combine = combine
         self.roi_size = roi_size
         self.candidates = int(candidates)

@@ -41,6 +41,16 @@ def check_method(method: str) -> None:
                          f"choose one of: {', '.join(METHODS)}", path="--method")
 
 
+def parse_levels(text: str) -> list[int]:
+    """``--levels`` text ``"0,1"`` -> ``[0, 1]`` (the range is checked by the matcher); ``InputError`` naming
+    ``--levels`` unless it is comma-separated whole numbers."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise InputError(f"expected comma-separated level indices such as 0,1 (0 = bottleneck), got '{text}'",
+                         path="--levels") from None
+
+
 def pick_device(preference: str) -> str:
     """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; ``cuda`` without a GPU is an ``InputError``."""
     import torch
@@ -188,14 +198,16 @@ def detect_landmarks_files(checkpoint: str | Path | None, templates: Sequence[Pa
                            template_landmarks: Sequence[Path], images: Sequence[str | Path], out_csv: str | Path,
                            method: str = "embedding", arch: str | None = None,
                            spacing_mm: float | Sequence[float] | None = None, figure_dir: str | Path | None = None,
-                           device: str = "auto", truth: str | Path | None = None) -> Path:
+                           device: str = "auto", truth: str | Path | None = None,
+                           levels: Sequence[int] | None = None) -> Path:
     """Predict the templates' landmarks in every image of ``images`` (folders, datalists or files) and write
     ``out_csv`` (world mm + ``score``); returns its path.
 
     ``method``: ``embedding`` (one-shot matching with ``checkpoint``; ``"none"`` = random init of ``arch``),
     ``ncc`` (intensity template matching) or ``registration`` (affine + B-spline atlas registration); the last
     two ignore ``checkpoint``. ``spacing_mm`` is the pixel size of 2D files without geometry. ``figure_dir``
-    receives a PNG per template and per image (with ``truth`` landmarks CSV drawn too, if given).
+    receives a PNG per template and per image (with ``truth`` landmarks CSV drawn too, if given). ``levels``: the
+    feature levels the embedding matches with (``OneShotMatcher``; default all).
     """
     from medssl.matching.oneshot import OneShotMatcher
 
@@ -222,7 +234,9 @@ def detect_landmarks_files(checkpoint: str | Path | None, templates: Sequence[Pa
             raise InputError("the embedding method needs --checkpoint (a run, its model.pt, or 'none')")
         device = pick_device(device)
         network, preprocessing = load_network(checkpoint, dims, arch, device)
-        matcher = OneShotMatcher(network, device=device)
+        matcher = OneShotMatcher(network, levels=levels, device=device)
+    elif levels is not None:
+        log.warning("--levels ignored: --method %s uses no network", method)
     prepare = image_preparer(preprocessing, templates[0], dims, spacing_mm,
                              network=None if matcher is None else matcher.network)
     log.info("one-shot landmarks (%s): %d template(s), %d image(s), grid %s mm", method, len(templates),
@@ -259,9 +273,10 @@ def detect_landmarks_files(checkpoint: str | Path | None, templates: Sequence[Pa
 
 def rank_templates_files(checkpoint: str | Path, images: Sequence[str | Path], out_csv: str | Path, *,
                          arch: str | None = None, spacing_mm: float | Sequence[float] | None = None,
-                         n_points: int = 16, device: str = "auto") -> Path:
+                         n_points: int = 16, device: str = "auto", levels: Sequence[int] | None = None) -> Path:
     """Rank the images of ``images`` as one-shot templates (SCP-style, ``selection.rank_templates``) and write
-    ``out_csv`` with columns ``rank,image,score`` (rank 1 = the image to label first); returns its path."""
+    ``out_csv`` with columns ``rank,image,score`` (rank 1 = the image to label first); returns its path.
+    ``levels``: the feature levels matched (``OneShotMatcher``; default all)."""
     from medssl.matching.oneshot import OneShotMatcher
     from medssl.matching.selection import rank_templates
 
@@ -275,7 +290,8 @@ def rank_templates_files(checkpoint: str | Path, images: Sequence[str | Path], o
     device = pick_device(device)
     network, preprocessing = load_network(checkpoint, dims, arch, device)
     prepare = image_preparer(preprocessing, paths[0], dims, spacing_mm, network=network)
-    values = rank_templates(OneShotMatcher(network, device=device), [prepare(p) for p in paths], n_points=n_points)
+    matcher = OneShotMatcher(network, levels=levels, device=device)
+    values = rank_templates(matcher, [prepare(p) for p in paths], n_points=n_points)
     order = np.argsort(-values, kind="stable")
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)

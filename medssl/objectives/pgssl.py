@@ -53,6 +53,14 @@ class ContextStabilizer(nn.Module):
         return self.out(h)
 
 
+def _spread(u: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``uncertainty_mean``/``_std``/``_min``/``_max`` of the detached uncertainties ``u`` ``(N,)`` (0 when empty)."""
+    if u.numel() == 0:
+        return {f"uncertainty_{stat}": u.new_zeros(()) for stat in ("mean", "std", "min", "max")}
+    return {"uncertainty_mean": u.mean(), "uncertainty_std": u.std(), "uncertainty_min": u.min(),
+            "uncertainty_max": u.max()}
+
+
 @OBJECTIVES.register("pgssl")
 class PGSSL(Objective):
     """PGSSL-UCS (reconstructed from the abstract, arXiv 2210.00646): BYOL global + uncertainty-weighted pixel loss.
@@ -62,6 +70,10 @@ class PGSSL(Objective):
     uncertain pixels) or ``"none"``. At most ``max_pixels`` matched pairs per direction and batch;
     ``match_radius_mm`` is the nearest-neighbour radius for views without an affine (default: half the sum of a
     pixel's edge lengths).
+
+    Outputs: ``loss``, ``loss_global``, ``loss_pixel`` and the spread of the stabiliser's MC uncertainty ``u`` over
+    the matched pixels of both directions, ``uncertainty_mean``/``_std``/``_min``/``_max`` (detached; 0 without
+    overlap).
     """
 
     views = "symmetric"
@@ -116,7 +128,7 @@ class PGSSL(Objective):
             "loss": loss_global + self.pixel_weight * loss_pixel,
             "loss_global": loss_global.detach(),
             "loss_pixel": loss_pixel.detach(),
-            "uncertainty_mean": (u_ab + u_ba).detach() / 2,
+            **_spread(torch.cat([u_ab, u_ba])),
         }
 
     def _global_loss(self, student_a, student_b, teacher_a, teacher_b) -> torch.Tensor:
@@ -130,12 +142,11 @@ class PGSSL(Objective):
 
     def _pixel_loss(self, student: torch.Tensor, teacher: torch.Tensor, view_s: ViewBatch, view_t: ViewBatch):
         """Uncertainty-weighted regression of stabilised student pixels of ``view_s`` onto the teacher's matching
-        pixels of ``view_t``; returns (loss, mean uncertainty)."""
+        pixels of ``view_t``; returns (loss, detached per-pixel uncertainty ``(N,)``, empty without overlap)."""
         grid, mask = match_views(view_s, view_t, radius_mm=self.match_radius_mm)
         pixels_s, pixels_t = gather_pairs(student, teacher, grid, mask, max_pairs=self.max_pixels)  # (N, C) each
         if pixels_s.shape[0] < 2:  # no overlap: nothing to learn from, keep the graph connected
-            zero = student.sum() * 0.0
-            return zero, zero.detach()
+            return student.sum() * 0.0, student.new_zeros(0)
         projected = self.pixel_projector(pixels_s.T[None])[0].T  # (N, pixel_dim)
         with torch.no_grad():
             target = self.teacher_pixel_projector(pixels_t.T[None])[0].T  # (N, pixel_dim)
@@ -150,7 +161,7 @@ class PGSSL(Objective):
             loss = heteroscedastic_loss(per_pixel, u / u.detach().quantile(0.5).clamp_min(1e-12)).mean()
         else:
             loss = per_pixel.mean()
-        return loss, u.mean()
+        return loss, u.detach()
 
     def on_step_end(self, network: nn.Module, progress: float) -> None:
         """EMA update of the teacher network and projectors with the cosine momentum schedule."""

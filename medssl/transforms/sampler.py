@@ -27,7 +27,8 @@ from medssl.data.batch import PairBatch, ViewBatch
 from medssl.errors import InputError
 from medssl.objectives.base import VIEW_PRESETS
 from medssl.registry import did_you_mean
-from medssl.transforms.infomap import info_categories, percentile_thresholds, sample_anchors
+from medssl.transforms.infomap import (CATEGORY_NAMES, anchor_weights, info_categories, percentile_thresholds,
+                                       sample_anchors)
 from medssl.transforms.intensity import INFO_BRIGHTNESS, INFO_CONTRAST, IntensityAugmentation, augment_intensity
 from medssl.transforms.preprocess import ScanCache
 from medssl.transforms.views import (random_orientation, render_views, smooth_displacement_mm, view_to_source,
@@ -35,6 +36,7 @@ from medssl.transforms.views import (random_orientation, render_views, smooth_di
 
 log = logging.getLogger(__name__)
 _ELASTIC_CONTROL_POINTS = 5
+_RARE_CATEGORY_PERCENT = 1.0  # a category under this share of the anchors is warned about
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,8 @@ class ViewPairSampler:
     ``intensity_window``, ``file_spacing_mm`` (2D files without geometry), ``cache_dir`` (disk cache).
     Information (``info_guided``): ``info_radius_mm``, ``info_bins``, ``info_alpha``, ``info_category_ratios``
     (low, medium, high; replaces ``IIE ** alpha`` by a piecewise map), ``info_thresholds_bits`` (None: the
-    ``info_percentiles`` of the dataset), ``info_brightness``/``info_contrast`` (one range per category).
+    ``info_percentiles`` of the dataset), ``info_brightness``/``info_contrast`` (one range per category);
+    :meth:`category_shares` says how often each category occurs (logged at the first batch).
     """
 
     def __init__(self, images: Sequence[str | Path], *, spatial_dims: int, patch_size: Sequence[int],
@@ -118,6 +121,7 @@ class ViewPairSampler:
         self.info_percentiles = tuple(info_percentiles)
         self.thresholds_bits = None if info_thresholds_bits is None else _pair(info_thresholds_bits,
                                                                                 "info_thresholds_bits")
+        self._shares: dict[str, dict[str, float]] | None = None
         ranges = [[_pair(r, name) for r in value] for value, name in
                   ((info_brightness, "info_brightness"), (info_contrast, "info_contrast"))]
         if any(len(r) != 3 for r in ranges):
@@ -128,13 +132,55 @@ class ViewPairSampler:
         self.scans.load_all()  # every scan checked before the first batch (and a constant one refused, not skipped)
 
     def _thresholds(self) -> tuple[float, float]:
-        """The category thresholds in bits: configured, or the dataset percentiles (computed once)."""
+        """The category thresholds in bits: configured, or the dataset percentiles (computed once); the first call
+        also measures and logs the category shares (:meth:`category_shares`)."""
         if self.thresholds_bits is None:
             self.thresholds_bits = percentile_thresholds([self.scans[i].info for i in range(len(self.scans))],
                                                          self.info_percentiles)
             log.info("information thresholds from the dataset's %s percentiles: %.3f, %.3f bits",
                      self.info_percentiles, *self.thresholds_bits)
+        if self._shares is None:
+            self._shares = self._measure_shares(self.thresholds_bits)
         return self.thresholds_bits
+
+    def category_shares(self) -> dict[str, dict[str, float]]:
+        """Share (%) of each information category (``low``, ``medium``, ``high``) under the thresholds in use:
+        ``positions`` = of all scan voxels, ``anchors`` = expected share of the drawn anchors (scans uniform, voxels
+        by the anchor weights). Measured and logged once, at the first call or batch; needs ``info_guided``."""
+        if not self.info_guided:
+            raise ValueError("category shares need information maps: the sampler was built with info_guided=False")
+        self._thresholds()
+        return self._shares
+
+    def _measure_shares(self, thresholds: tuple[float, float]) -> dict[str, dict[str, float]]:
+        """The category shares of :meth:`category_shares`; logs them and warns about a category under 1 % of
+        the anchors (its brightness/contrast ranges are then hardly ever used)."""
+        positions = torch.zeros(3, dtype=torch.float64)
+        anchors = torch.zeros(3, dtype=torch.float64)
+        low, high = math.inf, -math.inf
+        for index in range(len(self.scans)):
+            info = self.scans[index].info  # (1, *S)
+            categories = info_categories(info.flatten(), thresholds)  # (N,)
+            weights = anchor_weights(info[None], None, self.info_alpha, self.info_category_ratios,
+                                     thresholds)[0].double()  # (N,)
+            positions += torch.bincount(categories, minlength=3).double().cpu()
+            anchors += (torch.bincount(categories, weights=weights, minlength=3) / weights.sum()).cpu()
+            low, high = min(low, float(info.min())), max(high, float(info.max()))
+        shares = {"positions": positions / positions.sum() * 100, "anchors": anchors / len(self.scans) * 100}
+        shares = {kind: dict(zip(CATEGORY_NAMES, values.tolist())) for kind, values in shares.items()}
+        log.info("information categories (thresholds %.3f, %.3f bits; maps span %.2f-%.2f bits): positions %s; "
+                 "anchors %s", *thresholds, low, high,
+                 *(", ".join(f"{name} {value:.1f} %" for name, value in shares[kind].items())
+                   for kind in ("positions", "anchors")))
+        ratios = "; or raise its data.info_category_ratios entry" if self.info_category_ratios is not None else ""
+        for name, value in shares["anchors"].items():
+            if value < _RARE_CATEGORY_PERCENT:
+                log.warning("information category '%s' holds %.2f %% of the anchors (%.2f %% of the positions) with "
+                            "thresholds %.3f, %.3f bits, so its info_brightness/info_contrast ranges are hardly ever "
+                            "used; set data.info_thresholds_bits inside the maps' %.2f-%.2f bits, or null for the "
+                            "dataset's info_percentiles%s", name, value, shares["positions"][name], *thresholds,
+                            low, high, ratios)
+        return shares
 
     def _random(self, *shape: int) -> torch.Tensor:
         return torch.rand(shape, generator=self.generator, device=self.device, dtype=torch.float64)
@@ -216,4 +262,4 @@ class ViewPairSampler:
         self.generator.set_state(state["generator"].cpu() if hasattr(state["generator"], "cpu")
                                  else state["generator"])
         if state.get("thresholds_bits") is not None:
-            self.thresholds_bits = tuple(state["thresholds_bits"])
+            self.thresholds_bits, self._shares = tuple(state["thresholds_bits"]), None
