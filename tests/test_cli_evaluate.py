@@ -102,7 +102,7 @@ def test_seg_against_itself_folder_and_datalist(tmp_path: Path):
         assert main(["evaluate", "seg", "--pred", str(labels), "--truth", str(truth), "--json", str(out)]) == 0
         scores = json.loads(out.read_text())
         assert scores == {"n_images": 2, "mean_dice": 1.0, "dice": {"1": 1.0, "2": 1.0},
-                          "hd95_mm": {"1": 0.0, "2": 0.0}}
+                          "hd95_mm": {"1": 0.0, "2": 0.0}, "unscored_images": []}
 
 
 def test_seg_shift_and_missing_class_in_json(tmp_path: Path):
@@ -117,7 +117,7 @@ def test_seg_shift_and_missing_class_in_json(tmp_path: Path):
     assert main(["evaluate", "seg", "--pred", str(tmp_path / "pred"), "--truth", str(datalist),
                  "--json", str(out)]) == 0
     scores = json.loads(out.read_text())
-    assert scores["n_images"] == 1
+    assert scores["n_images"] == 1 and scores["unscored_images"] == ["case1"]  # its truth has no prediction
     assert scores["dice"] == {"1": pytest.approx(2 * 48 / 120), "2": 0.0}
     assert scores["hd95_mm"] == {"1": pytest.approx(1.5), "2": None}  # NaN -> null
 

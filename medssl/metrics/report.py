@@ -104,7 +104,8 @@ def _truth_labels(truth: str | Path) -> dict[str, Path]:
 
 def evaluate_segmentation_files(pred: str | Path, truth: str | Path, json_path: str | Path | None = None) -> dict:
     """Score a folder of predicted label maps against true ones (folder or datalist JSON), see
-    ``segmentation_scores``. Every prediction needs a truth with the same image key and the same grid."""
+    ``segmentation_scores``, plus ``unscored_images`` (true label maps without a prediction, warned about). Every
+    prediction needs a truth with the same image key and the same grid."""
     if json_path is not None:
         check_output(json_path, kind="file", inputs=[pred, truth])
     labels = _truth_labels(truth)
@@ -121,10 +122,11 @@ def evaluate_segmentation_files(pred: str | Path, truth: str | Path, json_path: 
                              "without extension", path=prediction)
         true_label = load_label(labels[key])
         pairs.append((load_label(prediction, like=true_label), true_label))
-    unscored = len(set(labels.values()) - {labels[key] for key in seen})
+    unscored = sorted(image_key(label) for label in set(labels.values()) - {labels[key] for key in seen})
     if unscored:
-        log.info("%d true label map(s) in %s have no prediction and are not scored", unscored, truth)
-    scores = segmentation_scores(pairs)
+        log.warning("%d true label map(s) of %s have no prediction and are not scored: %s%s", len(unscored), truth,
+                    ", ".join(unscored[:5]), " ..." if len(unscored) > 5 else "")
+    scores = {**segmentation_scores(pairs), "unscored_images": unscored}
     log.info("segmentation: %d image(s), mean Dice %s\n%s", scores["n_images"], _cell(scores["mean_dice"]),
              format_table(["class", "Dice", "HD95 (mm)"],
                           [[c, scores["dice"][c], scores["hd95_mm"][c]] for c in scores["dice"]]))
