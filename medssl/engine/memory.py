@@ -24,9 +24,9 @@ GIB = 1024**3
 ACTIVATION_FACTOR = 3.0
 #: weights, gradients and two Adam moments, float32
 PARAMETER_BYTES = 16
-#: the estimate is an upper bound: 1.1-4.6x the measured peak of the shipped 2D configs (docs/contract.md); a run
+#: the estimate is 0.9-5.2x the measured peak of the shipped 2D and 3D pretraining configs (docs/contract.md): a run
 #: is refused only when even the estimate / REFUSE_MARGIN does not fit, and warned about above WARN_FRACTION
-REFUSE_MARGIN = 4.0
+REFUSE_MARGIN = 6.0
 WARN_FRACTION = 0.7
 
 
@@ -80,7 +80,7 @@ def activation_bytes_per_voxel(network: nn.Module, spatial_dims: int) -> float:
 
 def estimate_step_bytes(network: nn.Module, *, spatial_dims: int, patch_size: Sequence[int], batch_size: int,
                         images_per_sample: int) -> int:
-    """An upper estimate of the memory one training step needs: activations of ``batch_size`` x
+    """A rough estimate (0.9-5.2x the measured peak of the shipped configs) of the memory one training step needs: activations of ``batch_size`` x
     ``images_per_sample`` patches (2 for a pair of views), and the parameters with their gradients and Adam state."""
     voxels = math.prod(int(p) for p in patch_size)
     activations = activation_bytes_per_voxel(network, spatial_dims) * voxels * batch_size * images_per_sample
