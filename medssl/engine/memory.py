@@ -80,8 +80,9 @@ def activation_bytes_per_voxel(network: nn.Module, spatial_dims: int) -> float:
 
 def estimate_step_bytes(network: nn.Module, *, spatial_dims: int, patch_size: Sequence[int], batch_size: int,
                         images_per_sample: int) -> int:
-    """A rough estimate (0.9-5.2x the measured peak of the shipped configs) of the memory one training step needs: activations of ``batch_size`` x
-    ``images_per_sample`` patches (2 for a pair of views), and the parameters with their gradients and Adam state."""
+    """A rough estimate (0.9-5.2x the measured peak of the shipped configs) of the memory one training step needs:
+    activations of ``batch_size`` x ``images_per_sample`` patches (2 for a pair of views), and the parameters with
+    their gradients and Adam state."""
     voxels = math.prod(int(p) for p in patch_size)
     activations = activation_bytes_per_voxel(network, spatial_dims) * voxels * batch_size * images_per_sample
     parameters = sum(p.numel() for p in network.parameters()) * PARAMETER_BYTES
@@ -117,9 +118,9 @@ def check_memory(network: nn.Module, *, spatial_dims: int, patch_size: Sequence[
     return need
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` is an allocation failure (CUDA, or the CPU allocator's)."""
-    if isinstance(error, torch.OutOfMemoryError):
+def _is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation failure (CUDA, the CPU allocator's, or Python's ``MemoryError``)."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         return True
     text = str(error)
     return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
@@ -130,7 +131,7 @@ def raise_if_out_of_memory(error: BaseException, *, run: Path, batch_size: int, 
                            device: torch.device, estimate_bytes: int, kept: str) -> None:
     """Raise ``OutOfMemory`` (exit 2) with the sizes, what to lower and ``kept`` (what survives) when ``error`` is an
     allocation failure; return otherwise (the caller re-raises)."""
-    if not (isinstance(error, MemoryError) or is_out_of_memory(error)):
+    if not _is_out_of_memory(error):
         return
     if device.type == "cuda":
         torch.cuda.empty_cache()
