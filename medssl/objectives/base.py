@@ -24,6 +24,12 @@ class Objective(nn.Module):
     views: ClassVar[str] = "symmetric"
     needs_info: ClassVar[bool] = False  # True when the batch must carry information maps (``ViewBatch.info``)
 
+    @property
+    def trained_levels(self) -> list[int]:
+        """Sorted indices into ``network.feature_info`` (0 = bottleneck) whose features a loss of this objective reads
+        position by position (a global-only objective: ``[0]``): what one-shot matching compares. Subclasses set it."""
+        raise NotImplementedError
+
     def forward(self, network: nn.Module, batch: PairBatch) -> dict[str, torch.Tensor]:
         """Return ``{"loss": scalar, ...named detached parts for logging}``."""
         raise NotImplementedError

@@ -59,6 +59,10 @@ class InfoGuided(Objective):
         self.info_guided, self.alpha, self.match_radius_mm = bool(info_guided), float(alpha), match_radius_mm
         self.needs_info = self.info_guided
 
+    @property
+    def trained_levels(self) -> list[int]:
+        return list(self.levels)
+
     def forward(self, network: nn.Module, batch: PairBatch) -> dict[str, torch.Tensor]:
         raw, patch = batch.a, batch.b
         anchor_index = self._draw_anchors(patch)  # (B, K, D) voxel indices in the patch

@@ -138,6 +138,10 @@ class LEWEL(Objective):
         self.target_network.eval()
         self.target_necks.eval()
 
+    @property
+    def trained_levels(self) -> list[int]:
+        return sorted(self.levels)
+
     @staticmethod
     def _check_level(level: int, count: int) -> int:
         resolved = level + count if level < 0 else level

@@ -123,6 +123,7 @@ class MSF(Objective):
         self.k, self.momentum, self.momentum_schedule = k, momentum, momentum_schedule
         self.dense, self.dense_pairs, self.dense_weight = dense, dense_pairs, dense_weight
         bottleneck = network.feature_info[0].channels
+        self.pixel_level = len(network.feature_info) - 1  # the level of the dense term
         self.projector = layer_norm_mlp(bottleneck, hidden_dim, proj_dim)
         self.predictor = layer_norm_mlp(proj_dim, hidden_dim, proj_dim)
         self.bank = MemoryBank(bank_size, proj_dim, "objective.msf.bank_size")
@@ -149,6 +150,10 @@ class MSF(Objective):
         self.target_network.eval()
         self.target_heads.eval()
         return self
+
+    @property
+    def trained_levels(self) -> list[int]:
+        return [self.pixel_level] if self.dense else [0]
 
     def forward(self, network: nn.Module, batch: PairBatch) -> dict[str, torch.Tensor]:
         weak, strong = batch.a, batch.b

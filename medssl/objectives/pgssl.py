@@ -104,6 +104,7 @@ class PGSSL(Objective):
             raise InputError("objective.pgssl needs mc_samples >= 2, 0 < dropout < 1, 0 <= hard_fraction < 1 and "
                              f"max_pixels >= 2; got {mc_samples}, {dropout}, {hard_fraction}, {max_pixels}")
         bottleneck, finest = network.feature_info[0].channels, network.feature_info[-1].channels
+        self.pixel_level = len(network.feature_info) - 1  # the stride-1 level the pixel term trains
         self.mc_samples, self.uncertainty, self.hard_fraction = int(mc_samples), uncertainty, float(hard_fraction)
         self.pixel_weight, self.base_momentum = float(pixel_weight), float(base_momentum)
         self.max_pixels, self.match_radius_mm = int(max_pixels), match_radius_mm
@@ -114,6 +115,10 @@ class PGSSL(Objective):
         self.teacher_network = make_teacher(network)
         self.teacher_global_projector = make_teacher(self.global_projector)
         self.teacher_pixel_projector = make_teacher(self.pixel_projector)
+
+    @property
+    def trained_levels(self) -> list[int]:
+        return [self.pixel_level]
 
     def forward(self, network: nn.Module, batch: PairBatch) -> dict[str, torch.Tensor]:
         student_a, student_b = network.forward_features(batch.a.image), network.forward_features(batch.b.image)
