@@ -1,0 +1,183 @@
+"""Equal-budget comparison of the pretraining objectives for one-shot landmarks (issue 13), 2D or 3D.
+
+    python benchmarks/bench_dense.py --dim 2                 # every objective + the composed config, 3 seeds
+    python benchmarks/bench_dense.py --dim 3 --steps 150     # then: both dims' tables -> docs/dense.md
+
+Every config (``configs/<config>_<D>d.yaml``) pretrains with the same ``--steps`` and its shipped batch size, once
+per seed (``seed=S``), on the realistic demo population (seed 0: 24 subjects in 2D, 10 in 3D; unlabeled images only).
+One-shot matching: template ``subject_000``, every other subject a query, truth from ``landmarks.csv``; the matcher
+uses the levels each run's ``model.pt`` records. Rows: each config (mean ± SD over seeds of MRE, mean of the seeds'
+median RE and SDR), random init (the network each seed's run started from, all levels), NCC and registration
+(deterministic, once). Runs and scores are kept in ``--work``: a rerun reuses them, so it continues where it stopped.
+Writes ``--out`` (default ``docs/dense.md``) with the tables of every dimension scored so far.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the bench_* modules beside this file
+
+import bench_oneshot  # noqa: E402
+import run_all  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ("infoguided", "pgssl", "lewel", "msf", "infoguided+lewel")
+SUBJECTS = {2: 24, 3: 10}
+SDR_RADII = ("2", "4")
+log = logging.getLogger("benchmarks.bench_dense")
+
+
+def population(work: Path, dims: int) -> Path:
+    """The seed-0 realistic demo population of ``SUBJECTS[dims]`` subjects (written once)."""
+    from medssl.data.demo import write_demo_dataset
+
+    data = work / f"data_{dims}d_{SUBJECTS[dims]}s_realistic"
+    if not (data / "datalist.json").is_file():
+        write_demo_dataset(data, spatial_dims=dims, n_subjects=SUBJECTS[dims], seed=0, variability="realistic")
+    return data
+
+
+def random_init(config_name: str, dims: int, seed: int, overrides: Sequence[str], work: Path) -> Path:
+    """``model.pt`` of the network a run of ``config_name`` with ``seed`` starts from (no matching levels: all)."""
+    from monai.utils import set_determinism
+
+    from medssl.engine.checkpoint import save_model
+    from medssl.engine.pretrain import build_network, preprocessing_options
+    from medssl.engine.pretrain_config import read_pretrain_config
+
+    path = work / "random_init" / f"{dims}d_seed{seed}" / "model.pt"
+    if not path.is_file():
+        config = read_pretrain_config(ROOT / "configs" / f"{config_name}_{dims}d.yaml", [*overrides, f"seed={seed}"])
+        set_determinism(seed=config.seed)  # as the pretraining loop does right before building its network
+        save_model(build_network(config), path, spatial_dims=dims, preprocessing=preprocessing_options(config))
+        set_determinism(seed=None)
+    return path.parent
+
+
+def score(label: str, data: Path, checkpoint: str | None, method: str, work: Path, scores: dict) -> dict:
+    """One-shot scores of one checkpoint/method, cached in ``scores`` under ``label``."""
+    if label not in scores:
+        with tempfile.TemporaryDirectory() as tmp:
+            row = bench_oneshot.score_row(label, data, checkpoint, method, Path(tmp), arch="small")
+        scores[label] = {key: row[key] for key in ("mre_mm", "std_mm", "median_mm", "sdr", "seconds")}
+        log.info("%s: MRE %.2f mm, median %.2f, %.2f s/image", label, row["mre_mm"], row["median_mm"],
+                 row["seconds"])
+    return scores[label]
+
+
+def run(dims: int, configs: Sequence[str], seeds: Sequence[int], steps: int, work: Path,
+        skip: Sequence[str]) -> dict:
+    """Pretrain and score everything missing; returns the results of ``dims`` (also saved in ``work``)."""
+    results_path = work / f"results_{dims}d.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    if results.get("steps") != steps:  # scores of another budget are not comparable: start the table again
+        results = {"scores": {}, "runs": {}}
+    data = population(work, dims)
+    overrides = [f"train.steps={steps}", f"train.warmup_steps={max(1, steps // 10)}",
+                 f"train.checkpoint_every={max(1, steps // 2)}", f"train.log_every={max(1, steps // 10)}"]
+
+    def save() -> None:
+        results.update(dims=dims, steps=steps, subjects=SUBJECTS[dims], seeds=list(seeds))
+        results_path.write_text(json.dumps(results, indent=1))
+
+    for seed in seeds:
+        for name in configs:
+            label = f"{name} seed {seed}"
+            pre = run_all.pretrain_run(name, dims, data / "images", work, [*overrides, f"seed={seed}"], "auto")
+            results["runs"][label] = {key: pre[key] for key in ("seconds", "loss", "batch", "patch", "steps")}
+            score(label, data, str(pre["run"]), "embedding", work, results["scores"])
+            save()
+        init = random_init(configs[0], dims, seed, overrides, work)
+        score(f"random init seed {seed}", data, str(init), "embedding", work, results["scores"])
+        save()
+    for label, method in (("NCC", "ncc"), ("registration", "registration")):
+        if method not in skip:
+            score(label, data, None, method, work, results["scores"])
+            save()
+    return results
+
+
+def summary_rows(results: dict) -> list[dict]:
+    """Rows per config over seeds: mean/SD of MRE, mean median and SDR, ratio to random init's mean MRE."""
+    groups: dict[str, list[dict]] = {}
+    for label, row in results["scores"].items():
+        groups.setdefault(label.split(" seed ")[0], []).append(row)
+    baseline = float(np.mean([r["mre_mm"] for r in groups.get("random init", [])] or [np.nan]))
+    rows = []
+    for name, members in groups.items():
+        mre = np.array([r["mre_mm"] for r in members])
+        seconds = [results["runs"][label]["seconds"] for label in results["runs"] if label.split(" seed ")[0] == name]
+        rows.append({
+            "config": name, "seeds": len(members), "mre": mre.mean(), "sd": mre.std(ddof=1) if len(mre) > 1 else 0.0,
+            "per_seed": mre.tolist(), "median": float(np.mean([r["median_mm"] for r in members])),
+            "sdr": {k: float(np.mean([r["sdr"][k] for r in members])) for k in SDR_RADII},
+            "ratio": mre.mean() / baseline, "pretrain_s": float(np.mean(seconds)) if seconds else None,
+            "match_s": float(np.mean([r["seconds"] for r in members])),
+        })
+    return sorted(rows, key=lambda r: r["mre"])
+
+
+def table(results: dict) -> str:
+    lines = ["| config | seeds | MRE mean ± SD over seeds (mm) | per seed | median RE (mm) | SDR 2 mm | SDR 4 mm "
+             "| × random init | pretrain s | s / image |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in summary_rows(results):
+        pretrain = f"{r['pretrain_s']:.0f}" if r["pretrain_s"] is not None else "-"
+        lines.append(f"| {r['config']} | {r['seeds']} | {r['mre']:.2f} ± {r['sd']:.2f} | "
+                     f"{', '.join(f'{v:.2f}' for v in r['per_seed'])} | {r['median']:.2f} | "
+                     f"{100 * r['sdr']['2']:.1f} % | {100 * r['sdr']['4']:.1f} % | {r['ratio']:.2f} | {pretrain} | "
+                     f"{r['match_s']:.2f} |")
+    return "\n".join(lines)
+
+
+def render(work: Path, out: Path) -> Path:
+    """``out`` with the table of every dimension whose results are in ``work``."""
+    parts = ["# Equal-budget comparison of the objectives (one-shot landmarks)", "",
+             "Generated by `python benchmarks/bench_dense.py --dim 2` and `--dim 3` (see the module docstring for "
+             "what each row is); do not edit by hand.", "", f"Machine: {run_all.machine()}", ""]
+    for dims in (2, 3):
+        path = work / f"results_{dims}d.json"
+        if not path.is_file():
+            continue
+        results = json.loads(path.read_text())
+        batches = sorted({f"batch {r['batch']} of {r['patch']}" for r in results["runs"].values()})
+        parts += [f"## {dims}D: {results['steps']} steps each, {', '.join(batches)}, seeds "
+                  f"{', '.join(map(str, results['seeds']))}", "",
+                  f"Realistic demo population, {results['subjects']} subjects (seed 0): template subject_000, "
+                  f"{results['subjects'] - 1} queries. Random init: the network each seed's runs start from, "
+                  "matched on all levels; pretrained runs match on the levels their objectives trained.", "",
+                  table(results), ""]
+    out.write_text("\n".join(parts), encoding="utf-8")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dim", type=int, choices=(2, 3), required=True)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), help="configs/<name>_<D>d.yaml stems")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--steps", type=int, default=None, help="pretraining steps of every config "
+                                                                 "(default 300 in 2D, 150 in 3D)")
+    parser.add_argument("--work", type=Path, default=Path("bench_dense"))
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "dense.md")
+    parser.add_argument("--skip", nargs="*", default=[], choices=("ncc", "registration"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    steps = args.steps or {2: 300, 3: 150}[args.dim]
+    started = time.perf_counter()
+    run(args.dim, args.configs, [int(s) for s in args.seeds.split(",")], steps, args.work, args.skip)
+    log.info("done in %.0f s", time.perf_counter() - started)
+    return render(args.work, args.out)
+
+
+if __name__ == "__main__":
+    print(main())
