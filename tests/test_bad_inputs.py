@@ -373,6 +373,7 @@ def test_binary_files_as_csv_config_or_pred_are_refused(data, tmp_path, capsys):
 # ------------------------------------------------------------------------------ 10: messages that name the key
 @pytest.mark.parametrize(("override", "key"), [
     ("data.patch_size=[7,7]", "data.patch_size"),
+    ("data.context_size=[18,18]", "data.context_size"),
     ("data.modality=mri", "data.modality"),
     ("method=foo", "foo"),
 ])

@@ -7,11 +7,16 @@ import logging
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy.ndimage import map_coordinates
 
+from medssl.correspondence import match_views
+from medssl.data.demo import write_demo_dataset
 from medssl.data.geometry import world_to_voxel
 from medssl.data.readers import save_image
 from medssl.errors import InputError
+from medssl.networks import UNet
+from medssl.objectives.infoguided import InfoGuided
 from medssl.transforms.infomap import percentile_thresholds
 from medssl.transforms.preprocess import normalise_intensity, preprocess_image
 from medssl.transforms.sampler import ViewPairSampler
@@ -65,11 +70,78 @@ def test_presets_give_overlapping_views_of_the_patch_size(scans, preset, info_gu
         assert view.valid.dtype == torch.bool and view.view_to_world.shape == (2, dims + 1, dims + 1)
         assert (view.info is not None) == info_guided
     if preset == "raw_patch":
-        assert batch.a.valid.all()  # the whole scan
+        assert batch.a.valid[(slice(None), 0, *[p // 2 for p in PATCHES[dims]])].all()  # centred on the anchor
     for row in range(2):  # both views contain the anchor: some view-a pixels land inside view b
         inside_b = world_to_voxel(batch.b.view_to_world[row], batch.a.coords[row].double().movedim(0, -1))
         within = ((inside_b >= -0.5) & (inside_b <= torch.tensor(PATCHES[dims]) - 0.5)).all(-1)
         assert (within & batch.a.valid[row, 0]).any()
+
+
+def test_raw_patch_views_are_at_the_scan_spacing_so_a_target_is_one_voxel(scans):
+    """raw_patch: both views at the scan's spacing (scale/aspect do not apply), view a axis-aligned. b -> a is a
+    rotation (maybe flipped) in mm; without rotation neighbouring view-b voxels land one view-a voxel apart."""
+    paths, dims = scans
+    spacing = torch.tensor(SPACINGS[dims], dtype=torch.float64)
+    jitter = dict(preset="raw_patch", scale=(0.5, 2.0), aspect=(0.5, 2.0))
+    batch = _sampler(paths, dims, **jitter).sample(4)  # rotation, flips and shift as by default
+    for view in (batch.a, batch.b):
+        assert torch.allclose(torch.linalg.norm(view.view_to_world[:, :dims, :dims], dim=1), spacing.expand(4, -1))
+    assert torch.allclose(batch.a.view_to_world[:, :dims, :dims], torch.diag(spacing).expand(4, -1, -1))
+    b_to_a = (torch.linalg.inv(batch.a.view_to_world) @ batch.b.view_to_world)[:, :dims, :dims]  # voxel -> voxel
+    in_mm = torch.diag(spacing) @ b_to_a @ torch.diag(1 / spacing)  # (4, D, D)
+    identity = torch.eye(dims, dtype=torch.float64)
+    assert torch.allclose(in_mm.transpose(1, 2) @ in_mm, identity.expand(4, -1, -1), atol=1e-6)  # float32 affine
+    aligned = _sampler(paths, dims, rotate_deg=0.0, **jitter).sample(4)  # anisotropic: a rotation changes voxel steps
+    for row in range(4):
+        in_a = world_to_voxel(aligned.a.view_to_world[row], aligned.b.coords[row].double().movedim(0, -1))  # (*P, D)
+        for axis in range(dims):
+            step = torch.linalg.norm(in_a.diff(dim=axis), dim=-1)  # neighbouring b voxels, in a's voxels
+            assert torch.allclose(step, torch.ones_like(step), atol=1e-3)
+        jacobian = (torch.linalg.inv(aligned.a.view_to_world[row]) @ aligned.b.view_to_world[row])[:dims, :dims]
+        assert torch.allclose(jacobian.T @ jacobian, identity, atol=1e-6)  # orthogonal, unit-norm columns
+
+
+def test_context_size_sets_view_a_and_matching_copes_with_two_sizes(scans):
+    paths, dims = scans
+    context = [2 * p for p in PATCHES[dims]]
+    batch = _sampler(paths, dims, preset="raw_patch", context_size=context, info_guided=True,
+                     info_radius_mm=1.5).sample(2)
+    assert batch.a.image.shape == (2, 1, *context) and batch.a.info.shape == (2, 1, *context)
+    assert batch.a.coords.shape == (2, dims, *context) and batch.b.image.shape == (2, 1, *PATCHES[dims])
+    grid, mask = match_views(batch.b, batch.a)  # (2, *P, D): view b's pixels in view a
+    assert grid.shape == (2, *PATCHES[dims], dims) and mask.any()
+    found = F.grid_sample(batch.a.coords, grid.float(), align_corners=False)  # (2, D, *P); coords are linear
+    assert torch.allclose(found.movedim(1, -1)[mask], batch.b.coords.movedim(1, -1)[mask], atol=1e-3)
+    torch.manual_seed(0)
+    network = UNet(dims, channels=(4, 8, 8, 16, 8))
+    out = InfoGuided(network, window=2)(network, batch)
+    assert torch.isfinite(out["loss"]) and float(out["anchors_valid"]) > 0
+
+
+def test_bad_context_size_raises_input_error(scans):
+    paths, dims = scans
+    for context in ([8] * (dims + 1), [8] * (dims - 1) + [0], [8.0] * dims, [True] * dims, 8):
+        with pytest.raises(InputError, match="data.context_size must list"):
+            _sampler(paths, dims, preset="raw_patch", context_size=context)
+    with pytest.raises(InputError, match="data.context_size applies to the raw_patch"):
+        _sampler(paths, dims, preset="symmetric", context_size=[8] * dims)
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2d", "3d"])
+def demo_scans(request, tmp_path_factory):
+    """Two demo subjects (2D 1 mm, 3D 2 mm) and their spatial_dims."""
+    root = write_demo_dataset(tmp_path_factory.mktemp("demo"), spatial_dims=request.param, n_subjects=2, seed=0)
+    return sorted((root / "images").glob("subject_*")), request.param
+
+
+def test_default_thresholds_give_every_information_category_on_demo_data(demo_scans, tmp_path):
+    paths, dims = demo_scans
+    options = dict(spatial_dims=dims, patch_size=[32] * dims, preset="raw_patch", info_guided=True,
+                   cache_dir=str(tmp_path))  # the second sampler reads the information maps from the disk cache
+    shares = ViewPairSampler(paths, **options).category_shares()  # dataset 20/80 percentiles
+    assert min(shares["anchors"].values()) > 5
+    igu_aug = ViewPairSampler(paths, info_thresholds_bits=(2.0, 4.5), **options).category_shares()
+    assert igu_aug["anchors"]["high"] < 1  # a 2 mm window hardly reaches 4.5 bits
 
 
 def test_info_guided_intensity_follows_the_anchor_category(scans):
@@ -96,7 +168,7 @@ def test_dataset_percentile_thresholds(scans):
 def test_category_shares_are_logged_and_a_missing_category_is_warned_about(scans, caplog):
     paths, dims = scans
     caplog.set_level(logging.INFO, logger="medssl.transforms.sampler")
-    default = _sampler(paths, dims, info_guided=True)  # (2, 4.5) bits: above a 2 mm window's reach
+    default = _sampler(paths, dims, info_guided=True, info_thresholds_bits=(2.0, 4.5))  # above a 2 mm window's reach
     default.sample(1)
     shares = default.category_shares()
     assert shares["positions"]["high"] == 0 and shares["anchors"]["high"] == 0

@@ -7,13 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter, map_coordinates
 
 from medssl.data.geometry import voxel_to_world, world_to_voxel
 from medssl.transforms.intensity import IntensityAugmentation, augment_intensity, gaussian_blur
 from medssl.transforms.views import (random_orientation, render_views, rotation_matrix, smooth_displacement_mm,
-                                     view_to_source, whole_scan_view)
+                                     view_to_source)
 
 CASES = [((23, 19), (0.6, 1.5)), ((13, 11, 9), (0.7, 1.0, 2.2))]
 
@@ -125,13 +124,6 @@ def test_view_image_is_the_source_interpolated_at_coords_and_valid_inside(shape,
         np.testing.assert_allclose(image[v, 0].numpy()[inside & clear], reference[inside & clear], atol=1e-5)
         assert (image[v, 0][~valid[v, 0]] == 0).all()
     assert valid.any() and not valid.all()
-
-
-def test_whole_scan_view_is_a_resize():
-    source = torch.rand(1, 2, 30, 17)
-    image, _, valid, _ = render_views(source[0], torch.eye(3), whole_scan_view((30, 17), (16, 16))[None], (16, 16))
-    assert valid.all()
-    assert torch.allclose(image, F.interpolate(source, size=(16, 16), mode="bilinear", align_corners=False), atol=1e-5)
 
 
 def test_intensity_augmentation_degenerate_ranges():

@@ -176,9 +176,11 @@ def _train(config: PretrainConfig, run: Path, resume_state: dict[str, Any] | Non
     torch.use_deterministic_algorithms(train.deterministic, warn_only=True)  # warn, not fail, where none exists
     network = build_network(config).to(device)
     divisor = getattr(network, "min_size_divisor", 1)
-    if any(p % divisor for p in config.data["patch_size"]):
-        raise InputError(f"config key 'data.patch_size' {config.data['patch_size']} must be a multiple of {divisor} "
-                         f"for this U-Net (it halves the size {divisor.bit_length() - 1} times)")
+    for key in ("patch_size", "context_size"):  # the sampler checks their form
+        sizes = config.data.get(key)
+        if isinstance(sizes, (list, tuple)) and any(isinstance(p, int) and p % divisor for p in sizes):
+            raise InputError(f"config key 'data.{key}' {config.data[key]} must be a multiple of {divisor} "
+                             f"for this U-Net (it halves the size {divisor.bit_length() - 1} times)")
     objectives, weights = build_objectives(config, network)
     step_module = TrainStep(network, objectives, weights).to(device)
     sampler = build_sampler(config, objectives, device=device, rank=context.rank)

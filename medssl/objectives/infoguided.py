@@ -1,10 +1,10 @@
 """InfoGuided: CC2D's multi-scale pixel InfoNCE with IGU-Aug's information-guided anchors (METHODS 2.2, 2.5, 2.9).
 
-View a is the whole scan (no augmentation), view b an augmented patch of it (preset ``raw_patch``; the per-category
-augmentation strength of IGU-Aug is the view sampler's job). Anchors are drawn in the patch with probability
+View a is an unaugmented context canvas around the sample's anchor, view b an augmented patch of it, both at the
+scan's spacing (preset ``raw_patch``; the per-category augmentation strength of IGU-Aug is the view sampler's job). Anchors are drawn in the patch with probability
 ``IIE ** alpha`` (``info_guided=True``) or uniformly (``False``: the CC2D baseline). At every U-Net level of stride
 ``2**L ... 2`` (and 1 with ``include_stride1``) a 1x1 convolution maps the features to ``emb_dim`` channels; the
-patch vector of the anchor's cell must pick the anchor's cell of the scan among the cells within ``window`` (the
+patch vector of the anchor's cell must pick the anchor's cell of the canvas among the cells within ``window`` (the
 coarsest level: among all cells), with logits ``clamp(cos, 0, 1) / temperature``. Level losses are summed.
 """
 

@@ -6,8 +6,10 @@ Per sample: pick a scan, draw an anchor voxel (uniform, or with probability prop
 
 - ``symmetric``: both views get the full geometric and intensity augmentation.
 - ``weak_strong`` (MSF): view ``a`` (target) weak = crop, zoom and flips only; view ``b`` (query) strong = full.
-- ``raw_patch`` (CC2D / InfoGuided, METHODS 2.9): view ``a`` = the whole scan resized to the patch grid with no
-  augmentation; view ``b`` = a (rotated) crop around the anchor with intensity augmentation.
+- ``raw_patch`` (CC2D / InfoGuided, METHODS 2.9): both views at the scan's (working) spacing, so a stride-1 target
+  is one voxel of either view: view ``a`` = a ``context_size`` canvas centred on the anchor, axis-aligned, with no
+  augmentation; view ``b`` = a crop around the anchor with shift, flips, rotation (and elastic) as configured and
+  intensity augmentation. ``scale`` and ``aspect`` do not apply (one scale by design).
 
 With ``info_guided`` the views carry information maps and the brightness/contrast ranges of every augmented view
 follow the category (low/medium/high) of the sample's anchor (METHODS 2.6).
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from numbers import Integral
 from pathlib import Path
 from typing import Sequence
 
@@ -31,8 +34,7 @@ from medssl.transforms.infomap import (CATEGORY_NAMES, anchor_weights, info_cate
                                        sample_anchors)
 from medssl.transforms.intensity import INFO_BRIGHTNESS, INFO_CONTRAST, IntensityAugmentation, augment_intensity
 from medssl.transforms.preprocess import ScanCache
-from medssl.transforms.views import (random_orientation, render_views, smooth_displacement_mm, view_to_source,
-                                     whole_scan_view)
+from medssl.transforms.views import random_orientation, render_views, smooth_displacement_mm, view_to_source
 
 log = logging.getLogger(__name__)
 _ELASTIC_CONTROL_POINTS = 5
@@ -63,20 +65,22 @@ def _pair(value: Sequence[float], name: str) -> tuple[float, float]:
 class ViewPairSampler:
     """Batches of view pairs (``PairBatch`` on ``device``), deterministic from ``seed``; see the module docstring.
 
-    Geometry: ``scale``, ``aspect``, ``max_shift``, ``flip_prob``, ``rotate_deg`` (about every axis plane),
-    ``elastic_mm`` (0 = off; elastic views have ``view_to_world`` None). Intensity (augmented views only):
-    ``brightness``, ``contrast``, ``gamma``, ``blur_sigma`` (view pixels) with ``blur_prob``, ``bias_field``,
-    ``noise_std``. Preprocessing: ``modality`` (``ct``, ``mr``, ``xray``), ``spacing_mm`` (resample; None keeps),
-    ``intensity_window``, ``file_spacing_mm`` (2D files without geometry), ``cache_dir`` (disk cache).
+    Geometry: ``scale`` and ``aspect`` (not for ``raw_patch``: one scale by design), ``max_shift``, ``flip_prob``,
+    ``rotate_deg`` (about every axis plane), ``elastic_mm`` (0 = off; elastic views have ``view_to_world`` None),
+    ``context_size`` (``raw_patch`` only: view ``a``'s grid in voxels; None = ``patch_size``). Intensity (augmented
+    views only): ``brightness``, ``contrast``, ``gamma``, ``blur_sigma`` (view pixels) with ``blur_prob``,
+    ``bias_field``, ``noise_std``. Preprocessing: ``modality`` (``ct``, ``mr``, ``xray``), ``spacing_mm``
+    (resample; None keeps), ``intensity_window``, ``file_spacing_mm`` (2D files without geometry), ``cache_dir``.
     Information (``info_guided``): ``info_radius_mm``, ``info_bins``, ``info_alpha``, ``info_category_ratios``
-    (low, medium, high; replaces ``IIE ** alpha`` by a piecewise map), ``info_thresholds_bits`` (None: the
-    ``info_percentiles`` of the dataset), ``info_brightness``/``info_contrast`` (one range per category);
-    :meth:`category_shares` says how often each category occurs (logged at the first batch).
+    (low, medium, high; replaces ``IIE ** alpha`` by a piecewise map), ``info_thresholds_bits`` (None, the default:
+    the dataset's ``info_percentiles``, so all three categories occur), ``info_brightness``/``info_contrast`` (one
+    range per category); :meth:`category_shares` says how often each category occurs (logged at the first batch).
     """
 
     def __init__(self, images: Sequence[str | Path], *, spatial_dims: int, patch_size: Sequence[int],
-                 preset: str = "symmetric", info_guided: bool = False, device: str | torch.device = "cpu",
-                 seed: int = 0, modality: str = "mr", spacing_mm: float | Sequence[float] | None = None,
+                 context_size: Sequence[int] | None = None, preset: str = "symmetric", info_guided: bool = False,
+                 device: str | torch.device = "cpu", seed: int = 0, modality: str = "mr",
+                 spacing_mm: float | Sequence[float] | None = None,
                  intensity_window: Sequence[float] | None = None,
                  file_spacing_mm: float | Sequence[float] | None = None, cache_dir: str | None = None,
                  scale: Sequence[float] = (0.8, 1.25), aspect: Sequence[float] = (0.9, 1.1), max_shift: float = 0.5,
@@ -86,7 +90,7 @@ class ViewPairSampler:
                  blur_prob: float = 0.2, bias_field: float = 0.1, noise_std: float = 0.03,
                  info_radius_mm: float = 2.0, info_bins: int = 256, info_alpha: float = 0.3,
                  info_category_ratios: Sequence[float] | None = None,
-                 info_thresholds_bits: Sequence[float] | None = (2.0, 4.5),
+                 info_thresholds_bits: Sequence[float] | None = None,
                  info_percentiles: Sequence[float] = (20.0, 80.0),
                  info_brightness: Sequence[Sequence[float]] = INFO_BRIGHTNESS,
                  info_contrast: Sequence[Sequence[float]] = INFO_CONTRAST):
@@ -97,6 +101,14 @@ class ViewPairSampler:
         if spatial_dims not in (2, 3) or len(self.patch_size) != spatial_dims or min(self.patch_size) < 1:
             raise InputError(f"data.patch_size must list {spatial_dims} positive sizes for spatial_dims="
                              f"{spatial_dims}, got {list(patch_size)}")
+        context = self.patch_size if context_size is None else context_size
+        if not isinstance(context, Sequence) or len(context) != spatial_dims or not all(
+                isinstance(c, Integral) and not isinstance(c, bool) and c > 0 for c in context):
+            raise InputError(f"data.context_size must list {spatial_dims} positive integers for spatial_dims="
+                             f"{spatial_dims} (or be null = patch_size), got {context_size!r}")
+        context = tuple(int(c) for c in context)
+        if context_size is not None and preset != "raw_patch":
+            raise InputError(f"data.context_size applies to the raw_patch view preset only, not '{preset}'")
         if not 0 <= max_shift <= 1 or not 0 <= flip_prob <= 1 or not 0 <= blur_prob <= 1:
             raise InputError("data.max_shift, data.flip_prob and data.blur_prob must lie in [0, 1]")
         self.spatial_dims, self.preset, self.info_guided = spatial_dims, preset, bool(info_guided)
@@ -108,14 +120,17 @@ class ViewPairSampler:
         strong = GeometryAugmentation(_pair(scale, "scale"), _pair(aspect, "aspect"), max_shift, flip_prob,
                                       rotate_deg, elastic_mm)
         weak = GeometryAugmentation(strong.scale, strong.aspect, max_shift, flip_prob)
+        one_scale = GeometryAugmentation(max_shift=max_shift, flip_prob=flip_prob, rotate_deg=rotate_deg,
+                                         elastic_mm=elastic_mm)
         intensity = IntensityAugmentation(_pair(brightness, "brightness"), _pair(contrast, "contrast"),
                                           _pair(gamma, "gamma"), _pair(blur_sigma, "blur_sigma"), blur_prob,
                                           bias_field, noise_std)
-        # per view: geometry (None = whole scan) and intensity (None = none)
-        self.views: tuple[tuple[GeometryAugmentation | None, IntensityAugmentation | None], ...] = {
-            "symmetric": ((strong, intensity), (strong, intensity)),
-            "weak_strong": ((weak, None), (strong, intensity)),
-            "raw_patch": ((None, None), (strong, intensity)),
+        # per view: geometry, intensity (None = none) and grid size
+        patch = self.patch_size
+        self.views: tuple[tuple[GeometryAugmentation, IntensityAugmentation | None, tuple[int, ...]], ...] = {
+            "symmetric": ((strong, intensity, patch), (strong, intensity, patch)),
+            "weak_strong": ((weak, None, patch), (strong, intensity, patch)),
+            "raw_patch": ((GeometryAugmentation(), None, context), (one_scale, intensity, patch)),
         }[preset]
         self.info_alpha, self.info_category_ratios = info_alpha, info_category_ratios
         self.info_percentiles = tuple(info_percentiles)
@@ -201,13 +216,11 @@ class ViewPairSampler:
         category = int(info_categories(scan.info[(0, *anchor.tolist())], thresholds))
         return anchor.double(), category
 
-    def _view_matrices(self, geometry: GeometryAugmentation | None, anchors: torch.Tensor, spacing: torch.Tensor,
-                       shapes: list[tuple[int, ...]]) -> torch.Tensor:
-        """``view_to_source`` ``(B, D+1, D+1)`` for one view of every sample."""
+    def _view_matrices(self, geometry: GeometryAugmentation, anchors: torch.Tensor, spacing: torch.Tensor,
+                       size: tuple[int, ...]) -> torch.Tensor:
+        """``view_to_source`` ``(B, D+1, D+1)`` for one view (grid ``size``) of every sample."""
         batch, dims = anchors.shape
-        if geometry is None:
-            return torch.stack([whole_scan_view(shape, self.patch_size, self.device) for shape in shapes])
-        patch = torch.tensor(self.patch_size, dtype=torch.float64, device=self.device)
+        patch = torch.tensor(size, dtype=torch.float64, device=self.device)
         view_spacing = spacing * self._log_uniform(geometry.scale, batch, 1) * self._log_uniform(geometry.aspect,
                                                                                                  batch, dims)
         shift = (self._random(batch, dims) * 2 - 1) * geometry.max_shift * patch / 2  # view pixels
@@ -224,24 +237,24 @@ class ViewPairSampler:
         anchors = torch.stack([a for a, _ in drawn])  # (B, D)
         categories = torch.tensor([c for _, c in drawn], device=self.device)  # (B,)
         spacing = torch.tensor([self.scans[i].spacing_mm for i in indices], dtype=torch.float64, device=self.device)
-        shapes = [tuple(self.scans[i].image.shape[1:]) for i in indices]
         views = []
-        for geometry, intensity in self.views:
-            matrices = self._view_matrices(geometry, anchors, spacing, shapes)  # (B, D+1, D+1)
+        for geometry, intensity, size in self.views:
+            matrices = self._view_matrices(geometry, anchors, spacing, size)  # (B, D+1, D+1)
             displacement = None
-            if geometry is not None and geometry.elastic_mm > 0:
-                displacement = smooth_displacement_mm(batch_size, self.patch_size, geometry.elastic_mm,
+            if geometry.elastic_mm > 0:
+                displacement = smooth_displacement_mm(batch_size, size, geometry.elastic_mm,
                                                       _ELASTIC_CONTROL_POINTS, self.generator, self.device)
-            views.append(self._render(indices, matrices, displacement, intensity, categories))
+            views.append(self._render(indices, matrices, size, displacement, intensity, categories))
         return PairBatch(views[0], views[1], [self.scans[i].subject for i in indices])
 
-    def _render(self, indices: list[int], matrices: torch.Tensor, displacement: torch.Tensor | None,
-                intensity: IntensityAugmentation | None, categories: torch.Tensor) -> ViewBatch:
+    def _render(self, indices: list[int], matrices: torch.Tensor, size: tuple[int, ...],
+                displacement: torch.Tensor | None, intensity: IntensityAugmentation | None,
+                categories: torch.Tensor) -> ViewBatch:
         parts = []
         for row, index in enumerate(indices):
             scan = self.scans[index]
             source = scan.image if scan.info is None else torch.cat([scan.image, scan.info])  # (C[+1], *S)
-            parts.append(render_views(source, scan.affine, matrices[row:row + 1], self.patch_size,
+            parts.append(render_views(source, scan.affine, matrices[row:row + 1], size,
                                       None if displacement is None else displacement[row:row + 1]))
         image, coords, valid = (torch.cat([p[k] for p in parts]) for k in range(3))
         view_to_world = None if displacement is not None else torch.cat([p[3] for p in parts])

@@ -54,16 +54,6 @@ def view_to_source(anchor_source: torch.Tensor, anchor_view: torch.Tensor, sourc
     return matrix
 
 
-def whole_scan_view(source_shape: Sequence[int], patch_size: Sequence[int],
-                    device: torch.device | str = "cpu") -> torch.Tensor:
-    """``view_to_source`` ``(D+1, D+1)`` of the whole scan resized to ``patch_size`` (aspect ratio not kept,
-    voxel edges aligned as ``F.interpolate(..., align_corners=False)``): ``i = (v + 0.5) * n / p - 0.5``."""
-    factor = torch.tensor([n / p for n, p in zip(source_shape, patch_size)], dtype=torch.float64, device=device)
-    matrix = torch.diag(torch.cat([factor, factor.new_ones(1)]))
-    matrix[:-1, -1] = 0.5 * factor - 0.5
-    return matrix
-
-
 def _index_to_normalised(shape: Sequence[int], device: torch.device) -> torch.Tensor:
     """``(D+1, D+1)``: voxel index -> ``grid_sample`` coordinate in [-1, 1] (align_corners=False), tensor-axis order."""
     size = torch.tensor([float(n) for n in shape], dtype=torch.float64, device=device)
