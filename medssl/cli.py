@@ -33,7 +33,8 @@ def _variability_option(parser: argparse.ArgumentParser) -> None:
 def _levels_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--levels", default=None, metavar="L,L",
                         help="feature levels to match with, comma-separated: 0 = bottleneck, then the decoder "
-                             "levels coarse to fine (default: all)")
+                             "levels coarse to fine (default: those the pretraining objectives trained, as model.pt "
+                             "records; all for --checkpoint none or a model.pt without the record)")
 
 
 def _seed(text: str) -> int:

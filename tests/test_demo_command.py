@@ -88,6 +88,7 @@ def test_random_init_is_the_start_of_pretraining_and_both_fine_tune_alike(toy):
     pretrained = torch.load(toy / "runs" / "pretrained" / "model.pt", weights_only=True)
     assert random_init["network"] == pretrained["network"]
     assert random_init["preprocessing"] == pretrained["preprocessing"]
+    assert random_init["matching"]["levels"] == pretrained["matching"]["levels"] == [0, 1]  # every level of both
     moved = [not torch.equal(random_init["state_dict"][k], v) for k, v in pretrained["state_dict"].items()]
     assert any(moved)  # pretraining did step ...
     for key, value in pretrained["state_dict"].items():  # ... from exactly the saved random init (lr ~0)

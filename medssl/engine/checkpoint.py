@@ -2,7 +2,8 @@
 
 ``model.pt`` holds ``{"format": "medssl.model/1", "network": <get_config()>, "state_dict": <the network's own
 state dict>, "preprocessing": {...}, "spatial_dims": D}``: the state dict loads into the network built from
-``network`` with no key surgery.
+``network`` with no key surgery. A pretraining run adds ``"matching": {"levels": [...], "methods": [...]}``: the
+feature levels its objectives trained (what one-shot matching compares by default); older files lack it.
 """
 
 from __future__ import annotations
@@ -63,23 +64,40 @@ def read_resume_state(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def model_payload(network: nn.Module, *, spatial_dims: int, preprocessing: dict[str, Any]) -> dict[str, Any]:
-    """The ``model.pt`` dictionary for ``network`` (which must offer ``get_config()``), tensors on CPU."""
+def model_payload(network: nn.Module, *, spatial_dims: int, preprocessing: dict[str, Any],
+                  matching: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``model.pt`` dictionary for ``network`` (which must offer ``get_config()``), tensors on CPU; ``matching``
+    (``{"levels": [...], "methods": [...]}``, see ``matching_levels``) is recorded when given."""
     state = {key: value.detach().cpu().clone() for key, value in network.state_dict().items()}
-    return {
+    payload = {
         "format": MODEL_FORMAT,
         "network": network.get_config(),
         "state_dict": state,
         "preprocessing": dict(preprocessing),
         "spatial_dims": spatial_dims,
     }
+    if matching is not None:
+        payload["matching"] = {"levels": sorted({int(level) for level in matching["levels"]}),
+                               "methods": [str(method) for method in matching.get("methods", [])]}
+    return payload
 
 
-def save_model(network: nn.Module, path: str | Path, *, spatial_dims: int, preprocessing: dict[str, Any]) -> Path:
+def save_model(network: nn.Module, path: str | Path, *, spatial_dims: int, preprocessing: dict[str, Any],
+               matching: dict[str, Any] | None = None) -> Path:
     """Write ``model.pt`` atomically (``path`` may be a run folder or a file name)."""
     path = Path(path)
     target = path / MODEL_FILE if path.is_dir() else path
-    return save_atomic(model_payload(network, spatial_dims=spatial_dims, preprocessing=preprocessing), target)
+    payload = model_payload(network, spatial_dims=spatial_dims, preprocessing=preprocessing, matching=matching)
+    return save_atomic(payload, target)
+
+
+def matching_levels(payload: dict[str, Any]) -> tuple[list[int] | None, list[str]]:
+    """The feature levels a ``model.pt`` payload records as trained (None: it records none, e.g. written by an older
+    medssl) and the objectives that trained them."""
+    matching = payload.get("matching")
+    if not isinstance(matching, dict) or not matching.get("levels"):
+        return None, []
+    return [int(level) for level in matching["levels"]], [str(method) for method in matching.get("methods", [])]
 
 
 def read_model_file(run_or_model_pt: str | Path) -> dict[str, Any]:

@@ -92,6 +92,15 @@ def build_objectives(config: PretrainConfig, network: nn.Module) -> tuple[dict[s
     return objectives, weights
 
 
+def trained_levels(objectives: dict[str, nn.Module]) -> list[int] | None:
+    """The sorted union of the objectives' ``trained_levels`` (what one-shot matching compares); None when an
+    objective names none (then every level is matched)."""
+    try:
+        return sorted({int(level) for objective in objectives.values() for level in objective.trained_levels})
+    except NotImplementedError:
+        return None
+
+
 def build_sampler(config: PretrainConfig, objectives: dict[str, nn.Module], *, device: torch.device, rank: int):
     """The pair-of-views sampler over ``data.path``: preset from the first objective, information maps if any
     objective needs them, a different stream per rank."""
@@ -182,6 +191,11 @@ def _train(config: PretrainConfig, run: Path, resume_state: dict[str, Any] | Non
             raise InputError(f"config key 'data.{key}' {config.data[key]} must be a multiple of {divisor} "
                              f"for this U-Net (it halves the size {divisor.bit_length() - 1} times)")
     objectives, weights = build_objectives(config, network)
+    levels = trained_levels(objectives)
+    matching = None if levels is None else {"levels": levels, "methods": list(objectives)}
+    if levels is None:
+        log.warning("an objective of %s names no trained_levels: model.pt records none, so every feature level is "
+                    "matched", "+".join(objectives))
     step_module = TrainStep(network, objectives, weights).to(device)
     sampler = build_sampler(config, objectives, device=device, rank=context.rank)
     _check_channels(sampler, network)
@@ -213,6 +227,9 @@ def _train(config: PretrainConfig, run: Path, resume_state: dict[str, Any] | Non
     preprocessing = preprocessing_options(config)
     last_saved = start_step if resume_state is not None else None
     log.info("pretraining %s for %d steps on %s x%d -> %s", config.name, train.steps, device, context.world_size, run)
+    if levels is not None:
+        log.info("trained feature levels %s (one-shot matching and validation compare these)",
+                 ",".join(map(str, levels)))
     try:
         step_module.train()
         for step in range(start_step, train.steps):
@@ -239,13 +256,14 @@ def _train(config: PretrainConfig, run: Path, resume_state: dict[str, Any] | Non
             validating = validator is not None and ((step + 1) % config.validation.every == 0
                                                     or step + 1 == train.steps)
             if validating:
-                metrics.update(validator(network))
+                metrics.update(validator(network, levels))
             if monitor is not None:
                 monitor.step(step + 1, metrics, force=validating)
             if (step + 1) % train.checkpoint_every == 0 or step + 1 == train.steps:
                 _save_checkpoint(run, step + 1, config, step_module, optimizer, scheduler, scaler, sampler, context)
                 if context.is_main:
-                    save_model(network, run, spatial_dims=config.spatial_dims, preprocessing=preprocessing)
+                    save_model(network, run, spatial_dims=config.spatial_dims, preprocessing=preprocessing,
+                               matching=matching)
                 last_saved = step + 1
     except (RuntimeError, MemoryError) as error:
         raise_if_out_of_memory(error, run=run, estimate_bytes=estimate, kept=_kept(last_saved, run)[0], **memory)

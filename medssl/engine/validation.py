@@ -78,8 +78,9 @@ class LandmarkValidator:
         log.info("validation: %d landmark(s) of %s matched into %d image(s)", len(self.templates.names),
                  image_key(template), len(self.queries))
 
-    def __call__(self, network: nn.Module) -> dict[str, float]:
-        """MRE (mm) and SDR (fractions) of ``network``'s one-shot predictions; leaves ``network``'s modes and the
+    def __call__(self, network: nn.Module, levels: Sequence[int] | None = None) -> dict[str, float]:
+        """MRE (mm) and SDR (fractions) of ``network``'s one-shot predictions matched on feature ``levels`` (default
+        all; the pretraining loop passes its objectives' ``trained_levels``); leaves ``network``'s modes and the
         global RNG states as they were."""
         from medssl.matching.oneshot import OneShotMatcher
         from medssl.matching.run import Detector
@@ -88,7 +89,8 @@ class LandmarkValidator:
         rng = capture_rng()
         try:
             with torch.no_grad():
-                detector = Detector("embedding", self.templates, OneShotMatcher(network, device=self.device))
+                detector = Detector("embedding", self.templates, OneShotMatcher(network, levels=levels,
+                                                                               device=self.device))
                 predictions = {key: dict(zip(self.templates.names, detector(query)[0]))
                                for key, query in self.queries.items()}
         finally:

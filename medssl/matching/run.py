@@ -62,27 +62,42 @@ def pick_device(preference: str) -> str:
     return "cuda" if preference != "cpu" and torch.cuda.is_available() else "cpu"
 
 
-def load_network(checkpoint: str | Path, spatial_dims: int, arch: str | None = None,
-                 device: str = "cpu") -> tuple[Any, dict[str, Any]]:
-    """The embedding network and its preprocessing: a run folder / ``model.pt``, or ``"none"`` for a randomly
-    initialised U-Net of size ``arch`` (default ``"small"``), the baseline every pretrained model is compared with."""
+def load_network(checkpoint: str | Path, spatial_dims: int, arch: str | None = None, device: str = "cpu",
+                 levels: Sequence[int] | None = None) -> tuple[Any, dict[str, Any], list[int]]:
+    """The embedding network, its preprocessing and the feature levels to match: a run folder / ``model.pt``, or
+    ``"none"`` for a randomly initialised U-Net of size ``arch`` (default ``"small"``), the baseline every pretrained
+    model is compared with. Levels: ``levels`` (``--levels``) if given, else those ``model.pt`` records (the union
+    of its objectives' ``trained_levels``), else all (random init, or a ``model.pt`` of an older medssl); logged."""
     import torch
 
-    from medssl.engine.checkpoint import load_model, read_model_file
+    from medssl.engine.checkpoint import load_model, matching_levels, read_model_file
+    from medssl.matching.oneshot import check_levels
     from medssl.networks import build_network
 
     if str(checkpoint).lower() == NO_CHECKPOINT:
         with torch.random.fork_rng(devices=[]):  # the same weights every time, the caller's RNG untouched
             torch.manual_seed(0)
             network = build_network(spatial_dims=spatial_dims, size=arch or "small")
-        return network.to(device).eval(), {}
-    payload = read_model_file(checkpoint)
-    if int(payload.get("spatial_dims", spatial_dims)) != spatial_dims:
-        raise InputError(f"the model is {payload['spatial_dims']}D but the images are {spatial_dims}D; use a "
-                         f"{spatial_dims}D pretraining run", path=checkpoint)
-    if arch is not None:
-        log.warning("--arch %s ignored: the architecture comes from %s", arch, checkpoint)
-    return load_model(checkpoint, device=device), dict(payload.get("preprocessing") or {})
+        network, preprocessing, recorded, why = network.to(device).eval(), {}, None, "random init"
+    else:
+        payload = read_model_file(checkpoint)
+        if int(payload.get("spatial_dims", spatial_dims)) != spatial_dims:
+            raise InputError(f"the model is {payload['spatial_dims']}D but the images are {spatial_dims}D; use a "
+                             f"{spatial_dims}D pretraining run", path=checkpoint)
+        if arch is not None:
+            log.warning("--arch %s ignored: the architecture comes from %s", arch, checkpoint)
+        network, preprocessing = load_model(checkpoint, device=device), dict(payload.get("preprocessing") or {})
+        recorded, methods = matching_levels(payload)
+        why = ("model.pt records none: written by an older medssl" if recorded is None else
+               f"trained by {'+'.join(methods)}, from model.pt" if methods else "from model.pt")
+    count = len(network.feature_info)
+    if levels is not None:
+        chosen, why = check_levels(levels, count), "--levels"
+    else:
+        chosen = list(range(count)) if recorded is None else check_levels(recorded, count)
+    described = f"all {count} levels" if chosen == list(range(count)) else f"levels {','.join(map(str, chosen))}"
+    log.info("one-shot matching: %s (%s)", described, why)
+    return network, preprocessing, chosen
 
 
 def image_preparer(preprocessing: dict[str, Any], first_image: Path, spatial_dims: int,
@@ -207,7 +222,8 @@ def detect_landmarks_files(checkpoint: str | Path | None, templates: Sequence[Pa
     ``ncc`` (intensity template matching) or ``registration`` (affine + B-spline atlas registration); the last
     two ignore ``checkpoint``. ``spacing_mm`` is the pixel size of 2D files without geometry. ``figure_dir``
     receives a PNG per template and per image (with ``truth`` landmarks CSV drawn too, if given). ``levels``: the
-    feature levels the embedding matches with (``OneShotMatcher``; default all).
+    feature levels the embedding matches with (default: those ``model.pt`` records as trained, see
+    ``load_network``).
     """
     from medssl.matching.oneshot import OneShotMatcher
 
@@ -233,7 +249,7 @@ def detect_landmarks_files(checkpoint: str | Path | None, templates: Sequence[Pa
         if checkpoint is None:
             raise InputError("the embedding method needs --checkpoint (a run, its model.pt, or 'none')")
         device = pick_device(device)
-        network, preprocessing = load_network(checkpoint, dims, arch, device)
+        network, preprocessing, levels = load_network(checkpoint, dims, arch, device, levels)
         matcher = OneShotMatcher(network, levels=levels, device=device)
     elif levels is not None:
         log.warning("--levels ignored: --method %s uses no network", method)
@@ -276,7 +292,7 @@ def rank_templates_files(checkpoint: str | Path, images: Sequence[str | Path], o
                          n_points: int = 16, device: str = "auto", levels: Sequence[int] | None = None) -> Path:
     """Rank the images of ``images`` as one-shot templates (SCP-style, ``selection.rank_templates``) and write
     ``out_csv`` with columns ``rank,image,score`` (rank 1 = the image to label first); returns its path.
-    ``levels``: the feature levels matched (``OneShotMatcher``; default all)."""
+    ``levels``: the feature levels matched (default: those ``model.pt`` records, see ``load_network``)."""
     from medssl.matching.oneshot import OneShotMatcher
     from medssl.matching.selection import rank_templates
 
@@ -288,7 +304,7 @@ def rank_templates_files(checkpoint: str | Path, images: Sequence[str | Path], o
     check_output(out_csv, kind="file", inputs=[_checkpoint_input(checkpoint), *images, *paths])
     dims = load_image(paths[0], spacing_mm=spacing_mm).ndim - 1
     device = pick_device(device)
-    network, preprocessing = load_network(checkpoint, dims, arch, device)
+    network, preprocessing, levels = load_network(checkpoint, dims, arch, device, levels)
     prepare = image_preparer(preprocessing, paths[0], dims, spacing_mm, network=network)
     matcher = OneShotMatcher(network, levels=levels, device=device)
     values = rank_templates(matcher, [prepare(p) for p in paths], n_points=n_points)

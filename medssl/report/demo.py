@@ -234,8 +234,9 @@ def pretrain_stage(runs: Path, split: Split, spatial_dims: int, method: str, ove
     config = read_pretrain_config(config_path(f"{method}_{spatial_dims}d.yaml"),
                                   [f"train.device={device}", *overrides])
     set_determinism(seed=config.seed)  # as the pretraining loop does right before building its network
-    save_model(build_network(config), runs / "random_init" / "model.pt", spatial_dims=spatial_dims,
-               preprocessing=preprocessing_options(config))
+    network = build_network(config)  # matched on every level, like --checkpoint none
+    save_model(network, runs / "random_init" / "model.pt", spatial_dims=spatial_dims,
+               preprocessing=preprocessing_options(config), matching={"levels": range(len(network.feature_info))})
     run = pretrain(config, data=split.root / "pool.json", out=runs / "pretrained")
     return config, {f"{PRETRAINED} ({method})": run, RANDOM_INIT: runs / "random_init"}
 
@@ -271,10 +272,10 @@ def similarity_maps(split: Split, spatial_dims: int, checkpoints: dict[str, Path
     landmark = sorted(template_mm)[0]
     maps: dict[str, np.ndarray] = {}
     for label, checkpoint in checkpoints.items():
-        network, preprocessing = load_network(checkpoint, spatial_dims, device=device)
+        network, preprocessing, levels = load_network(checkpoint, spatial_dims, device=device)
         prepare = image_preparer(preprocessing, split.template, spatial_dims)  # the same grid for every checkpoint
         template, query = prepare(split.template), prepare(split.test_images[0])
-        matcher = OneShotMatcher(network, device=device)
+        matcher = OneShotMatcher(network, levels=levels, device=device)
         vectors = matcher.template_vectors(matcher.embed(template), template_mm[landmark][None])  # (1, D) point
         maps[label] = matcher.similarity(matcher.embed(query), vectors)[0].cpu().numpy()  # (*S)
     return landmark, template, query, maps

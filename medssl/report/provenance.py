@@ -61,8 +61,9 @@ def describe(split: Split, config: Any, size: DemoSize, checkpoints: dict[str, P
         },
         "One-shot landmarks": {
             "template": f"{split.template.name} (its {len(names)} landmarks are the only labels used)",
-            "matching": "multi-scale cosine similarity of the networks' dense features (product of levels, "
-                        "sub-pixel refinement); NCC: intensity template matching",
+            "matching": "multi-scale cosine similarity of the networks' dense features (product over the levels "
+                        "the objective trained, all for random init; sub-pixel refinement); NCC: intensity template "
+                        "matching",
         },
         "Segmentation transfer": {
             "labels": f"{size.labeled} labeled image(s): {', '.join(chosen)} (the same for every initialisation)",
