@@ -59,7 +59,9 @@ def random_init(config_name: str, dims: int, seed: int, overrides: Sequence[str]
     if not path.is_file():
         config = read_pretrain_config(ROOT / "configs" / f"{config_name}_{dims}d.yaml", [*overrides, f"seed={seed}"])
         set_determinism(seed=config.seed)  # as the pretraining loop does right before building its network
-        save_model(build_network(config), path, spatial_dims=dims, preprocessing=preprocessing_options(config))
+        network = build_network(config)
+        save_model(network, path, spatial_dims=dims, preprocessing=preprocessing_options(config),
+                   matching={"levels": list(range(len(network.feature_info)))})
         set_determinism(seed=None)
     return path.parent
 
