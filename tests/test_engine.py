@@ -298,6 +298,28 @@ def test_shipped_configs_build_their_network_objectives_and_sampler_options(path
     assert config.name == path.stem
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_composed_config_trains_both_objectives_on_raw_patch_views(dims, tmp_path):
+    """``configs/infoguided+lewel_<D>d.yaml`` with a tiny network: the scan/patch views of the first method feed both
+    objectives, every logged step's loss is their weighted sum, and the matcher's levels are the union."""
+    from medssl.data.demo import write_demo_dataset
+    from medssl.engine.pretrain_config import read_pretrain_config
+
+    data = write_demo_dataset(tmp_path / "demo", spatial_dims=dims, n_subjects=2)
+    tiny = ["network.channels=[4,8,8]", "train.steps=2", "train.batch_size=2", "train.warmup_steps=0",
+            "train.log_every=1", "train.device=cpu", f"data.patch_size={[16] * dims}", "data.spacing_mm=4.0",
+            "objective.infoguided.window=2", "objective.lewel.proj_dim=16", "objective.lewel.hidden_dim=32"]
+    config = read_pretrain_config(CONFIGS[0].parent / f"infoguided+lewel_{dims}d.yaml", tiny)
+    assert config.methods == ["infoguided", "lewel"]
+    objectives, weights = engine.build_objectives(config, engine.build_network(config))
+    assert objectives["infoguided"].views == "raw_patch" and objectives["lewel"].trained_levels == [0, 1]
+    rows = list(csv.DictReader((engine.pretrain(config, data=data, out=tmp_path / "run") / "metrics.csv").open()))
+    assert len(rows) == 2 and "lewel/loss_aligned_stride1" in rows[0] and "infoguided/loss_stride1" in rows[0]
+    for row in rows:
+        expected = sum(weights[name] * float(row[f"{name}/loss"]) for name in objectives)
+        assert float(row["loss"]) == pytest.approx(expected, rel=1e-4)
+
+
 def test_real_msf_run_resumes_exactly(tmp_path, monkeypatch):
     """The same with the real sampler (RNG on its own generator), U-Net, MSF teacher and memory bank."""
     import nibabel as nib

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -39,7 +41,7 @@ def small_lewel(network: UNet, **kwargs) -> LEWEL:
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_alignment_maps_sum_to_one_over_space(spatial_dims):
     network = tiny_unet(spatial_dims)
-    objective = small_lewel(network, decoder_level=-1)
+    objective = small_lewel(network, decoder_levels=[-1], temperature=1.0)  # the paper's temperature
     image = random_pair(spatial_dims).a.image
     bottleneck = objective.alignment_maps(network, image)
     assert bottleneck.shape == (2, 16) + (SIZE[spatial_dims] // 4,) * spatial_dims
@@ -88,10 +90,10 @@ def test_maps_are_a_softmax_of_normalised_projected_pixel_tokens():
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_loss_is_weighted_sum_of_parts_and_trains_online_side_only(spatial_dims):
     network = tiny_unet(spatial_dims)
-    objective = small_lewel(network, alpha=0.3, decoder_level=1, decoder_weight=0.5)
+    objective = small_lewel(network, alpha=0.3, decoder_levels=[1], decoder_weight=0.5)
     out = objective(network, random_pair(spatial_dims))
     level = 0.3 * out["loss_global"] + 0.7 * out["loss_aligned"]
-    decoder = 0.3 * out["loss_global_decoder"] + 0.7 * out["loss_aligned_decoder"]
+    decoder = 0.3 * out["loss_global_stride2"] + 0.7 * out["loss_aligned_stride2"]
     torch.testing.assert_close(out["loss"].detach(), level + 0.5 * decoder)
     for name in ("loss_global", "loss_aligned"):  # two directions of 2 - 2cos, each in [0, 4]
         assert 0.0 <= out[name].item() <= 8.0
@@ -105,7 +107,7 @@ def test_loss_is_weighted_sum_of_parts_and_trains_online_side_only(spatial_dims)
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_loss_matches_a_symmetric_byol_reference(spatial_dims):
     network = tiny_unet(spatial_dims)
-    objective = small_lewel(network, alpha=0.25).train()
+    objective = small_lewel(network, alpha=0.25, decoder_levels=[]).train()  # the bottleneck only (the paper)
     pair = random_pair(spatial_dims)
     out = objective(network, pair)
     heads, target_neck = objective.online[0], objective.target_necks[0]
@@ -146,9 +148,53 @@ def test_bad_hyperparameters_raise_input_error():
         LEWEL(network, groups=3, proj_dim=12)  # 3 does not divide the 8 bottleneck channels
     with pytest.raises(InputError, match="divisible by .groups."):
         LEWEL(network, groups=4, proj_dim=10)
-    with pytest.raises(InputError, match="decoder_level"):
-        LEWEL(network, decoder_level=0)
-    with pytest.raises(InputError, match="decoder_level"):
-        LEWEL(network, decoder_level=len(network.feature_info))
+    for levels in ([0], [len(network.feature_info)], 2):
+        with pytest.raises(InputError, match="decoder_levels"):
+            LEWEL(network, decoder_levels=levels)
+    with pytest.raises(InputError, match="max_tokens"):
+        LEWEL(network, max_tokens=0)
     with pytest.raises(InputError, match="alpha"):
         LEWEL(network, alpha=1.5)
+
+
+def _entropy_ratio(maps: torch.Tensor) -> float:
+    """Mean entropy of maps ``(B, P, *S)`` over space as a fraction of the uniform map's ``log N``."""
+    flat = maps.flatten(2)  # (B, P, N)
+    entropy = -(flat * flat.clamp_min(1e-30).log()).sum(-1)  # (B, P)
+    return float(entropy.mean() / math.log(flat.shape[-1]))
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_default_maps_are_not_uniform_at_init_and_the_papers_temperature_keeps_them_so(spatial_dims):
+    torch.manual_seed(0)
+    network = UNet(spatial_dims, channels=(4, 8, 8, 16, 8))  # strides 8 (bottleneck), 4, 2, 1
+    size = 32 if spatial_dims == 2 else 16
+    image = torch.randn((4, 1) + (size,) * spatial_dims)
+    default, paper = (small_lewel(network, temperature=t) for t in (0.1, 1.0))
+    assert default.levels == [0, 1, 3] and default.trained_levels == [0, 1, 3]  # bottleneck, strides 4 and 1
+    for level in default.levels:
+        assert _entropy_ratio(default.alignment_maps(network, image, level)) < 0.97
+        assert _entropy_ratio(paper.alignment_maps(network, image, level)) > 0.98
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_gradients_reach_the_decoder_levels_and_only_with_them(spatial_dims):
+    pair = random_pair(spatial_dims)
+    network = tiny_unet(spatial_dims)  # strides 4 (bottleneck), 2, 1: the default decoder level is stride 1 only
+    objective = small_lewel(network)
+    assert objective.trained_levels == [0, 2]
+    objective(network, pair)["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in network.upcat_1.parameters())
+    network = tiny_unet(spatial_dims)
+    small_lewel(network, decoder_levels=[])(network, pair)["loss"].backward()
+    assert all(p.grad is None for p in network.upcat_1.parameters())  # the paper trains the encoder only
+
+
+def test_max_tokens_subsamples_the_maps_but_pools_every_position():
+    neck = ObjectNeck(8, hidden_dim=16, proj_dim=8, groups=2, temperature=0.1).eval()
+    features = torch.randn(2, 8, 6, 5)
+    full_global, _, full_maps = neck(features)
+    global_embedding, aligned, maps = neck(features, max_tokens=7)
+    assert full_maps.shape == (2, 8, 30) and maps.shape == (2, 8, 7) and aligned.shape == (2, 8, 4)
+    torch.testing.assert_close(maps.sum(-1), torch.ones(2, 8))
+    torch.testing.assert_close(global_embedding, full_global)

@@ -1,4 +1,5 @@
-"""MSF: k = 1 is asymmetric BYOL, neighbours chosen by the target (itself first), FIFO bank, dense extension."""
+"""MSF: k = 1 is asymmetric BYOL, neighbours chosen by the target (itself first), FIFO bank, dense extension (on by
+default, one bank per decoder level)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def shifted_crops(spatial_dims: int, batch: int = 2, shift: int = 4, seed: int =
 
 
 def small_msf(network: UNet, **kwargs) -> MSF:
-    options = {"proj_dim": 8, "hidden_dim": 16, "bank_size": 16, **kwargs}
+    options = {"proj_dim": 8, "hidden_dim": 16, "bank_size": 16, "dense": False, **kwargs}
     return MSF(network, **options)
 
 
@@ -139,25 +140,34 @@ def test_momentum_constant_or_cosine():
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
-def test_dense_extension_is_finite_and_trains_the_decoder(spatial_dims):
-    network = tiny_unet(spatial_dims)
-    objective = small_msf(network, dense=True, dense_pairs=8, dense_bank_size=32)
+def test_dense_extension_is_on_by_default_and_trains_every_dense_level(spatial_dims):
+    network = tiny_unet(spatial_dims)  # strides 4 (bottleneck), 2, 1
+    objective = MSF(network, proj_dim=8, hidden_dim=16, bank_size=16, dense_pairs=8, dense_bank_size=32)
+    assert objective.dense and objective.dense_levels == [1, 2] and objective.trained_levels == [1, 2]
     out = objective(network, shifted_crops(spatial_dims))
     assert torch.isfinite(out["loss"])
+    levels = [out["loss_dense_stride2"], out["loss_dense_stride1"]]
+    torch.testing.assert_close(out["loss_dense"], sum(levels) / 2)
     torch.testing.assert_close(out["loss"].detach(), out["loss_global"] + out["loss_dense"])
     assert out["dense_bank_fill"].item() == pytest.approx(8 / 32)
+    assert all(int(bank.filled) == 8 for bank in objective.dense_banks)
     out["loss"].backward()
-    finest = network.upcat_1.convs.conv_1.conv.weight  # only the dense term reaches the last decoder level
-    assert finest.grad is not None and finest.grad.abs().sum() > 0
-    assert all(p.grad is not None for p in objective.dense_predictor.parameters())
+    for module in (network.upcat_2, network.upcat_1):  # the modules that output strides 2 and 1: dense terms only
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+    for head in (*objective.dense_projectors, *objective.dense_predictors):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
     assert all(p.grad is None for p in objective.target_heads.parameters())
+    assert small_msf(network).trained_levels == [0]  # image-level MSF: the pooled bottleneck
+    assert small_msf(network, dense=True, dense_levels=[-1]).dense_levels == [2]
+    with pytest.raises(InputError, match="dense_levels"):
+        small_msf(network, dense=True, dense_levels=[0])
 
 
 def test_dense_pairs_are_a_fixed_count_and_views_must_overlap():
     network = tiny_unet(2)
     objective = small_msf(network, dense=True, dense_pairs=512, dense_bank_size=1024)
     out = objective(network, shifted_crops(2))  # only 2 x 12 x 12 = 288 matched pixels: resampled up to 512
-    assert out["dense_bank_fill"].item() == pytest.approx(0.5)
+    assert all(bank.fill_fraction().item() == pytest.approx(0.5) for bank in objective.dense_banks)
     with pytest.raises(InputError, match="overlapping views"):
         objective(network, shifted_crops(2, shift=16))
 
@@ -173,7 +183,7 @@ def test_bank_and_ema_are_identical_across_two_processes(tmp_path):
         context = distributed.setup("cpu")
         torch.manual_seed(0)
         network = UNet(2, channels=(4, 8, 8, 4))
-        objective = MSF(network, proj_dim=8, hidden_dim=16, bank_size=8)
+        objective = MSF(network, proj_dim=8, hidden_dim=16, bank_size=8, dense_pairs=4, dense_bank_size=16)
         out = objective(network, shifted_crops(2, seed=context.rank))  # each rank sees other images
         out["loss"].backward()
         for p in network.parameters():  # a stand-in for DDP's gradient averaging + optimizer step
@@ -182,11 +192,13 @@ def test_bank_and_ema_are_identical_across_two_processes(tmp_path):
             torch.distributed.all_reduce(p.grad)
             p.data.sub_(0.1 * p.grad)
         objective.on_step_end(network, 0.5)
-        state = {k: v for k, v in objective.state_dict().items() if k.startswith(("bank", "target_network"))}
+        state = {k: v for k, v in objective.state_dict().items()
+                 if k.startswith(("bank", "dense_banks", "target_network"))}
         torch.save(state, f"rank{context.rank}.pt")
         distributed.teardown(context)
     """))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(__file__)}
+    tests = os.path.dirname(os.path.abspath(__file__))  # test_msf itself, and the medssl of this checkout
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([tests, os.path.dirname(tests)])}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -195,3 +207,5 @@ def test_bank_and_ema_are_identical_across_two_processes(tmp_path):
         assert torch.equal(rank0[key], rank1[key]), key
     embeddings = rank0["bank.embeddings"]
     assert int(rank0["bank.filled"]) == 4 and not torch.equal(embeddings[:2], embeddings[2:4])  # both ranks' rows
+    dense = rank0["dense_banks.1.embeddings"]  # a fixed 4 pixels per rank and level: 8 rows, both ranks'
+    assert int(rank0["dense_banks.1.filled"]) == 8 and not torch.equal(dense[:4], dense[4:8])

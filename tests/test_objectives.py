@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest_views import make_pair_batch
+from torch import nn
 
 from medssl.errors import InputError
 from medssl.networks import UNet
@@ -45,8 +50,7 @@ def test_objective_loss_is_finite_and_reaches_every_parameter(name, dims):
     assert not missing, f"objective parameters without gradient: {missing}"
     encoder = [n for n, p in network.named_parameters() if n.startswith(ENCODER) and p.grad is None]
     assert not encoder, f"encoder parameters without gradient: {encoder}"
-    if name in ("pgssl", "infoguided"):  # the dense methods train the whole decoder too
-        assert all(p.grad is not None for p in network.parameters())
+    assert all(p.grad is not None for p in network.parameters())  # by default every method trains the decoder too
     teacher_grads = [n for n, p in objective.named_parameters() if not p.requires_grad and p.grad is not None]
     assert not teacher_grads
 
@@ -71,8 +75,8 @@ def test_pgssl_uncertainty_modes_and_logged_parts(uncertainty):
     network, objective, batch = _setup("pgssl", 2, uncertainty=uncertainty, max_pixels=64, mc_samples=4)
     out = _loss(objective, network, batch)
     spread = {f"uncertainty_{stat}" for stat in ("mean", "std", "min", "max")}
-    assert set(out) == {"loss", "loss_global", "loss_pixel", *spread}
-    assert torch.isclose(out["loss"], out["loss_global"] + out["loss_pixel"])
+    assert set(out) == {"loss", "loss_global", "loss_pixel", "loss_contrast", *spread}
+    assert torch.isclose(out["loss"], out["loss_global"] + out["loss_pixel"] + out["loss_contrast"])
     assert all(out[key].ndim == 0 and not out[key].requires_grad for key in spread)
     assert 0 < float(out["uncertainty_min"]) < float(out["uncertainty_mean"]) < float(out["uncertainty_max"])
     assert float(out["uncertainty_std"]) > 0
@@ -94,6 +98,65 @@ def test_pgssl_ema_update_follows_the_cosine_momentum():
     for t, b, s in zip(objective.teacher_network.parameters(), teacher_before, network.parameters()):
         assert torch.allclose(t, 0.9 * b + 0.1 * s)
     assert all(not p.requires_grad for p in objective.teacher_network.parameters())
+
+
+class FeatureStub(nn.Module):
+    """A network double with ``reference``'s feature contract whose level-``l`` features are ``encode(x)``
+    average-pooled to the level's stride, its channels cycled to the level's width."""
+
+    def __init__(self, reference: UNet, encode):
+        super().__init__()
+        self.spatial_dims, self.feature_info, self.encode = reference.spatial_dims, reference.feature_info, encode
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        code, pool = self.encode(x), (F.avg_pool2d, F.avg_pool3d)[x.ndim - 4]
+        out = []
+        for info in self.feature_info:
+            level = code if info.stride == 1 else pool(code, info.stride)  # (B, E, *S / stride)
+            out.append(self.scale * level[:, torch.arange(info.channels) % level.shape[1]])
+        return out
+
+
+def _fourier(coords: torch.Tensor) -> torch.Tensor:
+    """``(B, D, *S)`` world mm -> ``(B, 6 D, *S)`` sines and cosines at 8, 16 and 32 mm periods."""
+    return torch.cat([f(coords * 2 * math.pi / period) for period in (8, 16, 32) for f in (torch.sin, torch.cos)], 1)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_pgssl_contrast_scores_a_constant_map_at_log_candidates_and_distinct_features_lower(dims):
+    network, _, batch = _setup("pgssl", dims)
+    constant = FeatureStub(network, lambda x: torch.ones_like(x[:, :1]))
+    coarsest = PGSSL(constant, max_pixels=256, contrast_levels=[1])  # the whole stride-8 map competes
+    cells = (batch.a.image.shape[-1] // network.feature_info[1].stride) ** dims
+    out = _loss(coarsest, constant, batch)
+    torch.testing.assert_close(out["loss_contrast"], torch.tensor(2 * math.log(cells)))  # both directions
+    anatomy = dataclasses.replace(batch, a=dataclasses.replace(batch.a, image=_fourier(batch.a.coords)),
+                                  b=dataclasses.replace(batch.b, image=_fourier(batch.b.coords)))
+    distinct = FeatureStub(network, lambda x: x)  # the same features where the anatomy is the same, else different
+    for levels in ([1], None):  # the coarsest alone, then every decoder level (windows at the finer ones)
+        torch.manual_seed(0)
+        objective = PGSSL(constant, max_pixels=256, contrast_levels=levels)
+        flat, informative = _loss(objective, constant, batch), _loss(objective, distinct, anatomy)
+        assert float(informative["loss_contrast"]) < float(flat["loss_contrast"]) - 0.5
+    assert float(flat["loss_contrast"]) > 0
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_pgssl_contrast_gradients_reach_every_contrast_level(dims):
+    network, objective, batch = _setup("pgssl", dims, pixel_weight=0.0)  # gradients into the decoder: contrast only
+    depth = len(network.feature_info) - 1
+    assert objective.contrast_levels == list(range(1, depth + 1)) and objective.trained_levels == [1, 2, 3]
+    _loss(objective, network, batch)["loss"].backward()
+    for head, level in zip(objective.contrast_heads, objective.contrast_levels):
+        assert head.weight.grad.abs().sum() > 0
+        decoder = getattr(network, f"upcat_{depth + 1 - level}")  # the module that outputs this level
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in decoder.parameters())
+    off = PGSSL(network, max_pixels=64, contrast_levels=[])  # the regression alone (the old behaviour)
+    assert off.trained_levels == [depth] and float(_loss(off, network, batch)["loss_contrast"]) == 0.0
+    assert PGSSL(network, contrast_levels=[-1, 2]).trained_levels == [2, 3]
+    with pytest.raises(InputError, match="contrast_levels"):
+        PGSSL(network, contrast_levels=[0])
 
 
 @pytest.mark.parametrize("dims", [2, 3])

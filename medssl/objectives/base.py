@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Sequence
 
 import torch
 from torch import nn
 
 from medssl.data.batch import PairBatch
+from medssl.errors import InputError
 from medssl.registry import Registry
 
 #: which pair of views an objective needs from the view sampler (see ``medssl.transforms``)
@@ -36,6 +37,22 @@ class Objective(nn.Module):
 
     def on_step_end(self, network: nn.Module, progress: float) -> None:
         """Hook after each optimizer step; the default does nothing."""
+
+
+def resolve_decoder_levels(levels: Sequence[int], count: int, setting: str) -> list[int]:
+    """Sorted distinct indices into a ``count``-level ``feature_info`` of the decoder ``levels``: ``1 .. count-1`` or
+    negative from the finest (``-1`` = stride 1); anything else is an ``InputError`` naming the config key
+    ``setting``."""
+    if not isinstance(levels, (list, tuple)):
+        raise InputError(f"config key '{setting}' must be a list of decoder levels, got {levels!r}")
+    resolved = []
+    for level in levels:
+        index = level + count if isinstance(level, int) and level < 0 else level
+        if isinstance(level, bool) or not isinstance(level, int) or not 1 <= index < count:
+            raise InputError(f"config key '{setting}' must list decoder levels: 1..{count - 1} or -1..-{count - 1} "
+                             f"(0 is the bottleneck), got {level!r}")
+        resolved.append(index)
+    return sorted(set(resolved))
 
 
 OBJECTIVES: Registry[type[Objective]] = Registry("objective")

@@ -10,6 +10,8 @@ coarsest level: among all cells), with logits ``clamp(cos, 0, 1) / temperature``
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from monai.networks.layers import Conv
 from torch import nn
@@ -68,8 +70,6 @@ class InfoGuided(Objective):
         anchor_index = self._draw_anchors(patch)  # (B, K, D) voxel indices in the patch
         world, anchor_valid = _gather_at(patch, anchor_index)  # (B, K, D) mm, (B, K)
         grid, inside = world_to_view_grid(raw, world, stride=1, radius_mm=self.match_radius_mm)  # (B, K, D)
-        raw_sizes = torch.tensor(raw.image.shape[2:], dtype=grid.dtype, device=grid.device)
-        raw_index = ((grid.flip(-1) + 1) * raw_sizes - 1) / 2  # (B, K, D) voxel index in the scan, tensor-axis order
         valid = anchor_valid & inside
         features_raw, features_patch = network.forward_features(raw.image), network.forward_features(patch.image)
         parts: dict[str, torch.Tensor] = {}
@@ -77,8 +77,7 @@ class InfoGuided(Objective):
         for head, level, stride in zip(self.heads, self.levels, self.strides):
             emb_raw, emb_patch = head(features_raw[level]), head(features_patch[level])  # (B, E, *S/stride)
             queries = _cells_of(emb_patch, anchor_index // stride)  # (B, K, E)
-            cell_limit = torch.tensor(emb_raw.shape[2:], device=grid.device) - 1
-            targets = torch.minimum(torch.floor((raw_index + 0.5) / stride).long().clamp_min(0), cell_limit)
+            targets = _matched_cells(grid, raw.image.shape[2:], stride, emb_raw.shape[2:])  # (B, K, D)
             window = None if level == 0 else self.window  # the coarsest level competes with the whole map
             loss = info_nce_map(emb_raw, queries, targets, valid, window=window, temperature=self.temperature)
             parts[f"loss_stride{stride}"] = loss.detach()
@@ -102,6 +101,15 @@ def _cells_of(feat: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
         flat = flat * size + cells[..., axis]
     index = flat[:, None, :].expand(feat.shape[0], feat.shape[1], flat.shape[1])  # (B, C, K)
     return feat.flatten(2).gather(2, index).transpose(1, 2)  # (B, K, C)
+
+
+def _matched_cells(grid: torch.Tensor, sizes: Sequence[int], stride: int, shape: Sequence[int]) -> torch.Tensor:
+    """Integer cells ``(B, K, D)`` (clamped inside ``shape``) of a stride-``stride`` grid holding the ``grid_sample``
+    points ``grid`` ``(B, K, D)`` (x, y[, z]) of a view of voxel ``sizes``."""
+    size = torch.tensor(tuple(sizes), dtype=grid.dtype, device=grid.device)
+    index = ((grid.flip(-1) + 1) * size - 1) / 2  # (B, K, D) voxel index, tensor-axis order
+    limit = torch.tensor(tuple(shape), device=grid.device) - 1
+    return torch.minimum(torch.floor((index + 0.5) / stride).long().clamp_min(0), limit)
 
 
 def _gather_at(view: ViewBatch, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,8 @@ EMA-averaged BatchNorm statistics (EMAN), so it does not depend on the batch eit
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,7 +22,7 @@ from torch import nn
 from medssl.data.batch import PairBatch
 from medssl.errors import InputError
 from medssl.networks.heads import global_mlp, token_mlp
-from medssl.objectives.base import OBJECTIVES, Objective
+from medssl.objectives.base import OBJECTIVES, Objective, resolve_decoder_levels
 from medssl.objectives.losses import regression_loss
 from medssl.objectives.momentum import cosine_momentum, make_teacher, update_momentum
 
@@ -53,12 +55,18 @@ class ObjectNeck(nn.Module):
         """``K``: aligned embeddings per image."""
         return self.proj[-1].out_channels // self.groups
 
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, features: torch.Tensor, max_tokens: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``features (B, C, *S)`` -> global ``(B, P)``, aligned ``(B, P, K)``, maps ``(B, P, N)`` with
-        ``P = proj_dim``, ``N = prod(S)``; every map sums to 1 over its ``N`` positions."""
+        ``P = proj_dim``, ``N = prod(S)``; every map sums to 1 over its ``N`` positions. With ``max_tokens`` the maps
+        cover a random subset of that many positions (the same for the batch) when ``N`` is larger; the pooled token
+        still averages all."""
         tokens = features.flatten(2)  # (B, C, N)
-        batch, channels, positions = tokens.shape
         pooled = tokens.mean(dim=2, keepdim=True)  # (B, C, 1)
+        if max_tokens is not None and tokens.shape[2] > max_tokens:
+            tokens = tokens[:, :, torch.randperm(tokens.shape[2], device=tokens.device)[:max_tokens]]  # (B, C, N')
+        batch, channels, positions = tokens.shape
         projected = self.proj(torch.cat([pooled, tokens], dim=2))  # (B, P, 1 + N)
         global_embedding = projected[:, :, 0]  # (B, P)
         logits = F.normalize(projected[:, :, 1:], dim=1) / self.temperature  # (B, P, N)
@@ -82,18 +90,23 @@ class _LevelHeads(nn.Module):
 
 @OBJECTIVES.register("lewel")
 class LEWEL(Objective):
-    """LEWEL_B on the U-Net bottleneck (optionally plus a second neck on a decoder level, not in the paper).
+    """LEWEL_B on the U-Net bottleneck plus a neck per decoder level in ``decoder_levels`` (dense, not in the paper).
 
     Loss per level and direction: ``alpha * l(pred(z_g), sg(z_g')) + (1 - alpha) * mean_k l(pred_obj(Y)_k,
     sg(Y'_k))`` with ``l = 2 - 2 cos``, summed over both directions (view a -> b and b -> a). The target is an
     EMA of network + necks, momentum rising from ``base_momentum`` to 1 (cosine), kept in eval mode (EMAN).
 
-    Defaults follow METHODS 3.5 (``proj_dim`` 256, ``groups`` 4 -> K = 64, ``temperature`` 1 with L2-normalised
-    logits, ``alpha`` 0.5, ``base_momentum`` 0.98 (EMAN)) except ``hidden_dim`` = 1024 instead of 4096: U-Net
-    bottlenecks have 256-512 channels, not ResNet-50's 2048.
+    Defaults follow METHODS 3.5 (``proj_dim`` 256, ``groups`` 4 -> K = 64, L2-normalised logits, ``alpha`` 0.5,
+    ``base_momentum`` 0.98 (EMAN)) except ``hidden_dim`` = 1024 instead of 4096 (U-Net bottlenecks have 256-512
+    channels, not ResNet-50's 2048) and ``temperature`` 0.1 instead of 1: with a few to a few thousand positions the
+    paper's maps are near uniform (entropy >= 99.8 % of log N at init, 78.8-97.2 % even for perfectly peaked logits),
+    so every aligned embedding would be the average pooling.
 
-    ``decoder_level`` indexes ``network.feature_info`` (1 = coarsest decoder level, -1 = finest; 0 is the
-    bottleneck, already used) and adds that level's LEWEL loss times ``decoder_weight``.
+    ``decoder_levels`` (indices into ``network.feature_info``: 1 = coarsest decoder level, -1 = finest; default the
+    decoder levels of stride 4 and 1; ``[]`` = the bottleneck only, the paper) each add their own neck's LEWEL loss
+    times ``decoder_weight``, so the decoder levels one-shot matching compares are trained too. ``max_tokens``: the
+    maps of a level with more positions cover a random subset of that many per step (a stride-1 neck on 128^2 x 8
+    costs 12x the bare network's step on CPU in full, about as much as a stride-4 neck when subsampled).
     """
 
     views = "symmetric"
@@ -105,16 +118,20 @@ class LEWEL(Objective):
         proj_dim: int = 256,
         hidden_dim: int = 1024,
         groups: int = 4,
-        temperature: float = 1.0,
+        temperature: float = 0.1,
         alpha: float = 0.5,
         base_momentum: float = 0.98,
-        decoder_level: int | None = None,
+        decoder_levels: Sequence[int] | None = None,
         decoder_weight: float = 1.0,
+        max_tokens: int = 1024,
     ):
         super().__init__()
         info = network.feature_info
-        self.levels = [0] if decoder_level is None else [0, self._check_level(decoder_level, len(info))]
-        self.level_weights = [1.0] if decoder_level is None else [1.0, decoder_weight]
+        if decoder_levels is None:
+            decoder_levels = [i for i in range(1, len(info)) if info[i].stride in (4, 1)]
+        self.levels = [0, *resolve_decoder_levels(decoder_levels, len(info), "objective.lewel.decoder_levels")]
+        self.level_weights = [1.0] + [float(decoder_weight)] * (len(self.levels) - 1)
+        self.strides = [info[level].stride for level in self.levels]
         if proj_dim % groups:
             raise InputError(
                 f"config key 'objective.lewel.proj_dim' ({proj_dim}) must be divisible by 'groups' ({groups})"
@@ -129,6 +146,9 @@ class LEWEL(Objective):
             raise InputError(f"config key 'objective.lewel.alpha' must be in [0, 1], got {alpha}")
         if temperature <= 0:
             raise InputError(f"config key 'objective.lewel.temperature' must be > 0, got {temperature}")
+        if max_tokens < 1:
+            raise InputError(f"config key 'objective.lewel.max_tokens' must be >= 1, got {max_tokens}")
+        self.max_tokens = int(max_tokens)
         self.alpha, self.base_momentum = alpha, base_momentum
         self.online = nn.ModuleList(
             _LevelHeads(info[level].channels, hidden_dim, proj_dim, groups, temperature) for level in self.levels
@@ -141,16 +161,6 @@ class LEWEL(Objective):
     @property
     def trained_levels(self) -> list[int]:
         return sorted(self.levels)
-
-    @staticmethod
-    def _check_level(level: int, count: int) -> int:
-        resolved = level + count if level < 0 else level
-        if not 1 <= resolved < count:
-            raise InputError(
-                f"config key 'objective.lewel.decoder_level' must name a decoder level: 1..{count - 1} or "
-                f"-1..-{count - 1} (0 is the bottleneck), got {level}"
-            )
-        return resolved
 
     def train(self, mode: bool = True) -> "LEWEL":
         """Train/eval the online heads; the target always stays in eval mode (EMAN)."""
@@ -172,7 +182,7 @@ class LEWEL(Objective):
                 loss_aligned = loss_aligned + regression_loss(_rows(p_aligned), _rows(t_aligned)).mean()
             level_loss = self.alpha * loss_global + (1.0 - self.alpha) * loss_aligned
             total = total + weight * level_loss
-            suffix = "" if index == 0 else "_decoder"
+            suffix = "" if index == 0 else f"_stride{self.strides[index]}"
             parts[f"loss_global{suffix}"] = loss_global.detach()
             parts[f"loss_aligned{suffix}"] = loss_aligned.detach()
         return {"loss": total, **parts}
@@ -182,20 +192,20 @@ class LEWEL(Objective):
         features = network.forward_features(image)
         out = []
         for level, heads in zip(self.levels, self.online):
-            global_embedding, aligned, _ = heads.neck(features[level])
+            global_embedding, aligned, _ = heads.neck(features[level], self.max_tokens)
             out.append((heads.predictor(global_embedding), heads.predictor_obj(aligned)))
         return out
 
     def _target(self, image: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per level: global ``(B, P)`` and aligned ``(B, P, K)`` embeddings of the EMA target."""
         features = self.target_network.forward_features(image)
-        return [neck(features[level])[:2] for level, neck in zip(self.levels, self.target_necks)]
+        return [neck(features[level], self.max_tokens)[:2] for level, neck in zip(self.levels, self.target_necks)]
 
     @torch.no_grad()
     def alignment_maps(self, network: nn.Module, image: torch.Tensor, level: int = 0) -> torch.Tensor:
-        """The online alignment maps of ``image (B, C, *S)`` at ``level`` (``0`` or ``decoder_level``) as
-        ``(B, proj_dim, *S_level)``: where each map looks; each sums to 1 over space. Call ``eval()`` first outside
-        training (in train mode the heads' BatchNorm uses and updates batch statistics)."""
+        """The online alignment maps of ``image (B, C, *S)`` at ``level`` (``0`` or one of ``decoder_levels``) as
+        ``(B, proj_dim, *S_level)``: where each map looks over every position; each sums to 1 over space. Call
+        ``eval()`` first outside training (in train mode the heads' BatchNorm uses and updates batch statistics)."""
         level = level % len(network.feature_info)
         features = network.forward_features(image)[level]
         _, _, maps = self.online[self.levels.index(level)].neck(features)

@@ -22,10 +22,11 @@ def info_nce_map(
     """CC2D pixel InfoNCE: every query against the positions of its own sample's map, one positive position.
 
     ``feat`` ``(B, C, *S)`` candidate features; ``queries`` ``(B, K, C)``; ``targets`` ``(B, K, D)`` integer cell of
-    the positive in ``feat`` (inside the map); ``valid`` ``(B, K)`` bool. Logits ``clamp(cos, 0, 1) / temperature``;
-    candidates are the cells of the map within ``window`` cells of the target along every axis (a cube of side
-    ``2 window + 1`` cut at the map border; ``None``: the whole map). Returns the mean ``-log softmax`` at the targets
-    over valid queries (0 when none is valid). Windows are gathered, not masked, so memory is ``B K (2w+1)^D C``.
+    the positive in ``feat`` (inside the map); ``valid`` ``(B, K)`` bool, or non-negative per-query weights. Logits
+    ``clamp(cos, 0, 1) / temperature``; candidates are the cells of the map within ``window`` cells of the target along
+    every axis (a cube of side ``2 window + 1`` cut at the map border; ``None``: the whole map). Returns the
+    ``valid``-weighted mean ``-log softmax`` at the targets (0 when no query is valid). Windows are gathered, not
+    masked, so memory is ``B K (2w+1)^D C``.
     """
     batch, channels, dims = feat.shape[0], feat.shape[1], feat.ndim - 2
     sizes = torch.tensor(feat.shape[2:], device=feat.device)
@@ -48,7 +49,7 @@ def info_nce_map(
     logits = (cos.clamp(0.0, 1.0) / temperature).masked_fill(~inside, float("-inf"))
     log_prob = logits.log_softmax(dim=-1).gather(-1, positive[..., None])[..., 0]  # (B, K)
     weight = valid.to(log_prob.dtype)
-    return -(log_prob * weight).sum() / weight.sum().clamp_min(1.0)
+    return -(log_prob * weight).sum() / weight.sum().clamp_min(1e-12)
 
 
 def _ravel(cells: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:

@@ -10,20 +10,22 @@ Under ``torchrun`` the targets of all processes are gathered before enqueueing, 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medssl.correspondence import gather_pairs, match_views
+from medssl.correspondence import match_views
 from medssl.data.batch import PairBatch, ViewBatch
 from medssl.engine.distributed import concat_across_ranks
 from medssl.errors import InputError
 from medssl.networks.heads import global_mlp
-from medssl.objectives.base import OBJECTIVES, Objective
+from medssl.objectives.base import OBJECTIVES, Objective, resolve_decoder_levels
+from medssl.objectives.infoguided import _cells_of, _matched_cells
 from medssl.objectives.lewel import layer_norm_mlp
 from medssl.objectives.momentum import cosine_momentum, make_teacher, update_momentum
+from medssl.transforms.infomap import sample_anchors
 
 
 def mean_shift_loss(
@@ -89,10 +91,12 @@ class MSF(Objective):
     (METHODS 4.7 for 256-512-channel bottlenecks), ``bank_size`` 4096 (medical datasets are small; must be a
     multiple of the global batch size).
 
-    ``dense=True`` -- an extension, not in the paper -- adds a pixel-level MSF term (times ``dense_weight``) on the
-    last decoder level: ``dense_pairs`` corresponding pixel pairs per step (found from the views' coordinates) go
-    through a dense projector/predictor; their target embeddings feed a second bank of ``dense_bank_size`` pixel
-    embeddings. It trains the decoder, which the image-level MSF leaves untouched.
+    ``dense`` (default on) -- an extension, not in the paper -- adds a pixel-level MSF term (times ``dense_weight``,
+    averaged over ``dense_levels``: decoder indices into ``network.feature_info``, negative from the finest, default
+    every decoder level) that trains the decoder, which the image-level MSF leaves untouched. Per step, ``dense_pairs``
+    corresponding pixels (from the views' coordinates, the same at every level) read the level's cells holding them;
+    per level they go through its own projector/predictor and their target embeddings feed its own bank of
+    ``dense_bank_size`` pixel embeddings (a fixed count per step keeps the banks' blocks aligned across processes).
     """
 
     views = "weak_strong"
@@ -107,7 +111,8 @@ class MSF(Objective):
         k: int = 5,
         momentum: float = 0.99,
         momentum_schedule: Literal["constant", "cosine"] = "constant",
-        dense: bool = False,
+        dense: bool = True,
+        dense_levels: Sequence[int] | None = None,
         dense_pairs: int = 256,
         dense_bank_size: int = 16384,
         dense_weight: float = 1.0,
@@ -122,25 +127,29 @@ class MSF(Objective):
             )
         self.k, self.momentum, self.momentum_schedule = k, momentum, momentum_schedule
         self.dense, self.dense_pairs, self.dense_weight = dense, dense_pairs, dense_weight
-        bottleneck = network.feature_info[0].channels
-        self.pixel_level = len(network.feature_info) - 1  # the level of the dense term
-        self.projector = layer_norm_mlp(bottleneck, hidden_dim, proj_dim)
+        info = network.feature_info
+        self.projector = layer_norm_mlp(info[0].channels, hidden_dim, proj_dim)
         self.predictor = layer_norm_mlp(proj_dim, hidden_dim, proj_dim)
         self.bank = MemoryBank(bank_size, proj_dim, "objective.msf.bank_size")
-        online = [self.projector]
-        if dense:
-            if dense_pairs < 1 or k > dense_bank_size:
-                raise InputError(
-                    f"config keys 'objective.msf.dense_pairs' ({dense_pairs}) must be >= 1 and "
-                    f"'objective.msf.dense_bank_size' ({dense_bank_size}) >= k ({k})"
-                )
-            finest = network.feature_info[-1].channels
-            self.dense_projector = global_mlp(finest, hidden_dim, proj_dim)  # BatchNorm over the sampled pixels
-            self.dense_predictor = global_mlp(proj_dim, hidden_dim, proj_dim)
-            self.dense_bank = MemoryBank(dense_bank_size, proj_dim, "objective.msf.dense_bank_size")
-            online.append(self.dense_projector)
+        levels = list(range(1, len(info))) if dense_levels is None else dense_levels
+        self.dense_levels = resolve_decoder_levels(levels, len(info), "objective.msf.dense_levels") if dense else []
+        self.dense_strides = [info[level].stride for level in self.dense_levels]
+        if dense and (dense_pairs < 1 or k > dense_bank_size or not self.dense_levels):
+            raise InputError(
+                f"config keys 'objective.msf.dense_pairs' ({dense_pairs}) must be >= 1, "
+                f"'objective.msf.dense_bank_size' ({dense_bank_size}) >= k ({k}) and 'objective.msf.dense_levels' "
+                "non-empty (or dense: false)"
+            )
+        # BatchNorm over the sampled pixels; one projector, predictor and bank per dense level
+        self.dense_projectors = nn.ModuleList(
+            global_mlp(info[i].channels, hidden_dim, proj_dim) for i in self.dense_levels
+        )
+        self.dense_predictors = nn.ModuleList(global_mlp(proj_dim, hidden_dim, proj_dim) for _ in self.dense_levels)
+        self.dense_banks = nn.ModuleList(
+            MemoryBank(dense_bank_size, proj_dim, "objective.msf.dense_bank_size") for _ in self.dense_levels
+        )
         self.target_network = make_teacher(network)
-        self.target_heads = nn.ModuleList(make_teacher(head) for head in online)
+        self.target_heads = nn.ModuleList(make_teacher(head) for head in [self.projector, *self.dense_projectors])
         self.target_network.eval()
         self.target_heads.eval()
 
@@ -153,7 +162,7 @@ class MSF(Objective):
 
     @property
     def trained_levels(self) -> list[int]:
-        return [self.pixel_level] if self.dense else [0]
+        return list(self.dense_levels) or [0]
 
     def forward(self, network: nn.Module, batch: PairBatch) -> dict[str, torch.Tensor]:
         weak, strong = batch.a, batch.b
@@ -166,10 +175,12 @@ class MSF(Objective):
             target = F.normalize(self.target_heads[0](target_pooled), dim=1)  # (B, P)
         loss = self._bank_loss(query, target, self.bank).mean()
         parts = {"bank_fill": self.bank.fill_fraction()}
-        if self.dense:
-            loss_dense = self._dense_loss(weak, strong, target_features[-1], online_features[-1])
+        if self.dense_levels:
+            levels = self._dense_losses(weak, strong, target_features, online_features)
+            loss_dense = torch.stack(levels).mean()
             parts.update(loss_global=loss.detach(), loss_dense=loss_dense.detach(),
-                         dense_bank_fill=self.dense_bank.fill_fraction())
+                         dense_bank_fill=self.dense_banks[0].fill_fraction(),
+                         **{f"loss_dense_stride{s}": level.detach() for s, level in zip(self.dense_strides, levels)})
             loss = loss + self.dense_weight * loss_dense
         return {"loss": loss, **parts}
 
@@ -179,24 +190,34 @@ class MSF(Objective):
         loss, _ = mean_shift_loss(query, target, bank.embeddings, self.k)  # indexing copies: later enqueues are safe
         return loss
 
-    def _dense_loss(
-        self, weak: ViewBatch, strong: ViewBatch, target_map: torch.Tensor, online_map: torch.Tensor
-    ) -> torch.Tensor:
-        """Pixel MSF (extension): ``dense_pairs`` corresponding pixels of the finest level, target (weak view) ->
-        bank and neighbours, query (strong view) -> loss."""
-        grid_b, mask = match_views(weak, strong)
-        target_rows, online_rows = gather_pairs(target_map, online_map, grid_b, mask, max_pairs=self.dense_pairs)
-        found = target_rows.shape[0]  # (N, C) each
-        if found == 0:
+    def _dense_losses(self, weak: ViewBatch, strong: ViewBatch, target_features: list[torch.Tensor],
+                      online_features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Pixel MSF (extension) per dense level: ``dense_pairs`` matched pixels of the weak view (the same at every
+        level); the cells holding them (target, weak view) -> bank and neighbours, the cells holding their matches
+        (query, strong view) -> loss."""
+        grid_b, mask = match_views(weak, strong)  # (B, *S, D), (B, *S): the weak view's pixels in the strong view
+        matchable = mask[:, None]  # (B, 1, *S)
+        per_image = -(-self.dense_pairs // mask.shape[0])  # ceil
+        anchors = sample_anchors(torch.ones_like(matchable, dtype=torch.float32), matchable, per_image, 0.0)
+        rows = (_cells_of(matchable.float(), anchors)[..., 0] > 0.5).flatten().nonzero()[:, 0]  # valid (b, k) rows
+        if rows.numel() == 0:
             raise InputError("objective.msf.dense needs overlapping views, but the two views of a sample share no "
                              "pixel; use the weak_strong view preset with overlapping crops")
-        if found < self.dense_pairs:  # a fixed count per step keeps the bank's blocks aligned across processes
-            pick = torch.randint(found, (self.dense_pairs,), device=target_rows.device)
-            target_rows, online_rows = target_rows[pick], online_rows[pick]  # (dense_pairs, C)
-        query = F.normalize(self.dense_predictor(self.dense_projector(online_rows)), dim=1)  # (dense_pairs, P)
-        with torch.no_grad():
-            target = F.normalize(self.target_heads[1](target_rows), dim=1)  # (dense_pairs, P)
-        return self._bank_loss(query, target, self.dense_bank).mean()
+        if rows.numel() < self.dense_pairs:  # a fixed count per step keeps the banks' blocks aligned across processes
+            rows = rows[torch.randint(rows.numel(), (self.dense_pairs,), device=rows.device)]
+        rows = rows[: self.dense_pairs]  # (dense_pairs,)
+        matched = _cells_of(grid_b.movedim(-1, 1), anchors)  # (B, K, D) grid_sample points in the strong view
+        losses = []
+        for index, (level, stride) in enumerate(zip(self.dense_levels, self.dense_strides)):
+            target_map, online_map = target_features[level], online_features[level]  # (B, C, *S / stride)
+            online_cells = _matched_cells(matched, strong.image.shape[2:], stride, online_map.shape[2:])  # (B, K, D)
+            target_rows = _cells_of(target_map, anchors // stride).flatten(0, 1)[rows]  # (dense_pairs, C)
+            online_rows = _cells_of(online_map, online_cells).flatten(0, 1)[rows]  # (dense_pairs, C)
+            query = F.normalize(self.dense_predictors[index](self.dense_projectors[index](online_rows)), dim=1)
+            with torch.no_grad():
+                target = F.normalize(self.target_heads[1 + index](target_rows), dim=1)  # (dense_pairs, P)
+            losses.append(self._bank_loss(query, target, self.dense_banks[index]).mean())
+        return losses
 
     @torch.no_grad()
     def on_step_end(self, network: nn.Module, progress: float) -> None:
@@ -205,6 +226,5 @@ class MSF(Objective):
         if self.momentum_schedule == "cosine":
             momentum = cosine_momentum(self.momentum, progress)
         update_momentum(self.target_network, network, momentum)
-        update_momentum(self.target_heads[0], self.projector, momentum)
-        if self.dense:
-            update_momentum(self.target_heads[1], self.dense_projector, momentum)
+        for target_head, head in zip(self.target_heads, [self.projector, *self.dense_projectors]):
+            update_momentum(target_head, head, momentum)
