@@ -21,9 +21,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CHANNELS = [4, 8, 8, 8]  # 3 feature levels: 0 = bottleneck (stride 4), 1 (stride 2), 2 (stride 1)
 HEADS = {  # small heads (the defaults are sized for real runs)
-    "lewel": {"proj_dim": 8, "hidden_dim": 16},
+    "lewel": {"proj_dim": 8, "hidden_dim": 16, "decoder_levels": []},  # the paper's bottleneck-only LEWEL: [0]
     "pgssl": {"global_hidden": 16, "global_dim": 8, "pixel_hidden": 8, "pixel_dim": 8, "stabilizer_hidden": 8,
-              "max_pixels": 64, "mc_samples": 2},
+              "max_pixels": 64, "mc_samples": 2, "contrast_levels": []},  # stride-1 regression only: [2]
     "infoguided": {"window": 2},
 }
 
