@@ -37,13 +37,13 @@ SDR_RADII = ("2", "4")
 log = logging.getLogger("benchmarks.bench_dense")
 
 
-def population(work: Path, dims: int) -> Path:
-    """The seed-0 realistic demo population of ``SUBJECTS[dims]`` subjects (written once)."""
+def population(work: Path, dims: int, subjects: int) -> Path:
+    """The seed-0 realistic demo population of ``subjects`` subjects (written once)."""
     from medssl.data.demo import write_demo_dataset
 
-    data = work / f"data_{dims}d_{SUBJECTS[dims]}s_realistic"
+    data = work / f"data_{dims}d_{subjects}s_realistic"
     if not (data / "datalist.json").is_file():
-        write_demo_dataset(data, spatial_dims=dims, n_subjects=SUBJECTS[dims], seed=0, variability="realistic")
+        write_demo_dataset(data, spatial_dims=dims, n_subjects=subjects, seed=0, variability="realistic")
     return data
 
 
@@ -77,19 +77,22 @@ def score(label: str, data: Path, checkpoint: str | None, method: str, work: Pat
     return scores[label]
 
 
-def run(dims: int, configs: Sequence[str], seeds: Sequence[int], steps: int, work: Path,
-        skip: Sequence[str]) -> dict:
-    """Pretrain and score everything missing; returns the results of ``dims`` (also saved in ``work``)."""
+def run(dims: int, configs: Sequence[str], seeds: Sequence[int], steps: int, work: Path, skip: Sequence[str] = (),
+        subjects: int | None = None, extra: Sequence[str] = ()) -> dict:
+    """Pretrain and score everything missing; returns the results of ``dims`` (also saved in ``work``).
+    ``extra``: config overrides for every run (e.g. a toy network)."""
+    subjects = subjects or SUBJECTS[dims]
     results_path = work / f"results_{dims}d.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     if results.get("steps") != steps:  # scores of another budget are not comparable: start the table again
         results = {"scores": {}, "runs": {}}
-    data = population(work, dims)
+    data = population(work, dims, subjects)
     overrides = [f"train.steps={steps}", f"train.warmup_steps={max(1, steps // 10)}",
-                 f"train.checkpoint_every={max(1, steps // 2)}", f"train.log_every={max(1, steps // 10)}"]
+                 f"train.checkpoint_every={max(1, steps // 2)}", f"train.log_every={max(1, steps // 10)}",
+                 f"data.cache_dir={(work / 'cache').resolve()}", *extra]  # cache: scans + information maps, read once
 
     def save() -> None:
-        results.update(dims=dims, steps=steps, subjects=SUBJECTS[dims], seeds=list(seeds))
+        results.update(dims=dims, steps=steps, subjects=subjects, seeds=list(seeds))
         results_path.write_text(json.dumps(results, indent=1))
 
     for seed in seeds:
@@ -172,11 +175,15 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--work", type=Path, default=Path("bench_dense"))
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "dense.md")
     parser.add_argument("--skip", nargs="*", default=[], choices=("ncc", "registration"))
+    parser.add_argument("--subjects", type=int, default=None, help="population size (default 24 in 2D, 10 in 3D)")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every run (repeatable), e.g. a smaller network for a smoke test")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     steps = args.steps or {2: 300, 3: 150}[args.dim]
     started = time.perf_counter()
-    run(args.dim, args.configs, [int(s) for s in args.seeds.split(",")], steps, args.work, args.skip)
+    run(args.dim, args.configs, [int(s) for s in args.seeds.split(",")], steps, args.work, args.skip, args.subjects,
+        args.override)
     log.info("done in %.0f s", time.perf_counter() - started)
     return render(args.work, args.out)
 

@@ -1,0 +1,42 @@
+"""``benchmarks/bench_dense.py`` at toy size: every config x seed pretrained and scored, random init per seed, the
+baselines once, the table aggregated over seeds, and a rerun reusing what is done."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_dense  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TOY = ["--dim", "2", "--configs", "infoguided", "lewel", "--seeds", "0,1", "--steps", "2", "--subjects", "3",
+       "--skip", "registration", "--override", "network.channels=[4,8,8]", "--override", "data.patch_size=[32,32]",
+       "--override", "data.spacing_mm=2.0", "--override", "train.batch_size=2"]
+
+
+def test_toy_comparison_and_rerun(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "dense.md"
+    assert bench_dense.main([*TOY, "--work", str(work), "--out", str(out)]) == out
+    results = json.loads((work / "results_2d.json").read_text())
+    assert set(results["scores"]) == {"infoguided seed 0", "infoguided seed 1", "lewel seed 0", "lewel seed 1",
+                                      "random init seed 0", "random init seed 1", "NCC"}
+    rows = {row["config"]: row for row in bench_dense.summary_rows(results)}
+    mre = [results["scores"][f"infoguided seed {s}"]["mre_mm"] for s in (0, 1)]
+    assert rows["infoguided"]["mre"] == pytest.approx(np.mean(mre))
+    assert rows["infoguided"]["sd"] == pytest.approx(np.std(mre, ddof=1))
+    assert rows["random init"]["ratio"] == pytest.approx(1.0) and rows["NCC"]["seeds"] == 1
+    text = out.read_text()
+    assert "## 2D: 2 steps each, batch 2 of 32x32, seeds 0, 1" in text
+    assert "| infoguided | 2 |" in text and "| NCC | 1 |" in text
+    runs = sorted(p.name for p in (work / "pretrain").iterdir())
+    assert len(runs) == 4  # two configs x two seeds, one folder each
+    stamps = {p: (work / "pretrain" / p / "model.pt").stat().st_mtime_ns for p in runs}
+    bench_dense.main([*TOY, "--work", str(work), "--out", str(out)])  # a rerun trains nothing again
+    assert {p: (work / "pretrain" / p / "model.pt").stat().st_mtime_ns for p in runs} == stamps
+    assert json.loads((work / "results_2d.json").read_text())["scores"] == results["scores"]
