@@ -451,9 +451,9 @@ def _run(args: argparse.Namespace, argv: list[str]) -> Path:
         speed_suite(args, budget, device, results, stage)
     command = "python benchmarks/run_all.py " + shlex.join(argv)
     figures = args.out.parent / args.out.stem
-    from medssl.config import write_text_atomic
+    from medssl.outputs import write_atomic
 
-    write_text_atomic(args.out, render(args, budget, results, command.strip(), figures))
+    write_atomic(args.out, render(args, budget, results, command.strip(), figures))
     log.info("bench finished in %s: %s", clock(time.perf_counter() - stage.started), args.out)
     return args.out
 

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import os
 import re
-import tempfile
 import types
 import typing
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any, Callable, Sequence, TypeVar
 import yaml
 
 from medssl.errors import InputError
+from medssl.outputs import write_atomic
 from medssl.registry import did_you_mean
 
 T = TypeVar("T")
@@ -172,21 +171,7 @@ def load_config(path: str | Path, schema: type[T], overrides: Sequence[str] = ()
 
 def save_config(config: Any, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically."""
-    write_text_atomic(Path(path), yaml.safe_dump(to_dict(config), sort_keys=False))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are readable like any other written file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 def _deep_copy(data: Any) -> Any:

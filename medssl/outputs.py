@@ -1,8 +1,13 @@
-"""Output paths checked before any work: the right kind (file or folder), writable, and never one of the inputs.
+"""Output files: paths checked before any work, and every file written atomically.
 
 Every command calls ``check_output`` for each path it will write, with the paths it reads, so that a mistaken
 ``--out`` is refused at once (exit 2, naming the path) instead of failing after training or overwriting an input.
 ``undone_on_failure`` removes what a new run wrote when it fails before its first checkpoint.
+
+Every output file is written through ``atomic_writer`` (or ``write_atomic``, ``staged_file``, ``save_figure`` built
+on it): into a temporary file beside the target, renamed over it only once complete, so a reader or a killed process
+never sees a truncated file and an error leaves the old file as it was. Files get mode ``0o666 & ~umask`` (0644
+under the usual umask 022), as ``open(path, "w")`` would give.
 """
 
 from __future__ import annotations
@@ -10,9 +15,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import shutil
+import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import IO, Any, Iterable, Iterator, Literal
 
 from medssl.errors import InputError
 
@@ -89,3 +96,71 @@ def undone_on_failure(run: Path, checkpoint: Path, *, enabled: bool = True) -> I
                 log.warning("the run failed before its first checkpoint: removed %s", run if not existed else
                             ", ".join(str(path) for path in added))
         raise
+
+
+# --------------------------------------------------------------------------------------------- atomic writes
+def temporaries(path: str | Path) -> list[Path]:
+    """The temporary files ``atomic_writer`` leaves beside ``path`` when the process is killed mid-write."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{path.name}.*.tmp"))
+
+
+def _create_temporary(path: Path) -> tuple[int, Path]:
+    """A new file ``.<name>.<random>.tmp`` beside ``path``, opened for writing; created like ``open(path, "w")``
+    does (mode ``0o666`` less the umask), unlike ``tempfile.mkstemp`` (0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        temporary = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        with contextlib.suppress(FileExistsError):
+            return os.open(temporary, flags, 0o666), temporary
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | Path, mode: Literal["w", "wb"] = "wb") -> Iterator[IO[Any]]:
+    """A file object (``"wb"``, or ``"w"``: UTF-8 text, newlines as written) whose content replaces ``path`` on a
+    clean exit (flushed to disk, then renamed over it); on an error the temporary file is removed and ``path`` is
+    left as it was. Parent folders are created."""
+    path = Path(path)
+    descriptor, temporary = _create_temporary(path)
+    try:
+        text = {"encoding": "utf-8", "newline": ""} if mode == "w" else {}
+        with os.fdopen(descriptor, mode, **text) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: str | Path, data: bytes | str) -> Path:
+    """Write ``data`` (``str``: as UTF-8) to ``path`` atomically; returns ``path``."""
+    with atomic_writer(path, "w" if isinstance(data, str) else "wb") as handle:
+        handle.write(data)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def staged_file(path: str | Path) -> Iterator[Path]:
+    """For writers that need a file name and may add sidecar files (an ``.mhd`` header's ``.raw``): a path with
+    ``path``'s name in a private folder beside it; on a clean exit every file written there is moved next to
+    ``path``, sidecars first and ``path`` last; the folder is always removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield staging / path.name
+        for written in sorted(staging.iterdir(), key=lambda f: f.name == path.name):
+            os.replace(written, path.parent / written.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_figure(figure: Any, path: str | Path, **savefig: Any) -> Path:
+    """Write a ``matplotlib.figure.Figure`` as PNG to ``path`` atomically (``savefig`` options, e.g. ``dpi``);
+    no pyplot and no backend switch needed."""
+    with atomic_writer(path) as handle:
+        figure.savefig(handle, format="png", **savefig)
+    return Path(path)

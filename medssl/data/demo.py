@@ -237,7 +237,7 @@ def write_demo_dataset(out: str | Path, spatial_dims: int = 3, n_subjects: int =
     ``spacing_mm`` is the 3D voxel size (default 2 mm; 2D is always 1 mm per pixel); ``variability`` is
     ``realistic`` or ``low`` (``VARIABILITIES``); ``figures`` also writes QC PNGs into ``out/figures/``.
     """
-    from medssl.config import write_text_atomic
+    from medssl.outputs import write_atomic
     from medssl.data.landmarks import write_landmarks
     from medssl.data.readers import save_image
 
@@ -275,12 +275,12 @@ def write_demo_dataset(out: str | Path, spatial_dims: int = 3, n_subjects: int =
         items.append({"image": f"images/{key}{extension}", "label": f"labels/{key}{extension}"})
         log.info("demo subject %d/%d written (%s)", i + 1, n_subjects, key)
     write_landmarks(out / "landmarks.csv", landmarks, spatial_dims=spatial_dims)
-    write_text_atomic(out / "datalist.json",
+    write_atomic(out / "datalist.json",
                       json.dumps({"training": items, "validation": [], "test": []}, indent=2) + "\n")
     meta = {"generator": "medssl data demo", "spatial_dims": spatial_dims, "seed": seed, "subjects": n_subjects,
             "plane": plane if spatial_dims == 2 else None, "spacing_mm": float(abs(template.affine[0, 0])),
             "shape": list(template.shape), "variability": asdict(preset), "per_subject": subjects_meta}
-    write_text_atomic(out / "meta.json", json.dumps(meta, indent=2) + "\n")
+    write_atomic(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     if figures:
         from medssl.data.demo_figures import save_population_figure
 

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from medssl.config import write_text_atomic
 from medssl.data.geometry import world_to_voxel
 from medssl.data.readers import image_key
 from medssl.errors import InputError
+from medssl.outputs import write_atomic
 
 AXES = ("x", "y", "z")
 _REQUIRED = ("image", "name", "x", "y")
@@ -125,7 +125,7 @@ def write_landmarks(path: str | Path, landmarks: Mapping[str, Mapping[str, np.nd
                     raise ValueError(f"cannot write {path}: no score for image '{key}' landmark '{name}'")
                 row.append(f"{float(scores[key][name]):.6g}")
             writer.writerow(row)
-    write_text_atomic(path, buffer.getvalue())
+    write_atomic(path, buffer.getvalue())
     return path
 
 

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -24,6 +21,7 @@ from monai.transforms import EnsureChannelFirst
 
 from medssl.data.geometry import spacing_mm as affine_spacing_mm
 from medssl.errors import InputError
+from medssl.outputs import staged_file
 
 log = logging.getLogger(__name__)
 
@@ -299,18 +297,12 @@ def save_image(array: np.ndarray | torch.Tensor, affine: np.ndarray | torch.Tens
     affine_np = np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
     dims = affine_np.shape[0] - 1
     data = _as_numpy(array, dims, path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:  # write under the final name inside a private folder, then move (sidecar first, header last)
+    with staged_file(path) as staged:  # the final name in a private folder, then moved (sidecar first, header last)
         if extension in (".nii", ".nii.gz"):
-            _write_nifti(data, affine_np, staging / path.name)
+            _write_nifti(data, affine_np, staged)
         elif extension == ".png":
-            _write_png(data, staging / path.name)
+            _write_png(data, staged)
         else:
-            _write_itk(data, affine_np, staging / path.name)
-        for written in sorted(staging.iterdir(), key=lambda f: f.name == path.name):
-            os.replace(written, path.parent / written.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            _write_itk(data, affine_np, staged)
     log.debug("wrote %s", path)
     return path

@@ -8,8 +8,6 @@ feature levels its objectives trained (what one-shot matching compares by defaul
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,32 +15,17 @@ import torch
 from torch import nn
 
 from medssl.errors import InputError
+from medssl.outputs import atomic_writer, temporaries
 
 MODEL_FORMAT = "medssl.model/1"
 MODEL_FILE = "model.pt"
 
 
 def save_atomic(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, then rename it over ``path`` (never a truncated file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def stale_temporaries(path: str | Path) -> list[Path]:
-    """The partial files ``save_atomic`` leaves beside ``path`` when the process is killed mid-write."""
-    path = Path(path)
-    return sorted(path.parent.glob(f".{path.name}.*.tmp"))
+    """``torch.save`` through ``medssl.outputs.atomic_writer`` (never a truncated file); returns ``path``."""
+    with atomic_writer(path) as handle:
+        torch.save(obj, handle)
+    return Path(path)
 
 
 def read_resume_state(path: str | Path) -> dict[str, Any]:
@@ -50,7 +33,7 @@ def read_resume_state(path: str | Path) -> dict[str, Any]:
     values only: a file holding anything else, e.g. code to run, is refused). Partial temporary files of an
     interrupted write beside it are removed first."""
     path = Path(path)
-    for partial in stale_temporaries(path):
+    for partial in temporaries(path):
         partial.unlink(missing_ok=True)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

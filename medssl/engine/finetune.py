@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from medssl.config import config_differences, save_config, to_dict, write_text_atomic
+from medssl.config import config_differences, save_config, to_dict
 from medssl.engine.checkpoint import model_payload, read_model_file, read_resume_state, save_atomic
 from medssl.engine.finetune_config import (
     NO_CHECKPOINT, FinetuneConfig, finetune_config_from_dict, read_finetune_config,
@@ -35,7 +35,7 @@ from medssl.engine.state import capture_rng, restore_rng
 from medssl.errors import InputError
 from medssl.networks import UNet
 from medssl.networks.task import PARTS, TaskUNet
-from medssl.outputs import check_output, undone_on_failure
+from medssl.outputs import check_output, undone_on_failure, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def _train(config: FinetuneConfig, run: Path, resume_state: dict[str, Any] | Non
     if resume_state is None:  # only now: a run refused above leaves no folder behind
         (run / CHECKPOINT).parent.mkdir(parents=True, exist_ok=True)
         save_config(config, run / "config.yaml")
-    write_text_atomic(run / SPLIT_FILE, _json(record))
+    write_atomic(run / SPLIT_FILE, _json(record))
     network = network.to(device)
     optimizer, frozen = build_optimizer(network, train)
     scheduler = build_scheduler(optimizer, steps=train.steps, warmup_steps=train.warmup_steps,

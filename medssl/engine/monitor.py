@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from medssl.config import write_text_atomic
+from medssl.outputs import atomic_writer, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def truncate_metrics(path: Path, last_step: int) -> list[list[str]]:
     if not rows:
         return []
     kept = [rows[0]] + [row for row in rows[1:] if row and int(row[0]) <= last_step]
-    write_text_atomic(path, "".join(",".join(row) + "\n" for row in kept))
+    write_atomic(path, "".join(",".join(row) + "\n" for row in kept))
     return kept
 
 
@@ -88,7 +88,7 @@ class Monitor:
     def _append(self, row: dict[str, float]) -> None:
         if self.columns is None:
             self.columns = list(row)
-            with self.path.open("w", newline="") as handle:
+            with atomic_writer(self.path, "w") as handle:
                 csv.writer(handle, lineterminator="\n").writerow(self.columns)
         new = [column for column in row if column not in self.columns]
         if new:  # e.g. the first validation: widen the header, earlier rows get empty cells
@@ -96,7 +96,7 @@ class Monitor:
             with self.path.open(newline="") as handle:
                 rows = list(csv.reader(handle))[1:]
             lines = [self.columns] + [r + [""] * (len(self.columns) - len(r)) for r in rows]
-            write_text_atomic(self.path, "".join(",".join(line) + "\n" for line in lines))
+            write_atomic(self.path, "".join(",".join(line) + "\n" for line in lines))
         with self.path.open("a", newline="") as handle:
             cells = [_format(row.get(column, "")) for column in self.columns]
             csv.writer(handle, lineterminator="\n").writerow(cells)

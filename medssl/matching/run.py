@@ -20,7 +20,7 @@ from medssl.data.inputs import resolve_images
 from medssl.data.landmarks import check_landmarks_in_image, read_landmarks, write_landmarks
 from medssl.data.readers import image_key, load_image
 from medssl.errors import InputError
-from medssl.outputs import check_output
+from medssl.outputs import atomic_writer, check_output
 from medssl.registry import did_you_mean
 
 if TYPE_CHECKING:
@@ -310,8 +310,7 @@ def rank_templates_files(checkpoint: str | Path, images: Sequence[str | Path], o
     values = rank_templates(matcher, [prepare(p) for p in paths], n_points=n_points)
     order = np.argsort(-values, kind="stable")
     out_csv = Path(out_csv)
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_csv, "w", newline="", encoding="utf-8") as handle:
+    with atomic_writer(out_csv, "w") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(["rank", "image", "score"])
         for rank, index in enumerate(order, start=1):

@@ -9,7 +9,6 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from medssl.config import write_text_atomic
 from medssl.data import keys
 from medssl.data.inputs import resolve_images, resolve_items
 from medssl.data.landmarks import read_landmarks
@@ -17,7 +16,7 @@ from medssl.data.readers import image_key, load_label
 from medssl.errors import InputError
 from medssl.metrics.landmarks import DEFAULT_SDR_RADII_MM, check_sdr_radii, landmark_scores
 from medssl.metrics.segmentation import segmentation_scores
-from medssl.outputs import check_output
+from medssl.outputs import check_output, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +50,7 @@ def _json_ready(value: object) -> object:
 def write_scores_json(scores: dict, path: str | Path) -> Path:
     """Write ``scores`` as indented JSON, atomically, NaN as ``null``; returns the path."""
     path = Path(path)
-    write_text_atomic(path, json.dumps(_json_ready(scores), indent=2) + "\n")
+    write_atomic(path, json.dumps(_json_ready(scores), indent=2) + "\n")
     log.info("wrote %s", path)
     return path
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from medssl.engine.monitor import clock
 from medssl.errors import InputError
+from medssl.outputs import write_atomic
 
 if TYPE_CHECKING:
     from monai.data import MetaTensor
@@ -114,7 +115,7 @@ def prepare_output(out: Path) -> None:
             else:
                 entry.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("written by medssl demo; a new demo into this folder replaces its files\n")
+    write_atomic(out / MARKER, "written by medssl demo; a new demo into this folder replaces its files\n")
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ def make_dataset(root: Path, spatial_dims: int, size: DemoSize, seed: int, varia
     for name, content in (("split.json", {"training": split.pool, "validation": split.validation,
                                           "test": split.test}),
                           ("pool.json", {"training": split.pool}), ("test.json", {"test": split.test})):
-        (root / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+        write_atomic(root / name, json.dumps(content, indent=2) + "\n")
     return split
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medssl.config import write_text_atomic
+from medssl.outputs import write_atomic
 
 
 @dataclass(frozen=True)
@@ -110,5 +110,5 @@ def render(results: DemoResults) -> str:
 def write_report(path: str | Path, results: DemoResults) -> Path:
     """Write ``render(results)`` to ``path`` atomically; returns the path."""
     path = Path(path)
-    write_text_atomic(path, render(results))
+    write_atomic(path, render(results))
     return path

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +17,7 @@ from monai.transforms import Orientation, ScaleIntensityRange, ScaleIntensityRan
 from medssl.data.geometry import spacing_mm as affine_spacing_mm
 from medssl.data.readers import image_key, load_image
 from medssl.errors import InputError
+from medssl.outputs import atomic_writer
 from medssl.registry import did_you_mean
 from medssl.transforms.infomap import information_map
 
@@ -151,10 +151,8 @@ class ScanCache:
             grey = scan.image.mean(dim=0, keepdim=True)  # (1, *S)
             scan.info = information_map(grey, scan.spacing_mm, self.info_radius_mm, self.info_bins)
         if stored is not None:
-            stored.parent.mkdir(parents=True, exist_ok=True)
-            temporary = stored.with_suffix(f".{os.getpid()}.tmp")
-            torch.save({"image": scan.image.cpu(), "affine": scan.affine.cpu(),
-                        **({"info": scan.info.cpu()} if scan.info is not None else {})}, temporary)
-            os.replace(temporary, stored)
+            with atomic_writer(stored) as handle:
+                torch.save({"image": scan.image.cpu(), "affine": scan.affine.cpu(),
+                            **({"info": scan.info.cpu()} if scan.info is not None else {})}, handle)
         log.debug("preprocessed %s: shape %s, spacing %s mm", path, tuple(scan.image.shape[1:]), scan.spacing_mm)
         return scan
