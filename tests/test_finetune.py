@@ -123,6 +123,16 @@ def test_model_pt_holds_the_best_validation_step(demo2d, tmp_path):
     assert saved["step"] == best_step and saved["mean_dice"] == pytest.approx(dice[best_step], abs=1e-5)
 
 
+def test_finetune_leaves_the_callers_rng_and_determinism_flags(demo2d, tmp_path):
+    config = read_finetune_config(CONFIGS / "finetune_seg_2d.yaml", TINY_2D)
+    torch.manual_seed(123)
+    np.random.seed(123)
+    before = torch.get_rng_state(), np.random.get_state()[1].copy(), torch.are_deterministic_algorithms_enabled()
+    engine.finetune(config, checkpoint="none", data=demo2d / "datalist.json", out=tmp_path / "run")
+    assert torch.equal(torch.get_rng_state(), before[0]) and np.array_equal(np.random.get_state()[1], before[1])
+    assert torch.are_deterministic_algorithms_enabled() == before[2]
+
+
 def test_nan_loss_stops_with_exit_2_and_one_line(demo2d, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(engine, "task_loss", lambda config: lambda outputs, batch: outputs.sum() * float("nan"))
     code = main(["finetune", "seg", str(CONFIGS / "finetune_seg_2d.yaml"), "--checkpoint", "none", "--data",

@@ -13,6 +13,7 @@ from typing import Mapping
 import numpy as np
 
 from medssl.data.geometry import world_to_voxel
+from medssl.outputs import save_figure
 
 LABEL_COLORS = ((0.23, 0.55, 1.0), (1.0, 0.62, 0.11), (0.18, 0.77, 0.71))  # CSF, grey, white matter
 
@@ -73,7 +74,4 @@ def save_population_figure(path: str | Path, cases: Mapping[str, tuple[np.ndarra
             axis.axis("off")
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=90)
-    return path
+    return save_figure(figure, path, dpi=90)

@@ -31,7 +31,7 @@ from medssl.engine.monitor import VALIDATION_PREFIX, Monitor
 from medssl.engine.predict import Predictor, score_cases
 from medssl.engine.pretrain import TrainingDiverged
 from medssl.engine.schedule import build_scheduler, parameter_groups
-from medssl.engine.state import capture_rng, restore_rng
+from medssl.engine.state import capture_rng, global_state_kept, restore_rng, seeded
 from medssl.errors import InputError
 from medssl.networks import UNet
 from medssl.networks.task import PARTS, TaskUNet
@@ -58,6 +58,8 @@ def finetune(config: FinetuneConfig | str | Path, *, checkpoint: str | Path | No
     The arguments set the config's ``checkpoint``, ``data.path``, ``data.labeled``, ``data.landmarks`` and
     ``data.pseudo``; ``out`` is the run folder (default ``runs/finetune_<task>_<D>d_<time>``); ``resume``
     continues the run in that folder from its last checkpoint (same config except ``RESUME_MAY_CHANGE``).
+    The run is deterministic from ``config.seed``: it seeds the global generators (``monai.utils.set_determinism``)
+    and sets torch's determinism flags, and puts both back as they were when it returns or fails.
     """
     if not isinstance(config, FinetuneConfig):
         config = read_finetune_config(config)
@@ -77,17 +79,18 @@ def finetune(config: FinetuneConfig | str | Path, *, checkpoint: str | Path | No
     if config.task == "landmarks" and config.data.landmarks is None:
         raise InputError("landmark fine-tuning needs the true landmarks: pass --landmarks CSV")
     run, resume_state = _run_folder(config, out, resume)
-    with undone_on_failure(run, run / CHECKPOINT, enabled=resume_state is None):
+    with undone_on_failure(run, run / CHECKPOINT, enabled=resume_state is None), global_state_kept():
         return _train(config, run, resume_state)
 
 
 # -------------------------------------------------------------------------------------------------- network
 def build_task_network(config: FinetuneConfig, head_channels: int) -> tuple[TaskUNet, dict[str, Any]]:
     """The ``TaskUNet`` with the checkpoint's weights (or random ones for ``none``) and the checkpoint's
-    preprocessing (empty for ``none``). The head's initialisation depends only on ``config.seed``."""
+    preprocessing (empty for ``none``). The initialisation depends only on ``config.seed`` (the caller's RNG
+    untouched)."""
     if config.checkpoint == NO_CHECKPOINT:
-        torch.manual_seed(config.seed)
-        return TaskUNet(config.spatial_dims, head_channels, **config.network), {}
+        with seeded(config.seed):
+            return TaskUNet(config.spatial_dims, head_channels, **config.network), {}
     payload = read_model_file(config.checkpoint)
     if int(payload.get("spatial_dims", config.spatial_dims)) != config.spatial_dims:
         raise InputError(f"the checkpoint is {payload['spatial_dims']}D but the config is {config.spatial_dims}D",
@@ -96,8 +99,8 @@ def build_task_network(config: FinetuneConfig, head_channels: int) -> tuple[Task
     if UNet(config.spatial_dims, **config.network).get_config() != architecture:
         log.warning("config section 'network' ignored: the architecture comes from %s (%s)", config.checkpoint,
                     architecture)
-    torch.manual_seed(config.seed)
-    network = TaskUNet(head_channels=head_channels, **architecture)
+    with seeded(config.seed):
+        network = TaskUNet(head_channels=head_channels, **architecture)
     try:
         network.load_backbone(payload["state_dict"])
     except InputError as error:

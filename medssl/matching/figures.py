@@ -1,4 +1,7 @@
-"""PNG figures of landmarks on their images: 2D as one panel, 3D as one axial slice through each landmark."""
+"""PNG figures of landmarks on their images: 2D as one panel, 3D as one axial slice through each landmark.
+
+Drawn on ``matplotlib.figure.Figure`` objects: no pyplot state, no backend switch (a notebook keeps its inline plots).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import torch
 from monai.data import MetaTensor
 
 from medssl.data.geometry import world_to_voxel
+from medssl.outputs import save_figure
 
 PREDICTED_STYLE = {"marker": "+", "color": "#ff3030", "s": 60, "linewidths": 1.5}
 TRUE_STYLE = {"marker": "o", "facecolors": "none", "edgecolors": "#30ff30", "s": 50, "linewidths": 1.2}
@@ -20,10 +24,7 @@ def save_landmark_figure(path: str | Path, image: MetaTensor, predicted: Mapping
     """Write ``image`` ``(C, *S)`` with ``predicted`` (red +) and, if given, ``truth`` (green o) landmarks
     (name -> world mm) to the PNG ``path``. 3D images get one panel per landmark: the slice of the last axis
     through the predicted position. Array axis 0 runs left to right, axis 1 top to bottom."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     array = image.as_tensor()[0].detach().cpu().float().numpy()
     affine = torch.as_tensor(image.affine).detach().cpu().double().numpy()
@@ -39,7 +40,8 @@ def save_landmark_figure(path: str | Path, image: MetaTensor, predicted: Mapping
                   for name in names]
     columns = min(len(panels), 4)
     rows = -(-len(panels) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.2 * rows), squeeze=False)
+    figure = Figure(figsize=(3.2 * columns, 3.2 * rows))
+    axes = figure.subplots(rows, columns, squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
     for axis, (plane, shown, label) in zip(axes.flat, panels):
@@ -54,8 +56,4 @@ def save_landmark_figure(path: str | Path, image: MetaTensor, predicted: Mapping
         axis.set_title(label, fontsize=8)
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path, dpi=100)

@@ -68,15 +68,13 @@ def load_network(checkpoint: str | Path, spatial_dims: int, arch: str | None = N
     ``"none"`` for a randomly initialised U-Net of size ``arch`` (default ``"small"``), the baseline every pretrained
     model is compared with. Levels: ``levels`` (``--levels``) if given, else those ``model.pt`` records (the union
     of its objectives' ``trained_levels``), else all (random init, or a ``model.pt`` of an older medssl); logged."""
-    import torch
-
     from medssl.engine.checkpoint import load_model, matching_levels, read_model_file
+    from medssl.engine.state import seeded
     from medssl.matching.oneshot import check_levels
     from medssl.networks import build_network
 
     if str(checkpoint).lower() == NO_CHECKPOINT:
-        with torch.random.fork_rng(devices=[]):  # the same weights every time, the caller's RNG untouched
-            torch.manual_seed(0)
+        with seeded(0):  # the same weights every time, the caller's RNG untouched
             network = build_network(spatial_dims=spatial_dims, size=arch or "small")
         network, preprocessing, recorded, why = network.to(device).eval(), {}, None, "random init"
     else:

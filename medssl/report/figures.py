@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -16,26 +16,22 @@ from monai.data import MetaTensor
 
 from medssl.data.geometry import world_to_voxel
 from medssl.matching.figures import PREDICTED_STYLE, TRUE_STYLE
+from medssl.outputs import save_figure
 
 #: colours of label values 1, 2, ... in segmentation overlays (0 stays transparent)
 LABEL_COLORS = ("#3b8bff", "#ff9f1c", "#2ec4b6", "#e71d36", "#b15eff", "#f4e04d")
 
 
-def _pyplot():
-    import matplotlib
+def _figure(columns: int, figsize: tuple[float, float]) -> tuple[Any, np.ndarray]:
+    """A ``matplotlib.figure.Figure`` (no pyplot state, no backend switch) and its ``(1, columns)`` axes."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    figure = Figure(figsize=figsize)
+    return figure, figure.subplots(1, columns, squeeze=False)
 
 
-def _save(figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100, bbox_inches="tight")
-    _pyplot().close(figure)
-    return path
+def _save(figure: Any, path: str | Path) -> Path:
+    return save_figure(figure, path, dpi=100, bbox_inches="tight")
 
 
 def _array(image: MetaTensor) -> np.ndarray:
@@ -67,8 +63,7 @@ def save_curves_figure(path: str | Path, pretrain_metrics: str | Path, finetune_
                        metric: str = "val/mean_dice", metric_label: str = "validation mean Dice") -> Path:
     """Pretraining loss per step (left) and the fine-tuning runs' ``metric`` column per step (right, one line per
     label of ``finetune_metrics``: label -> ``metrics.csv``)."""
-    plt = _pyplot()
-    figure, (left, right) = plt.subplots(1, 2, figsize=(9.0, 3.4))
+    figure, ((left, right),) = _figure(2, (9.0, 3.4))
     steps, loss = read_metric(pretrain_metrics, "loss")
     left.plot(steps, loss, marker=".", color="#333333")
     left.set(title="self-supervised pretraining", xlabel="step", ylabel="loss")
@@ -87,8 +82,7 @@ def save_similarity_figure(path: str | Path, landmark: str, template: MetaTensor
     """The ``landmark`` on the template (left), then per model (``maps``: label -> similarity map ``(*S)`` on the
     query's grid) the query with that map overlaid, the true position (green o) and the model's prediction (red +,
     ``predicted_mm``: label -> world mm). 3D: the slices of the last axis through the template point and the truth."""
-    plt = _pyplot()
-    figure, axes = plt.subplots(1, 1 + len(maps), figsize=(3.6 * (1 + len(maps)), 3.6), squeeze=False)
+    figure, axes = _figure(1 + len(maps), (3.6 * (1 + len(maps)), 3.6))
     at_template, at_truth = _voxel(template, template_mm), _voxel(query, truth_mm)
     axis = axes[0, 0]
     axis.imshow(_plane(_array(template), at_template[-1]).T, cmap="gray", origin="upper")
@@ -116,13 +110,12 @@ def save_segmentation_figure(path: str | Path, image: MetaTensor, truth: MetaTen
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
-    plt = _pyplot()
     grey, true_labels = _array(image), _array(truth)
     depth = float(np.mean(np.nonzero(true_labels)[-1])) if true_labels.ndim == 3 and true_labels.any() else 0.0
     count = max(int(true_labels.max()), *(int(_array(p).max()) for p in predictions.values()), 1)
     colours = ListedColormap([LABEL_COLORS[k % len(LABEL_COLORS)] for k in range(count)])
     panels = [("image", None), ("truth", true_labels)] + [(label, _array(p)) for label, p in predictions.items()]
-    figure, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 3.4), squeeze=False)
+    figure, axes = _figure(len(panels), (3.0 * len(panels), 3.4))
     for axis, (title, labels) in zip(axes.flat, panels):
         axis.imshow(_plane(grey, depth).T, cmap="gray", origin="upper")
         if labels is not None:

@@ -15,6 +15,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from medssl.outputs import save_figure
+
 #: the thresholds of the IGU-Aug code in bits (low < 2 <= medium < 4.5 <= high), the default of the functions here;
 #: ``ViewPairSampler`` defaults to the dataset's 20/80 percentiles instead (a 2 mm window rarely reaches 4.5 bits)
 DEFAULT_THRESHOLDS_BITS = (2.0, 4.5)
@@ -126,11 +128,8 @@ def save_information_png(image: torch.Tensor, info: torch.Tensor, path: str | Pa
 
     ``image``/``info``: ``(*S)`` or ``(1, *S)``; a 3D volume shows its middle slice along the last axis.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
 
     def plane(tensor: torch.Tensor):
         tensor = tensor.detach().float().cpu().squeeze()
@@ -140,7 +139,8 @@ def save_information_png(image: torch.Tensor, info: torch.Tensor, path: str | Pa
 
     picture, entropy = plane(image), plane(info)
     categories = info_categories(torch.from_numpy(entropy), thresholds_bits).numpy()
-    figure, axes = plt.subplots(1, 3, figsize=(12, 4.2))
+    figure = Figure(figsize=(12, 4.2))
+    axes = figure.subplots(1, 3)
     axes[0].imshow(picture, cmap="gray")
     axes[0].set_title("image")
     shown = axes[1].imshow(entropy, cmap="magma")
@@ -153,9 +153,5 @@ def save_information_png(image: torch.Tensor, info: torch.Tensor, path: str | Pa
     axes[2].set_title(f"low < {low:g} <= medium < {high:g} <= high")
     for axis in axes:
         axis.axis("off")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path, dpi=100)
