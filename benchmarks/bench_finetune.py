@@ -29,7 +29,6 @@ import numpy as np
 
 from medssl.report.markdown import markdown_table
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SDR_RADII_MM = (2.0, 2.5, 3.0, 4.0)
 
 
@@ -76,11 +75,12 @@ def _finetune_and_score(task: str, dims: int, checkpoint: str, n_labeled: int | 
                         landmarks_csv: Path, out: Path, overrides: Sequence[str]) -> dict:
     from medssl.data.inputs import read_datalist
     from medssl.engine.finetune import finetune
+    from medssl.config import shipped_config
     from medssl.engine.finetune_config import read_finetune_config
     from medssl.engine.predict import predict_landmarks_files, predict_seg_files
     from medssl.metrics.report import evaluate_landmarks_files, evaluate_segmentation_files
 
-    config = read_finetune_config(CONFIGS / f"finetune_{task}_{dims}d.yaml",
+    config = read_finetune_config(shipped_config(f"finetune_{task}_{dims}d"),
                                   [f"seed={seed}", f"data.split_seed={seed}", *overrides])
     extra = {"landmarks": landmarks_csv} if task == "landmarks" else {}
     run = finetune(config, checkpoint=checkpoint, data=datalist, out=out, labeled=n_labeled, **extra)
@@ -113,6 +113,7 @@ def _stage2(dims: int, checkpoint: str, seed: int, template_key: str, datalist: 
     from medssl.data.landmarks import read_landmarks, write_landmarks
     from medssl.data.readers import image_key
     from medssl.engine.finetune import finetune
+    from medssl.config import shipped_config
     from medssl.engine.finetune_config import read_finetune_config
     from medssl.engine.predict import predict_landmarks_files
     from medssl.matching.run import detect_landmarks_files
@@ -128,7 +129,7 @@ def _stage2(dims: int, checkpoint: str, seed: int, template_key: str, datalist: 
     test_keys = {image_key(path) for path in test}
     oneshot_test = write_landmarks(out / "oneshot_test.csv", {key: points for key, points in
                                                               read_landmarks(oneshot_csv).items() if key in test_keys})
-    config = read_finetune_config(CONFIGS / f"finetune_landmarks_{dims}d.yaml",
+    config = read_finetune_config(shipped_config(f"finetune_landmarks_{dims}d"),
                                   [f"seed={seed}", f"data.split_seed={seed}", *overrides])
     run = finetune(config, checkpoint=checkpoint, data=datalist, out=out / "run", labeled=1,
                    landmarks=landmarks_csv, pseudo=oneshot_csv)

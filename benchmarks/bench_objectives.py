@@ -24,9 +24,6 @@ from typing import Sequence
 
 import torch
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
 def _synchronise(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -52,11 +49,12 @@ def measure(method: str, spatial_dims: int, data: Path, device: torch.device, st
     """Seconds per step of ``method`` and of the floor, and peak memory in MiB, at its config's default size
     (``overrides``: extra ``key=value`` config overrides)."""
     from medssl.engine.pretrain import TrainStep, build_network, build_objectives, build_sampler
+    from medssl.config import shipped_config
     from medssl.engine.pretrain_config import read_pretrain_config
     from medssl.engine.schedule import build_optimizer
 
     overrides = [f"data.path={data}", *overrides] + ([f"train.batch_size={batch}"] if batch else [])
-    config = read_pretrain_config(CONFIGS / f"{method}_{spatial_dims}d.yaml", overrides)
+    config = read_pretrain_config(shipped_config(f"{method}_{spatial_dims}d"), overrides)
     torch.manual_seed(config.seed)
     network = build_network(config).to(device)
     objectives, weights = build_objectives(config, network)

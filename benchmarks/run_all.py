@@ -126,10 +126,11 @@ def pretrain_run(method: str, spatial_dims: int, data: Path, work: Path, overrid
     import torch
 
     from medssl.engine.pretrain import CHECKPOINT, pretrain
+    from medssl.config import shipped_config
     from medssl.engine.pretrain_config import read_pretrain_config
     from medssl.report.figures import read_metric
 
-    config = read_pretrain_config(bench_finetune.CONFIGS / f"{method}_{spatial_dims}d.yaml",
+    config = read_pretrain_config(shipped_config(f"{method}_{spatial_dims}d"),
                                   [f"data.path={data.resolve()}", f"train.device={device}", *overrides])
     key = _config_key(config)
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:8]

@@ -57,20 +57,24 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(args.out, spatial_dims=args.dim, quick=args.quick, variability=args.variability)
 
 
-def _config_not_in_out(args: argparse.Namespace) -> None:
-    """A new run folder must not hold the CONFIG it is started from (writing the run's config.yaml would replace it)."""
+def _config_file(args: argparse.Namespace) -> Path:
+    """The CONFIG file (a path, or the name of a shipped config); a new run folder must not hold it (writing the
+    run's config.yaml would replace it)."""
+    from medssl.config import find_config
+
+    config = find_config(args.config)
     if args.out is not None and args.resume is None:
         from medssl.outputs import check_output
 
-        check_output(args.out, kind="folder", inputs=[args.config])
+        check_output(args.out, kind="folder", inputs=[config])
+    return config
 
 
 def _pretrain(args: argparse.Namespace) -> None:
     from medssl.engine.pretrain import pretrain
     from medssl.engine.pretrain_config import read_pretrain_config
 
-    _config_not_in_out(args)
-    config = read_pretrain_config(args.config, args.overrides)
+    config = read_pretrain_config(_config_file(args), args.overrides)
     run = pretrain(config, data=args.data, out=args.out, resume=args.resume)
     log.info("run folder: %s", run)
 
@@ -127,8 +131,7 @@ def _finetune(args: argparse.Namespace) -> None:
     from medssl.engine.finetune_config import read_finetune_config
     from medssl.errors import InputError
 
-    _config_not_in_out(args)
-    config = read_finetune_config(args.config, args.overrides)
+    config = read_finetune_config(_config_file(args), args.overrides)
     if config.task != args.task:
         raise InputError(f"this is a '{config.task}' config; run 'medssl finetune {config.task}' or use a "
                          f"finetune_{args.task}_*.yaml config", path=args.config)
@@ -207,10 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         commands, "pretrain", "self-supervised pretraining (pgssl, infoguided, lewel, msf; torchrun for several processes)",
         "medssl pretrain configs/pgssl_2d.yaml --data demo2d --out runs/pgssl2d train.steps=200 "
-        "data.patch_size=[96,96]\n  medssl pretrain runs/pgssl2d/config.yaml --resume runs/pgssl2d",
+        "data.patch_size=[96,96]\n  medssl pretrain infoguided_2d --data demo2d --out runs/infoguided2d\n"
+        "  medssl pretrain runs/pgssl2d/config.yaml --resume runs/pgssl2d",
         _pretrain,
     )
-    p.add_argument("config", type=Path, metavar="CONFIG", help="pretraining YAML (see configs/)")
+    p.add_argument("config", type=Path, metavar="CONFIG",
+                   help="pretraining YAML, or the name of a shipped config (<method>_<D>d, e.g. infoguided_2d)")
     p.add_argument("--data", type=Path, default=None, help="images: a folder, a datalist JSON or one image (sets data.path)")
     p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<method>_<D>d_<time>)")
     p.add_argument("--resume", type=Path, default=None, metavar="RUN", help="continue the run in RUN from its last checkpoint")
@@ -292,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = command(ft_sub, task, help_text, example, _finetune)
         p.set_defaults(task=task)
-        p.add_argument("config", type=Path, metavar="CONFIG", help=f"fine-tuning YAML (configs/finetune_{task}_*.yaml)")
+        p.add_argument("config", type=Path, metavar="CONFIG",
+                       help=f"fine-tuning YAML, or the name of a shipped config (finetune_{task}_<D>d)")
         p.add_argument("--checkpoint", default=None, metavar="CKPT",
                        help="pretraining run folder, its model.pt, or 'none' (random init of the same architecture)")
         p.add_argument("--data", type=Path, default=None, metavar="DATALIST",

@@ -8,6 +8,7 @@ the resolved config (``to_dict``) is what runs write to ``config.yaml``.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import inspect
 import re
 import types
@@ -139,11 +140,43 @@ def config_differences(first: Any, second: Any, ignore: Sequence[str] = ()) -> l
     return sorted(key for key in a.keys() | b.keys() if a.get(key) != b.get(key))
 
 
+def shipped_configs() -> dict[str, Path]:
+    """The configs shipped with medssl, name (file stem, e.g. ``infoguided_2d``) -> file: the package data
+    ``medssl/configs/*.yaml`` (``configs/`` at the top of a source checkout links to that folder)."""
+    folder = Path(str(importlib.resources.files("medssl") / "configs"))
+    return {path.stem: path for path in sorted(folder.glob("*.yaml"))}
+
+
+def _shipped_names(name: str) -> str:
+    names = list(shipped_configs())
+    return f"{did_you_mean(name, names)}; the shipped configs: {', '.join(names)}"
+
+
+def shipped_config(name: str) -> Path:
+    """The shipped config ``name`` (e.g. ``infoguided_2d``); an ``InputError`` listing the names otherwise."""
+    path = shipped_configs().get(name)
+    if path is None:
+        raise InputError(f"no shipped config is named '{name}'{_shipped_names(name)}")
+    return path
+
+
+def find_config(config: str | Path) -> Path:
+    """The YAML file ``config`` names: an existing file, else a shipped config by name (``infoguided_2d``,
+    ``infoguided_2d.yaml`` or ``configs/infoguided_2d.yaml``, so the documented paths work outside a checkout too);
+    otherwise an ``InputError`` listing the shipped names."""
+    path = Path(config)
+    if path.is_file():
+        return path
+    name = path.stem if path.suffix == ".yaml" else path.name
+    if path.parent in (Path("."), Path("configs")) and name in shipped_configs():
+        return shipped_config(name)
+    raise InputError(f"config file not found; pass your own YAML or the name of a shipped config{_shipped_names(name)}",
+                     path=config)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; a missing or malformed file is an ``InputError`` naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("config file not found; pass one of the files in configs/ or your own YAML", path=path)
+    """Read a YAML mapping (``find_config`` locates it); a missing or malformed file is an ``InputError`` naming it."""
+    path = find_config(path)
     try:
         data = _load_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
@@ -158,7 +191,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def load_config(path: str | Path, schema: type[T], overrides: Sequence[str] = (),
                 check: Callable[[T], T | None] | None = None) -> T:
     """Read ``path``, apply ``overrides``, build ``schema`` and run ``check`` (cross-field rules; it may return a
-    completed config); errors name the file."""
+    completed config); errors name the file. ``path`` may name a shipped config (``find_config``)."""
+    path = find_config(path)
     data = apply_overrides(read_yaml(path), overrides)
     try:
         config = from_dict(schema, data)

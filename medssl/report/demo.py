@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
+from medssl.config import shipped_config
 from medssl.engine.monitor import clock
 from medssl.errors import InputError
 from medssl.outputs import write_atomic
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_OUT = Path("medssl_demo")
 MARKER = ".medssl-demo"  # written first: a folder holding it is a demo output that a new demo may replace
 ENTRIES = ("data", "runs", "landmarks", "segmentation", "figures", "report.md", MARKER)  # what a demo writes
@@ -88,15 +88,6 @@ class StageClock:
         yield
         self.seconds[name] = time.perf_counter() - start
         log.info("%s done in %.1f s (total %s)", label, self.seconds[name], clock(time.perf_counter() - self.started))
-
-
-def config_path(name: str) -> Path:
-    """A shipped config (``configs/NAME``); the demo runs from a source checkout (``pip install -e .``)."""
-    path = CONFIGS / name
-    if not path.is_file():
-        raise InputError("shipped config not found; medssl demo needs the configs/ folder of a source checkout "
-                         "(pip install -e .)", path=path)
-    return path
 
 
 def prepare_output(out: Path) -> None:
@@ -231,7 +222,7 @@ def pretrain_stage(runs: Path, split: Split, spatial_dims: int, method: str, ove
     from medssl.engine.pretrain_config import read_pretrain_config
     from medssl.engine.state import seeded
 
-    config = read_pretrain_config(config_path(f"{method}_{spatial_dims}d.yaml"),
+    config = read_pretrain_config(shipped_config(f"{method}_{spatial_dims}d"),
                                   [f"train.device={device}", *overrides])
     with seeded(config.seed):  # the weights the pretraining loop starts from (it seeds right before building)
         network = build_network(config)  # matched on every level, like --checkpoint none
@@ -321,7 +312,7 @@ def segmentation_stage(runs: Path, out: Path, split: Split, checkpoints: dict[st
     from medssl.metrics.report import evaluate_segmentation_files
     from medssl.report.markdown import Row
 
-    base = read_finetune_config(config_path(f"finetune_seg_{pretrain_config.spatial_dims}d.yaml"),
+    base = read_finetune_config(shipped_config(f"finetune_seg_{pretrain_config.spatial_dims}d"),
                                 [f"train.device={device}", *size.finetune])
     prepared_like = preprocessing_options(pretrain_config)
     data = {**to_dict(base.data), **{key: prepared_like[key] for key in PREPROCESSING_KEYS}}
