@@ -155,7 +155,8 @@ def pretrain(
     ``config`` is a ``PretrainConfig`` or a YAML path; ``data`` replaces ``data.path``; ``out`` is the run folder
     (default ``runs/<method>_<D>d_<time>``); ``resume`` continues the run in that folder from its last checkpoint
     (the config must match the run's except for ``RESUME_MAY_CHANGE``) and ends with the same weights as an
-    uninterrupted run.
+    uninterrupted run. The run seeds the global generators (``monai.utils.set_determinism``) and sets torch's
+    determinism flags; they stay so after it returns.
     """
     if not isinstance(config, PretrainConfig):
         config = read_pretrain_config(config)
