@@ -57,3 +57,10 @@ def dicom_series(tmp_path: Path) -> Path:
         writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
         writer.Execute(slice_k)
     return folder
+
+
+def validation_section(demo: Path, every: int = 2) -> dict:
+    """A pretraining config's ``validation`` section on a demo folder: template ``subject_000``, every image scored
+    against ``landmarks.csv``."""
+    return {"template": str(demo / "images" / "subject_000.png"), "template_landmarks": str(demo / "landmarks.csv"),
+            "images": str(demo / "images"), "truth": str(demo / "landmarks.csv"), "every": every}

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import validation_section
 from medssl.data.demo import write_demo_dataset
 from medssl.engine.checkpoint import read_model_file
 from medssl.engine.pretrain import pretrain
@@ -43,9 +44,7 @@ def config(demo: Path, methods: list[str], validation: bool = False) -> dict:
         "train": {"steps": 2, "batch_size": 2, "lr": 1e-3, "warmup_steps": 1, "checkpoint_every": 2, "log_every": 2},
     }
     if validation:
-        data["validation"] = {"template": str(demo / "images" / "subject_000.png"),
-                              "template_landmarks": str(demo / "landmarks.csv"), "images": str(demo / "images"),
-                              "truth": str(demo / "landmarks.csv"), "every": 2}
+        data["validation"] = validation_section(demo)
     return data
 
 

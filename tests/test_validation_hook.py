@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import validation_section
 from medssl.cli import main
 from medssl.data.demo import write_demo_dataset
 from medssl.data.landmarks import read_landmarks
@@ -42,9 +43,7 @@ def config(demo: Path, validation: bool = True) -> dict:
         "train": {"steps": 4, "batch_size": 2, "lr": 1e-2, "warmup_steps": 1, "checkpoint_every": 2, "log_every": 1},
     }
     if validation:
-        data["validation"] = {"template": str(demo / "images" / "subject_000.png"),
-                              "template_landmarks": str(demo / "landmarks.csv"), "images": str(demo / "images"),
-                              "truth": str(demo / "landmarks.csv"), "every": 2}
+        data["validation"] = validation_section(demo)
     return data
 
 
