@@ -12,6 +12,8 @@ Written here because MONAI/torch offer resampling but no point correspondence be
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -178,3 +180,21 @@ def gather_pairs(
         chosen = torch.randperm(fa.shape[0], generator=generator, device="cpu")[:max_pairs].to(fa.device)
         fa, fb = fa[chosen], fb[chosen]
     return fa, fb
+
+
+def cells_of(feat: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """Feature vectors ``(B, K, C)`` of ``feat`` ``(B, C, *S)`` at integer cells ``(B, K, D)``."""
+    flat = torch.zeros(cells.shape[:2], dtype=torch.long, device=feat.device)  # (B, K) row-major flat index
+    for axis, size in enumerate(feat.shape[2:]):
+        flat = flat * size + cells[..., axis]
+    index = flat[:, None, :].expand(feat.shape[0], feat.shape[1], flat.shape[1])  # (B, C, K)
+    return feat.flatten(2).gather(2, index).transpose(1, 2)  # (B, K, C)
+
+
+def matched_cells(grid: torch.Tensor, sizes: Sequence[int], stride: int, shape: Sequence[int]) -> torch.Tensor:
+    """Integer cells ``(B, K, D)`` (clamped inside ``shape``) of a stride-``stride`` grid holding the ``grid_sample``
+    points ``grid`` ``(B, K, D)`` (x, y[, z]) of a view of voxel ``sizes``."""
+    size = torch.tensor(tuple(sizes), dtype=grid.dtype, device=grid.device)
+    index = ((grid.flip(-1) + 1) * size - 1) / 2  # (B, K, D) voxel index, tensor-axis order
+    limit = torch.tensor(tuple(shape), device=grid.device) - 1
+    return torch.minimum(torch.floor((index + 0.5) / stride).long().clamp_min(0), limit)

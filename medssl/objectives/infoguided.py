@@ -16,7 +16,7 @@ import torch
 from monai.networks.layers import Conv
 from torch import nn
 
-from medssl.correspondence import world_to_view_grid
+from medssl.correspondence import cells_of, matched_cells, world_to_view_grid
 from medssl.data.batch import PairBatch, ViewBatch
 from medssl.errors import InputError
 from medssl.objectives.base import OBJECTIVES, Objective
@@ -76,8 +76,8 @@ class InfoGuided(Objective):
         total = 0.0
         for head, level, stride in zip(self.heads, self.levels, self.strides):
             emb_raw, emb_patch = head(features_raw[level]), head(features_patch[level])  # (B, E, *S/stride)
-            queries = _cells_of(emb_patch, anchor_index // stride)  # (B, K, E)
-            targets = _matched_cells(grid, raw.image.shape[2:], stride, emb_raw.shape[2:])  # (B, K, D)
+            queries = cells_of(emb_patch, anchor_index // stride)  # (B, K, E)
+            targets = matched_cells(grid, raw.image.shape[2:], stride, emb_raw.shape[2:])  # (B, K, D)
             window = None if level == 0 else self.window  # the coarsest level competes with the whole map
             loss = info_nce_map(emb_raw, queries, targets, valid, window=window, temperature=self.temperature)
             parts[f"loss_stride{stride}"] = loss.detach()
@@ -94,26 +94,8 @@ class InfoGuided(Objective):
         return sample_anchors(patch.info, patch.valid, self.anchors, self.alpha)
 
 
-def _cells_of(feat: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
-    """Feature vectors ``(B, K, C)`` of ``feat`` ``(B, C, *S)`` at integer cells ``(B, K, D)``."""
-    flat = torch.zeros(cells.shape[:2], dtype=torch.long, device=feat.device)  # (B, K) row-major flat index
-    for axis, size in enumerate(feat.shape[2:]):
-        flat = flat * size + cells[..., axis]
-    index = flat[:, None, :].expand(feat.shape[0], feat.shape[1], flat.shape[1])  # (B, C, K)
-    return feat.flatten(2).gather(2, index).transpose(1, 2)  # (B, K, C)
-
-
-def _matched_cells(grid: torch.Tensor, sizes: Sequence[int], stride: int, shape: Sequence[int]) -> torch.Tensor:
-    """Integer cells ``(B, K, D)`` (clamped inside ``shape``) of a stride-``stride`` grid holding the ``grid_sample``
-    points ``grid`` ``(B, K, D)`` (x, y[, z]) of a view of voxel ``sizes``."""
-    size = torch.tensor(tuple(sizes), dtype=grid.dtype, device=grid.device)
-    index = ((grid.flip(-1) + 1) * size - 1) / 2  # (B, K, D) voxel index, tensor-axis order
-    limit = torch.tensor(tuple(shape), device=grid.device) - 1
-    return torch.minimum(torch.floor((index + 0.5) / stride).long().clamp_min(0), limit)
-
-
 def _gather_at(view: ViewBatch, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """World mm ``(B, K, D)`` and validity ``(B, K)`` of the voxels ``index`` ``(B, K, D)`` of ``view``."""
-    world = _cells_of(view.coords.double(), index)  # (B, K, D)
-    valid = _cells_of(view.valid.float(), index)[..., 0] > 0.5  # (B, K)
+    world = cells_of(view.coords.double(), index)  # (B, K, D)
+    valid = cells_of(view.valid.float(), index)[..., 0] > 0.5  # (B, K)
     return world.to(view.coords.dtype), valid

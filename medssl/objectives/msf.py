@@ -16,13 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medssl.correspondence import match_views
+from medssl.correspondence import cells_of, match_views, matched_cells
 from medssl.data.batch import PairBatch, ViewBatch
 from medssl.engine.distributed import concat_across_ranks
 from medssl.errors import InputError
 from medssl.networks.heads import global_mlp
 from medssl.objectives.base import OBJECTIVES, Objective, resolve_decoder_levels
-from medssl.objectives.infoguided import _cells_of, _matched_cells
 from medssl.objectives.lewel import layer_norm_mlp
 from medssl.objectives.momentum import cosine_momentum, make_teacher, update_momentum
 from medssl.transforms.infomap import sample_anchors
@@ -199,20 +198,20 @@ class MSF(Objective):
         matchable = mask[:, None]  # (B, 1, *S)
         per_image = -(-self.dense_pairs // mask.shape[0])  # ceil
         anchors = sample_anchors(torch.ones_like(matchable, dtype=torch.float32), matchable, per_image, 0.0)
-        rows = (_cells_of(matchable.float(), anchors)[..., 0] > 0.5).flatten().nonzero()[:, 0]  # valid (b, k) rows
+        rows = (cells_of(matchable.float(), anchors)[..., 0] > 0.5).flatten().nonzero()[:, 0]  # valid (b, k) rows
         if rows.numel() == 0:
             raise InputError("objective.msf.dense needs overlapping views, but the two views of a sample share no "
                              "pixel; use the weak_strong view preset with overlapping crops")
         if rows.numel() < self.dense_pairs:  # a fixed count per step keeps the banks' blocks aligned across processes
             rows = rows[torch.randint(rows.numel(), (self.dense_pairs,), device=rows.device)]
         rows = rows[: self.dense_pairs]  # (dense_pairs,)
-        matched = _cells_of(grid_b.movedim(-1, 1), anchors)  # (B, K, D) grid_sample points in the strong view
+        matched = cells_of(grid_b.movedim(-1, 1), anchors)  # (B, K, D) grid_sample points in the strong view
         losses = []
         for index, (level, stride) in enumerate(zip(self.dense_levels, self.dense_strides)):
             target_map, online_map = target_features[level], online_features[level]  # (B, C, *S / stride)
-            online_cells = _matched_cells(matched, strong.image.shape[2:], stride, online_map.shape[2:])  # (B, K, D)
-            target_rows = _cells_of(target_map, anchors // stride).flatten(0, 1)[rows]  # (dense_pairs, C)
-            online_rows = _cells_of(online_map, online_cells).flatten(0, 1)[rows]  # (dense_pairs, C)
+            online_cells = matched_cells(matched, strong.image.shape[2:], stride, online_map.shape[2:])  # (B, K, D)
+            target_rows = cells_of(target_map, anchors // stride).flatten(0, 1)[rows]  # (dense_pairs, C)
+            online_rows = cells_of(online_map, online_cells).flatten(0, 1)[rows]  # (dense_pairs, C)
             query = F.normalize(self.dense_predictors[index](self.dense_projectors[index](online_rows)), dim=1)
             with torch.no_grad():
                 target = F.normalize(self.target_heads[1 + index](target_rows), dim=1)  # (dense_pairs, P)

@@ -19,12 +19,11 @@ import torch.nn.functional as F
 from monai.networks.layers import Conv
 from torch import nn
 
-from medssl.correspondence import gather_pairs, match_views
+from medssl.correspondence import cells_of, gather_pairs, match_views, matched_cells
 from medssl.data.batch import PairBatch
 from medssl.errors import InputError
 from medssl.networks.heads import global_mlp, token_mlp
 from medssl.objectives.base import OBJECTIVES, Objective, resolve_decoder_levels
-from medssl.objectives.infoguided import _cells_of, _matched_cells
 from medssl.objectives.losses import (
     hard_uncertainty_weights,
     heteroscedastic_loss,
@@ -217,10 +216,10 @@ class PGSSL(Objective):
         matchable = mask[:, None]  # (B, 1, *S)
         anchors = sample_anchors(torch.ones_like(matchable, dtype=torch.float32), matchable, self.contrast_anchors,
                                  0.0)  # (B, K, D) voxel indices in view s
-        valid = _cells_of(matchable.float(), anchors)[..., 0] > 0.5  # (B, K) False only for images without overlap
-        matched = _cells_of(grid.movedim(-1, 1), anchors)  # (B, K, D) grid_sample points in view t
+        valid = cells_of(matchable.float(), anchors)[..., 0] > 0.5  # (B, K) False only for images without overlap
+        matched = cells_of(grid.movedim(-1, 1), anchors)  # (B, K, D) grid_sample points in view t
         with torch.no_grad():  # the stabiliser's uncertainty weights of the anchors (detached in every mode)
-            pixels = _cells_of(student_s[-1], anchors).flatten(0, 1)  # (B*K, C)
+            pixels = cells_of(student_s[-1], anchors).flatten(0, 1)  # (B*K, C)
             samples = self.stabilizer(self.pixel_projector(pixels.T[None])[0].T, self.mc_samples)  # (T, B*K, P)
             weights, u = uncertainty_weights(samples)
             if self.uncertainty == "hard":
@@ -231,8 +230,8 @@ class PGSSL(Objective):
         total = student_s[-1].new_zeros(())
         for head, level, stride in zip(self.contrast_heads, self.contrast_levels, self.contrast_strides):
             emb_s, emb_t = head(student_s[level]), head(student_t[level])  # (B, E, *S/stride)
-            queries = _cells_of(emb_s, anchors // stride)  # (B, K, E)
-            targets = _matched_cells(matched, student_t[-1].shape[2:], stride, emb_t.shape[2:])  # (B, K, D)
+            queries = cells_of(emb_s, anchors // stride)  # (B, K, E)
+            targets = matched_cells(matched, student_t[-1].shape[2:], stride, emb_t.shape[2:])  # (B, K, D)
             window = None if level == self.contrast_levels[0] else self.contrast_window
             total = total + info_nce_map(emb_t, queries, targets, weights, window, self.contrast_temperature)
         return total / len(self.contrast_levels)
