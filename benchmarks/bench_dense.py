@@ -49,20 +49,13 @@ def population(work: Path, dims: int, subjects: int) -> Path:
 
 def random_init(config_name: str, dims: int, seed: int, overrides: Sequence[str], work: Path) -> Path:
     """``model.pt`` of the network a run of ``config_name`` with ``seed`` starts from (no matching levels: all)."""
-    from monai.utils import set_determinism
-
-    from medssl.engine.checkpoint import save_model
-    from medssl.engine.pretrain import build_network, preprocessing_options
+    from medssl.engine.pretrain import save_initial_model
     from medssl.engine.pretrain_config import read_pretrain_config
 
     path = work / "random_init" / f"{dims}d_seed{seed}" / "model.pt"
     if not path.is_file():
-        config = read_pretrain_config(ROOT / "configs" / f"{config_name}_{dims}d.yaml", [*overrides, f"seed={seed}"])
-        set_determinism(seed=config.seed)  # as the pretraining loop does right before building its network
-        network = build_network(config)
-        save_model(network, path, spatial_dims=dims, preprocessing=preprocessing_options(config),
-                   matching={"levels": list(range(len(network.feature_info)))})
-        set_determinism(seed=None)
+        save_initial_model(read_pretrain_config(ROOT / "configs" / f"{config_name}_{dims}d.yaml",
+                                                [*overrides, f"seed={seed}"]), path)
     return path.parent
 
 

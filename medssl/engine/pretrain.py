@@ -28,7 +28,7 @@ from medssl.engine.memory import check_memory, raise_if_out_of_memory
 from medssl.engine.monitor import Monitor
 from medssl.engine.pretrain_config import PretrainConfig, pretrain_config_from_dict, read_pretrain_config
 from medssl.engine.schedule import build_optimizer, build_scheduler
-from medssl.engine.state import capture_rng, restore_rng
+from medssl.engine.state import capture_rng, restore_rng, seeded
 from medssl.errors import InputError
 from medssl.outputs import check_output, undone_on_failure
 
@@ -73,6 +73,15 @@ def build_network(config: PretrainConfig) -> nn.Module:
 
     check_kwargs(networks.UNet, config.network, "network", reserved=("spatial_dims",))
     return networks.build_network(spatial_dims=config.spatial_dims, **config.network)
+
+
+def save_initial_model(config: PretrainConfig, path: str | Path) -> Path:
+    """Write the ``model.pt`` of the network a run of ``config`` starts from (the random-init baseline of that run;
+    the loop seeds with ``config.seed`` right before building it), matched on every level like ``--checkpoint none``."""
+    with seeded(config.seed):
+        network = build_network(config)
+    return save_model(network, path, spatial_dims=config.spatial_dims, preprocessing=preprocessing_options(config),
+                      matching={"levels": list(range(len(network.feature_info)))})
 
 
 def build_objectives(config: PretrainConfig, network: nn.Module) -> tuple[dict[str, nn.Module], dict[str, float]]:

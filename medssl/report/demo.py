@@ -217,17 +217,12 @@ def pretrain_stage(runs: Path, split: Split, spatial_dims: int, method: str, ove
                    device: str) -> tuple[Any, dict[str, Path]]:
     """Pretrain on the pool; returns the config and ``{label: checkpoint}`` for the pretrained network and the
     random initialisation it started from."""
-    from medssl.engine.checkpoint import save_model
-    from medssl.engine.pretrain import build_network, preprocessing_options, pretrain
+    from medssl.engine.pretrain import pretrain, save_initial_model
     from medssl.engine.pretrain_config import read_pretrain_config
-    from medssl.engine.state import seeded
 
     config = read_pretrain_config(shipped_config(f"{method}_{spatial_dims}d"),
                                   [f"train.device={device}", *overrides])
-    with seeded(config.seed):  # the weights the pretraining loop starts from (it seeds right before building)
-        network = build_network(config)  # matched on every level, like --checkpoint none
-    save_model(network, runs / "random_init" / "model.pt", spatial_dims=spatial_dims,
-               preprocessing=preprocessing_options(config), matching={"levels": range(len(network.feature_info))})
+    save_initial_model(config, runs / "random_init" / "model.pt")
     run = pretrain(config, data=split.root / "pool.json", out=runs / "pretrained")
     return config, {f"{PRETRAINED} ({method})": run, RANDOM_INIT: runs / "random_init"}
 
