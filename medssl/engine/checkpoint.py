@@ -102,11 +102,13 @@ def read_model_file(run_or_model_pt: str | Path) -> dict[str, Any]:
     return payload
 
 
-def load_model(run_or_model_pt: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the network saved in a run folder (or its ``model.pt``) with its weights, in eval mode."""
+def load_model(run_or_model_pt: str | Path, device: str | torch.device = "cpu",
+               payload: dict[str, Any] | None = None) -> nn.Module:
+    """Rebuild the network saved in a run folder (or its ``model.pt``) with its weights, in eval mode; ``payload``:
+    the file's content when the caller has already read it (``read_model_file``), so it is not read twice."""
     from medssl.networks import build_network
 
-    payload = read_model_file(run_or_model_pt)
+    payload = read_model_file(run_or_model_pt) if payload is None else payload
     if "task" in payload:
         raise InputError("this is a fine-tuned model (its network ends in a task head); pass a pretraining run here, "
                          "or use it with 'medssl predict'", path=run_or_model_pt)

@@ -84,7 +84,8 @@ def load_network(checkpoint: str | Path, spatial_dims: int, arch: str | None = N
                              f"{spatial_dims}D pretraining run", path=checkpoint)
         if arch is not None:
             log.warning("--arch %s ignored: the architecture comes from %s", arch, checkpoint)
-        network, preprocessing = load_model(checkpoint, device=device), dict(payload.get("preprocessing") or {})
+        network = load_model(checkpoint, device=device, payload=payload)
+        preprocessing = dict(payload.get("preprocessing") or {})
         recorded, methods = matching_levels(payload)
         why = ("model.pt records none: written by an older medssl" if recorded is None else
                f"trained by {'+'.join(methods)}, from model.pt" if methods else "from model.pt")
