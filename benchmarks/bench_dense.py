@@ -6,7 +6,8 @@
 Every config (``configs/<config>_<D>d.yaml``) pretrains with the same ``--steps`` and its shipped batch size, once
 per seed (``seed=S``), on the realistic demo population (seed 0: 24 subjects in 2D, 10 in 3D; unlabeled images only).
 One-shot matching: template ``subject_000``, every other subject a query, truth from ``landmarks.csv``; the matcher
-uses the levels each run's ``model.pt`` records. Rows: each config (mean ± SD over seeds of MRE, mean of the seeds'
+uses the levels each run's ``model.pt`` records and each landmark's own best match (``--consistency none``: this
+compares features; ``bench_matcher.py`` compares matchers). Rows: each config (mean ± SD over seeds of MRE, mean of the seeds'
 median RE and SDR), random init (the network each seed's run started from, all levels), NCC and registration
 (deterministic, once). Runs and scores are kept in ``--work``: a rerun reuses them, so it continues where it stopped.
 Writes ``--out`` (default ``docs/dense.md``) with the tables of every dimension scored so far.
@@ -63,7 +64,8 @@ def score(label: str, data: Path, checkpoint: str | None, method: str, work: Pat
     """One-shot scores of one checkpoint/method, cached in ``scores`` under ``label``."""
     if label not in scores:
         with tempfile.TemporaryDirectory() as tmp:
-            row = bench_oneshot.score_row(label, data, checkpoint, method, Path(tmp), arch="small")
+            row = bench_oneshot.score_row(label, data, checkpoint, method, Path(tmp), arch="small",
+                                          consistency="none")  # features compared, not matchers
         scores[label] = {key: row[key] for key in ("mre_mm", "std_mm", "median_mm", "sdr", "seconds")}
         log.info("%s: MRE %.2f mm, median %.2f, %.2f s/image", label, row["mre_mm"], row["median_mm"],
                  row["seconds"])

@@ -28,15 +28,16 @@ BASELINES = (("random init", "none", "embedding", "none"), ("NCC", None, "ncc", 
 
 
 def score_row(label: str, data: Path, checkpoint: str | None, method: str, work: Path, arch: str,
-              device: str = "cpu") -> dict:
-    """Detect the landmarks of every query with one method and score them against the dataset's truth."""
+              device: str = "cpu", consistency: str | None = None) -> dict:
+    """Detect the landmarks of every query with one method and score them against the dataset's truth
+    (``consistency``: the embedding's consistency check, default that of the dimension)."""
     images = resolve_images(data / "images")
     template, queries = images[0], images[1:]
     truth_csv = data / "landmarks.csv"
     pred_csv = work / f"{label.replace(' ', '_').replace('/', '_')}.csv"
     started = time.perf_counter()
     detect_landmarks_files(checkpoint, [template], [truth_csv], queries, pred_csv, method=method,
-                           arch=arch if checkpoint == "none" else None, device=device)
+                           arch=arch if checkpoint == "none" else None, device=device, consistency=consistency)
     seconds = (time.perf_counter() - started) / len(queries)
     truth = read_landmarks(truth_csv)
     truth.pop(image_key(template))

@@ -91,7 +91,8 @@ def _landmarks_oneshot(args: argparse.Namespace) -> None:
     out = detect_landmarks_files(
         args.checkpoint, args.template, args.template_landmarks, args.images, args.out, method=args.method,
         arch=args.arch, spacing_mm=args.spacing, figure_dir=args.figures, device=pick_device(args.device),
-        truth=args.truth, levels=_levels(args),
+        truth=args.truth, levels=_levels(args), search=args.search, consistency=args.consistency,
+        min_score=args.min_score,
     )
     if args.truth is not None:
         from medssl.metrics.report import evaluate_landmarks_files
@@ -259,6 +260,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where the network runs (default auto)")
     _levels_option(p)
+    p.add_argument("--search", choices=("global", "coarse-to-fine"), default="global",
+                   help="embedding: each landmark's own match is the best point of the whole image (global, "
+                        "default) or found coarse level first, finer levels only near it (coarse-to-fine)")
+    p.add_argument("--consistency", choices=("thin-plate", "outliers", "none"), default=None,
+                   help="embedding: read each landmark off a robust thin-plate spline through the matches of the "
+                        "landmarks and of a grid of template support points (thin-plate; stops jumps to look-alike "
+                        "structures), only the landmarks whose own match the spline rejects (outliers), or keep "
+                        "each landmark's own best match (none); default thin-plate in 2D, outliers in 3D")
+    p.add_argument("--min-score", type=float, default=None, metavar="S",
+                   help="leave landmarks scoring below S out of the CSV (reported missing) instead of guessing")
     p = command(
         lm_sub, "select-template", "rank unlabeled images as one-shot templates (SCP-style: how well each image's "
         "salient points are found in all the others); label the first one",

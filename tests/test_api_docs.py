@@ -24,5 +24,5 @@ def test_api_examples_run(tmp_path, monkeypatch):
     for index, source in enumerate(examples):
         exec(compile(source, f"docs/api.md example {index + 1}", "exec"), namespace)
     assert (tmp_path / "runs" / "ig3d" / "model.pt").is_file() and (tmp_path / "scores3d.json").is_file()
-    assert namespace["found3d"].shape == namespace["points3d"].shape
+    assert namespace["found3d"].points_mm.shape == namespace["points3d"].shape
     assert len(namespace["label_maps"]) == 4 and 0.0 <= namespace["seg_scores"]["mean_dice"] <= 1.0

@@ -56,7 +56,7 @@ def test_oneshot_writes_the_contract_csv_and_template_equals_query(demo, tmp_pat
     assert oneshot(demo, out, *options, images=[image(demo, key) for key in keys]) == 0
     with out.open() as handle:
         rows = list(csv.DictReader(handle))
-    assert list(rows[0]) == ["image", "name", "x", "y", "score"]
+    assert list(rows[0]) == ["image", "name", "x", "y", "score", *["residual_mm"] * (method == "embedding")]
     truth, predicted, scores = read_landmarks(demo / "landmarks.csv"), read_landmarks(out), read_scores(out)
     assert sorted(predicted) == keys and all(predicted[key].keys() == truth[TEMPLATE].keys() for key in keys)
     assert all(np.isfinite(list(scores[key].values())).all() for key in keys)

@@ -16,10 +16,10 @@ from torch import nn
 
 from medssl.data.geometry import voxel_to_world
 from medssl.data.landmarks import read_landmarks, read_scores, write_landmarks
-from medssl.data.readers import save_image
+from medssl.data.readers import load_image, save_image
 from medssl.errors import InputError
 from medssl.matching.figures import save_landmark_figure
-from medssl.matching.oneshot import OneShotMatcher, peak_positions, prepare_image
+from medssl.matching.oneshot import OneShotMatcher, peak_positions, prepare_image, support_points
 from medssl.matching.run import detect_landmarks_files, rank_templates_files
 from medssl.matching.selection import rank_templates, salient_points
 from medssl.networks import build_network
@@ -75,16 +75,21 @@ SHAPES = {2: (60, 52), 3: (28, 24, 20)}  # not multiples of the divisor: exercis
 LANDMARK_VOXELS = {2: [[20.3, 30.6], [41.0, 12.75]], 3: [[10.4, 12.6, 8.2], [17.0, 9.5, 11.7]]}
 
 
-@pytest.mark.parametrize("combine, unet", [("product", True), ("mean", False)])
+@pytest.mark.parametrize("combine, unet, consistency", [("product", True, None), ("mean", False, "none"),
+                                                         ("product", False, "thin-plate")])
 @pytest.mark.parametrize("dims", [2, 3])
-def test_template_equals_query_returns_template_landmarks(dims, combine, unet):
-    matcher = tiny_matcher(dims, unet=unet, combine=combine)
+def test_template_equals_query_returns_template_landmarks(dims, combine, unet, consistency):
+    matcher = tiny_matcher(dims, unet=unet, combine=combine, consistency=consistency)
     image = as_image(texture(SHAPES[dims]), affine_for(dims))
     embedding = matcher.embed(image)
     points_mm = voxel_to_world(image.affine.numpy(), np.array(LANDMARK_VOXELS[dims]))
-    predicted_mm, scores = matcher.match([matcher.template_vectors(embedding, points_mm)], embedding)
-    assert np.abs(predicted_mm - points_mm).max() < 0.1 * max(SPACING[dims])  # well below one voxel
-    assert np.all(scores > 0.99)
+    found = matcher.match([matcher.reference(embedding, image, points_mm)], embedding)
+    assert np.abs(found.points_mm - points_mm).max() < 0.1 * max(SPACING[dims])  # well below one voxel
+    assert np.all(found.scores > 0.99)
+    if consistency == "none":
+        assert np.isnan(found.residual_mm).all()
+    else:
+        assert np.all(found.residual_mm < 0.1 * max(SPACING[dims]))
 
 
 @pytest.mark.parametrize("dims", [2, 3])
@@ -97,8 +102,8 @@ def test_known_content_shift_returns_known_shift(dims):
     matcher = tiny_matcher(dims)
     template_voxels = np.round(LANDMARK_VOXELS[dims]) + np.array([6, 4, 2][:dims])  # on the grid: cosine 1 there
     points_mm = voxel_to_world(template.affine.numpy(), template_voxels)
-    vectors = matcher.template_vectors(matcher.embed(template), points_mm)
-    predicted_mm, _ = matcher.match([vectors], matcher.embed(query))
+    reference = matcher.reference(matcher.embed(template), template, points_mm)
+    predicted_mm = matcher.match([reference], matcher.embed(query)).points_mm
     expected_mm = voxel_to_world(query.affine.numpy(), template_voxels - shift)  # content at t sits at t - shift
     assert np.abs(predicted_mm - expected_mm).max() < 0.5 * max(SPACING[dims])
 
@@ -117,10 +122,57 @@ def test_world_shift_sliding_window_and_ensemble():
     other_points_mm = points_mm - np.array([3.0, -7.0])
     query_embedding = matcher.embed(query)
     assert [tuple(f.shape[1:]) for f in query_embedding.features] == [(16, 14), (32, 28), (64, 56)]  # padded to 64 x 56
-    templates = [matcher.template_vectors(matcher.embed(template), points_mm),
-                 matcher.template_vectors(matcher.embed(other), other_points_mm)]
-    predicted_mm, _ = matcher.match(templates, query_embedding)
+    templates = [matcher.reference(matcher.embed(template), template, points_mm),
+                 matcher.reference(matcher.embed(other), other, other_points_mm)]
+    predicted_mm = matcher.match(templates, query_embedding).points_mm
     assert np.abs(predicted_mm - (points_mm + moved_mm)).max() < 0.1
+
+
+LOOK_ALIKE = {2: ((72, 72), (18, 18), (52, 50)), 3: ((36, 36, 36), (10, 10, 10), (26, 25, 26))}  # shape, true, copy
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_consistency_stops_a_jump_to_a_planted_look_alike(dims):
+    """The query is the template with the patch around landmark 0 copied far away and its true place disturbed: the
+    plain arg-max jumps to a look-alike, the spline through the support matches stays at the true place and says so
+    (residual_mm = the jump); 'outliers' replaces only the landmarks that jumped."""
+    shape, true, copy = LOOK_ALIKE[dims]
+    array = texture(shape, seed=3)
+    query_array = array.copy()
+    half = 6
+    source = tuple(slice(t - half, t + half + 1) for t in true)
+    target = tuple(slice(c - half, c + half + 1) for c in copy)
+    query_array[target] = array[source]
+    noise = np.random.default_rng(4).normal(scale=0.15, size=query_array[source].shape)
+    query_array[source] = np.clip(query_array[source] + noise, 0.0, 1.0)
+    template, query = as_image(array, affine_for(dims)), as_image(query_array, affine_for(dims))
+    others = {2: [[36, 60], [60, 14]], 3: [[18, 28, 18], [28, 12, 28]]}[dims]  # away from both places
+    voxels = np.array([list(true), *others], dtype=float)
+    points_mm = voxel_to_world(template.affine.numpy(), voxels)
+    results = {}
+    for mode in ("none", "thin-plate", "outliers"):
+        matcher = tiny_matcher(dims, consistency=mode)
+        found = matcher.match([matcher.reference(matcher.embed(template), template, points_mm)], matcher.embed(query))
+        results[mode] = found
+    errors = {mode: np.linalg.norm(found.points_mm - points_mm, axis=1) for mode, found in results.items()}
+    assert errors["none"][0] > 20.0  # the plain arg-max took a look-alike (the copy, or worse)
+    for mode in ("thin-plate", "outliers"):
+        assert errors[mode].max() < max(SPACING[dims]), mode  # every landmark within a voxel of the truth
+        # ... and each says how far its own match had jumped
+        np.testing.assert_allclose(results[mode].residual_mm, errors["none"], atol=max(SPACING[dims]))
+    jumped = errors["none"] > 1.0
+    np.testing.assert_allclose(results["outliers"].points_mm[~jumped], results["none"].points_mm[~jumped])
+
+
+def test_support_points_cover_the_foreground_evenly():
+    array = np.zeros((80, 60))
+    array[10:70, 15:45] = 1.0  # 60 x 30 voxels of 1 x 1.5 mm foreground: 2700 mm^2
+    image = as_image(array, torch.diag(torch.tensor([1.0, 1.5, 1.0], dtype=torch.float64)))
+    points = support_points(image, count=50)
+    assert 35 <= len(points) <= 70
+    assert np.all(array[tuple(points.astype(int).T)] == 1.0)
+    steps = [np.diff(np.unique(points[:, axis])) for axis in range(2)]
+    assert abs(steps[0][0] * 1.0 - steps[1][0] * 1.5) <= 1.5  # about the same step in mm along both axes
 
 
 def test_levels_select_feature_levels_and_are_checked():
@@ -211,6 +263,32 @@ def test_detect_landmarks_files_from_a_saved_model(tmp_path, dims):
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["case_a.png", "template_case_a.png"]
 
 
+def test_min_score_leaves_landmarks_out_and_evaluate_counts_them(tmp_path):
+    from medssl.engine.checkpoint import save_model
+    from medssl.metrics.landmarks import landmark_scores
+
+    image_path, csv_path, landmarks = write_case(tmp_path, 2)
+    noisy = np.asarray(load_image(image_path).as_tensor()[0]) + np.random.default_rng(0).normal(scale=20, size=(64, 56))
+    query = save_image(np.clip(noisy, 0, 255).astype(np.uint8), torch.eye(3), tmp_path / "queries" / "case_b.png")
+    torch.manual_seed(0)
+    model = save_model(build_network(spatial_dims=2, channels=TINY_CHANNELS), tmp_path / "model.pt",
+                       spatial_dims=2, preprocessing={"modality": "mr"})
+    kept = detect_landmarks_files(model, [image_path], [csv_path], [query], tmp_path / "all.csv")
+    header = open(kept).readline().strip().split(",")
+    assert header == ["image", "name", "x", "y", "score", "residual_mm"]
+    scores = read_scores(kept)["case_b"]
+    assert len(set(scores.values())) == 2
+    threshold = float(np.mean(list(scores.values())))
+    out = detect_landmarks_files(model, [image_path], [csv_path], [query], tmp_path / "some.csv", min_score=threshold)
+    left = read_landmarks(out)["case_b"]
+    assert set(left) == {max(scores, key=scores.get)}
+    truth = {"case_b": landmarks}
+    assert landmark_scores(read_landmarks(out), truth)["n_missing"] == 1
+    with pytest.raises(InputError, match="--min-score"):
+        detect_landmarks_files(model, [image_path], [csv_path], [image_path], tmp_path / "x.csv",
+                               min_score=float("nan"))
+
+
 def test_detect_landmarks_files_rejects_bad_input(tmp_path):
     image_path, csv_path, _ = write_case(tmp_path, 2)
     with pytest.raises(InputError, match="did you mean 'ncc'"):
@@ -265,3 +343,17 @@ def test_random_init_baseline_is_fixed_and_leaves_the_callers_rng_alone():
     second, _, _ = load_network("none", 2)
     for a, b in zip(first.state_dict().values(), second.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_too_few_points_for_a_robust_fit_keep_the_own_matches(caplog):
+    matcher = tiny_matcher(2, consistency="none")
+    image = as_image(texture(SHAPES[2]), affine_for(2))
+    embedding = matcher.embed(image)
+    points_mm = voxel_to_world(image.affine.numpy(), np.array(LANDMARK_VOXELS[2]))
+    reference = matcher.reference(embedding, image, points_mm)  # 2 landmarks, no support points
+    matcher.consistency = "thin-plate"
+    found = matcher.match([reference], embedding)
+    assert np.abs(found.points_mm - points_mm).max() < 0.1 and np.isnan(found.residual_mm).all()
+    assert "a robust fit needs 4" in caplog.text
+    with pytest.raises(InputError, match="unknown consistency check 'affine'"):
+        tiny_matcher(2, consistency="affine")

@@ -102,10 +102,13 @@ def read_scores(path: str | Path) -> dict[str, dict[str, float]]:
 
 def write_landmarks(path: str | Path, landmarks: Mapping[str, Mapping[str, np.ndarray]],
                     scores: Mapping[str, Mapping[str, float]] | None = None,
-                    spatial_dims: int | None = None) -> Path:
+                    spatial_dims: int | None = None,
+                    columns: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None) -> Path:
     """Write landmarks (image key -> name -> world mm ``(D,)``) atomically, rows sorted by image then name.
 
     ``spatial_dims`` fixes the header when there are no landmarks and is checked against them otherwise.
+    ``columns``: more numeric columns after ``score`` (column -> image key -> name -> value; a missing value is
+    written as an empty cell); readers ignore them.
     """
     path = Path(path)
     found = sorted({int(np.asarray(p).shape[-1]) for by_name in landmarks.values() for p in by_name.values()})
@@ -113,7 +116,8 @@ def write_landmarks(path: str | Path, landmarks: Mapping[str, Mapping[str, np.nd
     if dims not in (2, 3) or any(size != dims for size in found):
         raise ValueError(f"cannot write {path}: landmarks need one dimension, 2 or 3 (spatial_dims={spatial_dims}, "
                          f"found {found or 'no landmarks'})")
-    header = ["image", "name", *AXES[:dims]] + ([SCORE] if scores is not None else [])
+    columns = dict(columns or {})
+    header = ["image", "name", *AXES[:dims]] + ([SCORE] if scores is not None else []) + list(columns)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
@@ -124,6 +128,9 @@ def write_landmarks(path: str | Path, landmarks: Mapping[str, Mapping[str, np.nd
                 if name not in scores.get(key, {}):
                     raise ValueError(f"cannot write {path}: no score for image '{key}' landmark '{name}'")
                 row.append(f"{float(scores[key][name]):.6g}")
+            for table in columns.values():
+                value = table.get(key, {}).get(name)
+                row.append("" if value is None or not math.isfinite(value) else f"{float(value):.6g}")
             writer.writerow(row)
     write_atomic(path, buffer.getvalue())
     return path

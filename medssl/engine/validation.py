@@ -89,9 +89,9 @@ class LandmarkValidator:
         rng = capture_rng()
         try:
             with torch.no_grad():
-                detector = Detector("embedding", self.templates, OneShotMatcher(network, levels=levels,
+                detector = Detector("embedding", self.templates, OneShotMatcher(network, levels=levels, consistency="none",
                                                                                device=self.device))
-                predictions = {key: dict(zip(self.templates.names, detector(query)[0]))
+                predictions = {key: dict(zip(self.templates.names, detector(query).points_mm))
                                for key, query in self.queries.items()}
         finally:
             restore_rng(rng)

@@ -5,11 +5,19 @@ through ``monai.inferers.SlidingWindowInferer``; each landmark's template vector
 position on every level; cosine similarity maps per level are combined by product (CC2D's coarse-to-fine cascade:
 a coarse level vetoes far false matches, fine levels sharpen the peak) or by mean (SAM), upsampled to the image grid,
 averaged over templates; its few best local maxima are then re-scored on the interpolated feature field, where a
-sub-pixel search picks the answer (coarse-to-fine: cheap maps propose, exact features decide).
+sub-pixel search picks the answer (cheap maps propose, exact features decide).
+
+Two guards against a landmark jumping to a look-alike structure far away (an arg-max over the whole image has no
+notion of where the landmark should be): ``search="coarse-to-fine"`` finds each landmark on the coarsest level
+first and lets every finer level search only a window around the previous answer; ``consistency="thin-plate"``
+also matches a grid of support points over the template's foreground and reads each landmark off a robust
+thin-plate spline through all the matches (``consistency.robust_spline``): a feature-driven registration
+(``"outliers"``: the spline replaces only the landmarks whose own match it rejects).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +36,23 @@ from torch import nn
 from medssl.data.geometry import spacing_mm as affine_spacing_mm
 from medssl.data.geometry import voxel_to_world, world_to_voxel
 from medssl.errors import InputError
+from medssl.matching.consistency import robust_spline
 
+
+log = logging.getLogger(__name__)
 
 COMBINE_MODES = ("product", "mean")
+SEARCH_MODES = ("global", "coarse-to-fine")
+CONSISTENCY_MODES = ("thin-plate", "outliers", "none")
+#: the consistency check per spatial dims when none is chosen (measured, docs/oneshot.md: in 3D reading every
+#: landmark off the spline costs precision, SDR 2 mm 30.6 -> 10.0 %, so there it only replaces the outliers)
+DEFAULT_CONSISTENCY = {2: "thin-plate", 3: "outliers"}
+#: thin-plate smoothing per spatial dims (SciPy ``RBFInterpolator`` units: the kernels are in mm)
+SPLINE_SMOOTHING = {2: 3000.0, 3: 100.0}
+DEFAULT_SUPPORT_POINTS = 512
+FOREGROUND = 0.1  # support points lie where the intensity is above this fraction of the image's range
+_SUPPORT_STRIDE = 2  # support points are searched on every second voxel, then refined
+_SUPPORT_MAP_VOXELS = 2 ** 24  # similarity-map voxels held at once when matching support points (64 MiB float32)
 #: linear interpolation mode of F.interpolate per number of spatial dims
 _LINEAR = {2: "bilinear", 3: "trilinear"}
 #: default sliding-window size per spatial dims (voxels); smaller images are embedded in one window
@@ -100,6 +122,51 @@ class Embedding:
         return voxel_to_world(self.affine.cpu().numpy(), np.asarray(voxels, dtype=np.float64))
 
 
+@dataclass(frozen=True)
+class Reference:
+    """A template as the matcher uses it: unit feature vectors per level ``(L + N, C_l)`` and world positions
+    ``points_mm`` ``(L + N, D)`` of its ``landmarks`` (the first ``L``) and then of its ``N`` support points."""
+
+    vectors: list[torch.Tensor]
+    points_mm: np.ndarray
+    landmarks: int
+
+    @property
+    def landmark_vectors(self) -> list[torch.Tensor]:
+        return [vector[:self.landmarks] for vector in self.vectors]
+
+    @property
+    def support_vectors(self) -> list[torch.Tensor]:
+        return [vector[self.landmarks:] for vector in self.vectors]
+
+
+@dataclass(frozen=True)
+class Matches:
+    """Landmarks found in one query: ``points_mm`` ``(L, D)`` world mm, ``scores`` ``(L,)`` (combined similarity at
+    the answer) and ``residual_mm`` ``(L,)``: how far the landmark's own best match lies from the answer the
+    consistency check gave (large = its own match jumped; NaN without a consistency check)."""
+
+    points_mm: np.ndarray
+    scores: np.ndarray
+    residual_mm: np.ndarray
+
+
+def support_points(image: MetaTensor, count: int = DEFAULT_SUPPORT_POINTS) -> np.ndarray:
+    """About ``count`` voxels ``(N, D)`` on a regular grid over the foreground of ``image`` (channel 0 above
+    ``FOREGROUND`` of its intensity range: the body, not the air around it), the grid step equal in mm along every
+    axis."""
+    array = image.as_tensor()[0].detach().cpu().float().numpy()
+    spacing = np.asarray(affine_spacing_mm(image.affine))
+    low, high = float(array.min()), float(array.max())
+    foreground = array > low + FOREGROUND * (high - low) if high > low else np.ones(array.shape, dtype=bool)
+    volume_mm = float(foreground.sum()) * float(np.prod(spacing))
+    step_mm = (volume_mm / max(int(count), 1)) ** (1.0 / array.ndim)
+    steps = np.maximum(1, np.round(step_mm / spacing)).astype(int)
+    axes = [np.arange(step // 2, size, step) for step, size in zip(steps, array.shape)]
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, array.ndim)  # (M, D)
+    return grid[foreground[tuple(grid.T)]].astype(np.float64)
+
+
 def _normalised_grid(voxels: torch.Tensor, padded_shape: Sequence[int]) -> torch.Tensor:
     """Voxel indices ``(L, D)`` -> ``grid_sample`` coordinates (align_corners=False) ``(1, L, 1[, 1], D)``.
 
@@ -159,20 +226,35 @@ class OneShotMatcher:
     (SAM: raw cosine averaged).
     ``roi_size`` is the sliding-window size in voxels (default ``DEFAULT_ROI_SIZE``; rounded up to twice the
     network's divisor so that every window starts on the coarsest grid). ``candidates``: how many local maxima of
-    the combined map per landmark are re-scored on the feature field (``refine``).
+    the combined map per landmark are re-scored on the feature field (``refine``). ``search``: ``"coarse-to-fine"``
+    (each finer level searched only within two cells of the coarser levels' answer) or ``"global"`` (the arg-max
+    of the combined map over the whole image). ``consistency``: ``"thin-plate"`` (``support`` grid points of the
+    template's foreground are matched too; each landmark is read off a robust thin-plate spline through all
+    matches, ``smoothing`` default ``SPLINE_SMOOTHING``), ``"outliers"`` (the same spline, but a landmark whose
+    own match is an inlier of it keeps that match), ``"none"`` (each landmark's own best match) or None
+    (``DEFAULT_CONSISTENCY`` of the image's dimension).
     """
 
     def __init__(self, network: nn.Module, *, levels: Sequence[int] | None = None, combine: str = "product",
-                 roi_size: int | Sequence[int] | None = None, candidates: int = 4,
-                 device: str | torch.device = "cpu"):
-        if combine not in COMBINE_MODES:
-            raise InputError(f"unknown combine mode '{combine}'; choose one of: {', '.join(COMBINE_MODES)}")
+                 roi_size: int | Sequence[int] | None = None, candidates: int = 4, search: str = "global",
+                 consistency: str | None = None, support: int = DEFAULT_SUPPORT_POINTS,
+                 smoothing: float | None = None, device: str | torch.device = "cpu"):
+        for value, choices, what in ((combine, COMBINE_MODES, "combine mode"), (search, SEARCH_MODES, "search"),
+                                     (consistency or "none", CONSISTENCY_MODES, "consistency check")):
+            if value not in choices:
+                raise InputError(f"unknown {what} '{value}'; choose one of: {', '.join(choices)}")
         self.device = torch.device(device)
         self.network = network.to(self.device).eval()
         self.levels = None if levels is None else check_levels(levels, len(network.feature_info))
         self.combine = combine
         self.roi_size = roi_size
         self.candidates = int(candidates)
+        self.search = search
+        self.consistency = consistency
+        if int(support) < 1:
+            raise InputError(f"the number of support points must be >= 1, got {support}")
+        self.support = int(support)
+        self.smoothing = smoothing
 
     # ------------------------------------------------------------------------------------------------ embedding
     def _windows(self, padded_shape: Sequence[int]) -> SlidingWindowInferer:
@@ -212,6 +294,15 @@ class OneShotMatcher:
             vectors.append(F.normalize(sampled.reshape(level.shape[0], -1).T, dim=1))  # (L, C_l)
         return vectors
 
+    def reference(self, template: Embedding, image: MetaTensor, points_mm: np.ndarray) -> Reference:
+        """The ``Reference`` of a template: its landmarks ``(L, D)`` mm and, with a consistency check, the
+        ``support_points`` of its ``image`` (the image ``template`` embeds)."""
+        landmarks = np.asarray(points_mm, dtype=np.float64).reshape(-1, template.spatial_dims)
+        points = landmarks
+        if (self.consistency or DEFAULT_CONSISTENCY[template.spatial_dims]) != "none":
+            points = np.concatenate([landmarks, template.to_world(support_points(image, self.support))])
+        return Reference(self.template_vectors(template, points), points, landmarks=len(landmarks))
+
     def _combine(self, cosines: Sequence[torch.Tensor]) -> torch.Tensor:
         """Per-level cosine maps (same shape) -> combined score: geometric mean of the clamped cosines (product
         mode, same arg-max as CC2D's product) or their mean (SAM)."""
@@ -219,17 +310,43 @@ class OneShotMatcher:
             return torch.stack([c.clamp(min=1e-6, max=1.0).log() for c in cosines]).mean(dim=0).exp()
         return torch.stack(list(cosines)).mean(dim=0)
 
-    def similarity(self, query: Embedding, vectors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Combined similarity maps ``(L, *S)`` of the template ``vectors`` over the query's grid."""
+    def _level_maps(self, query: Embedding, vectors: Sequence[torch.Tensor], stride: int = 1) -> list[torch.Tensor]:
+        """Cosine maps of the template ``vectors`` on every level, upsampled to the padded grid (every ``stride``-th
+        voxel): ``(L, *P / stride)`` each, clamped to [0, 1] in product mode."""
+        size = [s // stride for s in query.padded_shape]
         cosines = []
         for level, vector in zip(query.features, vectors):
             cosine = torch.einsum("lc,c...->l...", vector, level)  # (L, *P_l)
             if self.combine == "product":
                 cosine = cosine.clamp(0.0, 1.0)  # CC2D: negative similarity is no evidence
-            cosines.append(F.interpolate(cosine[None], size=query.padded_shape, mode=_LINEAR[query.spatial_dims],
-                                         align_corners=False)[0])  # (L, *P)
-        combined = self._combine(cosines)
+            cosines.append(F.interpolate(cosine[None], size=size, mode=_LINEAR[query.spatial_dims],
+                                         align_corners=False)[0])  # (L, *P / stride)
+        return cosines
+
+    def similarity(self, query: Embedding, vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Combined similarity maps ``(L, *S)`` of the template ``vectors`` over the query's grid."""
+        combined = self._combine(self._level_maps(query, vectors))
         return combined[(slice(None), *[slice(0, s) for s in query.shape])]  # (L, *S)
+
+    def _searched_maps(self, query: Embedding, templates: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+        """Combined maps ``(L, *S)`` averaged over templates, limited (``-inf`` elsewhere) to where ``search``
+        allows the answer: everywhere (global), or the window each finer level leaves (coarse-to-fine)."""
+        per_template = [self._level_maps(query, vectors) for vectors in templates]  # [T][levels] (L, *P)
+        crop = (slice(None), *[slice(0, s) for s in query.shape])
+        if self.search == "global" or len(per_template[0]) == 1:
+            return torch.stack([self._combine(maps) for maps in per_template]).mean(dim=0)[crop]
+        strides = [query.padded_shape[0] // level.shape[1] for level in query.features]
+        allowed = None
+        for count in range(1, len(strides) + 1):
+            maps = torch.stack([self._combine(levels[:count]) for levels in per_template]).mean(dim=0)[crop]
+            if allowed is not None:
+                maps = torch.where(allowed, maps, torch.full_like(maps, -torch.inf))
+            if count < len(strides):  # the next level searches within two cells of this level around its answer
+                centres = torch.as_tensor(peak_positions(maps, subpixel=False)[0], dtype=torch.float32,
+                                          device=maps.device)
+                allowed = _ball(query.shape, centres, 2.0 * strides[count - 1] * torch.ones(len(centres),
+                                                                                             device=maps.device))
+        return maps
 
     def _scores_at(self, query: Embedding, templates: Sequence[Sequence[torch.Tensor]],
                    voxels: torch.Tensor) -> torch.Tensor:
@@ -270,10 +387,65 @@ class OneShotMatcher:
             step /= steps
         return best[:, 0].double().cpu().numpy(), scores.double().cpu().numpy()
 
-    def match(self, templates: Sequence[Sequence[torch.Tensor]], query: Embedding) -> tuple[np.ndarray, np.ndarray]:
-        """Landmarks (world mm ``(L, D)``) and scores ``(L,)`` in ``query`` from the ``template_vectors`` of one or
-        more templates (same landmarks, same order); several templates average their similarity maps (ensemble).
-        The best local maxima of the combined map are re-scored and refined on the feature field (``refine``)."""
-        maps = torch.stack([self.similarity(query, vectors) for vectors in templates]).mean(dim=0)  # (L, *S)
-        voxels, scores = self.refine(query, templates, candidate_peaks(maps, self.candidates))
-        return query.to_world(voxels), scores
+    def _support_matches(self, query: Embedding, vectors: Sequence[torch.Tensor]) -> np.ndarray:
+        """Voxels ``(N, D)`` of the best match of every support vector: the best local maxima of its combined map on
+        a grid of stride ``_SUPPORT_STRIDE`` (the spline averages many matches: a coarser search is enough and 2^D
+        times cheaper), then ``refine`` on the feature field; a chunk of maps at a time."""
+        stride = _SUPPORT_STRIDE
+        coarse = [s // stride for s in query.padded_shape]
+        crop = (slice(None), *[slice(0, math.ceil(s / stride)) for s in query.shape])
+        chunk = max(1, _SUPPORT_MAP_VOXELS // int(np.prod(coarse)))
+        found = []
+        for start in range(0, vectors[0].shape[0], chunk):
+            part = [vector[start:start + chunk] for vector in vectors]
+            maps = self._combine(self._level_maps(query, part, stride))[crop]
+            starts = (candidate_peaks(maps, self.candidates).float() + 0.5) * stride - 0.5  # full-grid voxels
+            found.append(self.refine(query, [part], starts, radius_voxels=float(stride), steps=2)[0])
+        return np.concatenate(found) if found else np.zeros((0, query.spatial_dims))
+
+    def match(self, references: Sequence[Reference], query: Embedding) -> Matches:
+        """The landmarks of one or more templates' ``references`` (same landmarks, same order) in ``query``.
+
+        Every landmark's own best match: the best local maxima of its combined map (averaged over templates, an
+        ensemble; within the ``search`` windows), re-scored and refined on the feature field (``refine``). With
+        a consistency check the support points are matched too, a robust thin-plate spline from each template's
+        points to the matches gives each landmark's answer (``"outliers"``: only where the landmark's own match is
+        an outlier of the spline), and several templates vote by the median."""
+        landmark_vectors = [reference.landmark_vectors for reference in references]
+        maps = self._searched_maps(query, landmark_vectors)  # (L, *S)
+        voxels, scores = self.refine(query, landmark_vectors, candidate_peaks(maps, self.candidates))
+        own = query.to_world(voxels)  # (L, D)
+        mode = self.consistency or DEFAULT_CONSISTENCY[query.spatial_dims]
+        too_few = [len(reference.points_mm) for reference in references if len(reference.points_mm) < own.shape[1] + 2]
+        if mode == "none" or too_few:
+            if mode != "none":
+                log.warning("no consistency check: a template has %d landmark and support point(s), a robust fit "
+                            "needs %d; each landmark keeps its own best match", too_few[0], own.shape[1] + 2)
+            return Matches(own, scores, np.full(len(own), np.nan))
+        spacing = np.asarray(affine_spacing_mm(query.affine.numpy()))
+        smoothing = self.smoothing if self.smoothing is not None else SPLINE_SMOOTHING[query.spatial_dims]
+        answers = []
+        for reference in references:
+            support = query.to_world(self._support_matches(query, reference.support_vectors))  # (N, D)
+            fit = robust_spline(reference.points_mm, np.concatenate([own, support]), smoothing=smoothing,
+                                min_scale_mm=float(spacing.max()))
+            answer = fit.predicted[:len(own)]
+            if mode == "outliers":  # a landmark whose own match agrees with the spline keeps it
+                answer = np.where(fit.inliers[:len(own), None], own, answer)
+            answers.append(answer)
+        points = np.median(np.stack(answers), axis=0)  # (L, D): the templates vote
+        at = torch.as_tensor(query.to_voxel(points), dtype=torch.float32, device=self.device)[:, None]  # (L, 1, D)
+        scores = self._scores_at(query, landmark_vectors, at)[:, 0].double().cpu().numpy()
+        return Matches(points, scores, np.linalg.norm(own - points, axis=1))
+
+
+def _ball(shape: Sequence[int], centres: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
+    """``(L, *shape)`` True within ``radii`` ``(L,)`` voxels of ``centres`` ``(L, D)`` voxels (clamped into the
+    grid); always the voxels nearest each centre."""
+    dims = len(shape)
+    axes = [torch.arange(size, dtype=torch.float32, device=centres.device) for size in shape]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))  # (D, *S)
+    upper = torch.as_tensor([size - 1 for size in shape], dtype=torch.float32, device=centres.device)
+    centres = torch.minimum(centres.clamp(min=0.0), upper)
+    distance = (grid[None] - centres.reshape(len(centres), dims, *[1] * dims)).pow(2).sum(dim=1).sqrt()  # (L, *S)
+    return distance <= radii.clamp(min=0.5 * math.sqrt(dims)).reshape(-1, *[1] * dims)  # half a voxel diagonal

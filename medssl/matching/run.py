@@ -24,7 +24,7 @@ from medssl.outputs import atomic_writer, check_output
 from medssl.registry import did_you_mean
 
 if TYPE_CHECKING:
-    from medssl.matching.oneshot import OneShotMatcher
+    from medssl.matching.oneshot import Matches, OneShotMatcher
 
 log = logging.getLogger(__name__)
 
@@ -191,21 +191,25 @@ class Detector:
         self.method, self.templates, self.matcher = method, templates, matcher
         self.references = None
         if method == "embedding":
-            self.references = [matcher.template_vectors(matcher.embed(image), points)
+            self.references = [matcher.reference(matcher.embed(image), image, points)
                                 for image, points in zip(templates.images, templates.points_mm)]
 
-    def __call__(self, query: MetaTensor) -> tuple[np.ndarray, np.ndarray]:
-        """Landmarks ``(L, D)`` world mm (in ``templates.names`` order) and their scores ``(L,)``."""
+    def __call__(self, query: MetaTensor) -> Matches:
+        """The landmarks (in ``templates.names`` order) found in ``query``."""
+        from medssl.matching.oneshot import Matches
+
         if self.method == "embedding":
             return self.matcher.match(self.references, self.matcher.embed(query))
         pairs = list(zip(self.templates.images, self.templates.points_mm))
         if self.method == "ncc":
             from medssl.matching.baselines import ncc_match
 
-            return ncc_match(pairs, query)
-        from medssl.matching.baselines import registration_match
+            points, scores = ncc_match(pairs, query)
+        else:
+            from medssl.matching.baselines import registration_match
 
-        return registration_match(pairs, query)
+            points, scores = registration_match(pairs, query)
+        return Matches(points, scores, np.full(len(scores), np.nan))
 
 
 def detect_landmarks_files(checkpoint: str | Path | None, templates: Sequence[Path],
@@ -213,20 +217,25 @@ def detect_landmarks_files(checkpoint: str | Path | None, templates: Sequence[Pa
                            method: str = "embedding", arch: str | None = None,
                            spacing_mm: float | Sequence[float] | None = None, figure_dir: str | Path | None = None,
                            device: str = "auto", truth: str | Path | None = None,
-                           levels: Sequence[int] | None = None) -> Path:
+                           levels: Sequence[int] | None = None, search: str = "global",
+                           consistency: str | None = None, min_score: float | None = None) -> Path:
     """Predict the templates' landmarks in every image of ``images`` (folders, datalists or files) and write
-    ``out_csv`` (world mm + ``score``); returns its path.
+    ``out_csv`` (world mm, ``score`` and, for the embedding, ``residual_mm``: how far the landmark's own best
+    match lay from the consistent answer); returns its path.
 
     ``method``: ``embedding`` (one-shot matching with ``checkpoint``; ``"none"`` = random init of ``arch``),
     ``ncc`` (intensity template matching) or ``registration`` (affine + B-spline atlas registration); the last
     two ignore ``checkpoint``. ``spacing_mm`` is the pixel size of 2D files without geometry. ``figure_dir``
     receives a PNG per template and per image (with ``truth`` landmarks CSV drawn too, if given). ``levels``: the
     feature levels the embedding matches with (default: those ``model.pt`` records as trained, see
-    ``load_network``).
+    ``load_network``). ``search`` and ``consistency`` (None: the default of the dimension): see ``OneShotMatcher``. ``min_score``: landmarks scoring
+    below it are left out of ``out_csv`` (reported missing by ``evaluate``) instead of guessed.
     """
     from medssl.matching.oneshot import OneShotMatcher
 
     check_method(method)
+    if min_score is not None and not np.isfinite(min_score):
+        raise InputError(f"expected a finite number, got {min_score}", path="--min-score")
     templates = [Path(t) for t in templates]
     if not templates:
         raise InputError("give at least one --template image")
@@ -249,7 +258,7 @@ def detect_landmarks_files(checkpoint: str | Path | None, templates: Sequence[Pa
             raise InputError("the embedding method needs --checkpoint (a run, its model.pt, or 'none')")
         device = pick_device(device)
         network, preprocessing, levels = load_network(checkpoint, dims, arch, device, levels)
-        matcher = OneShotMatcher(network, levels=levels, device=device)
+        matcher = OneShotMatcher(network, levels=levels, search=search, consistency=consistency, device=device)
     elif levels is not None:
         log.warning("--levels ignored: --method %s uses no network", method)
     prepare = image_preparer(preprocessing, templates[0], dims, spacing_mm,
@@ -267,6 +276,8 @@ def detect_landmarks_files(checkpoint: str | Path | None, templates: Sequence[Pa
 
     predictions: dict[str, dict[str, np.ndarray]] = {}
     scores: dict[str, dict[str, float]] = {}
+    residuals: dict[str, dict[str, float]] = {}
+    left_out = 0
     seconds = 0.0  # preparing and matching only (figures excluded): the per-image cost that benchmarks report
     for query_path in queries:
         key = image_key(query_path)
@@ -274,16 +285,24 @@ def detect_landmarks_files(checkpoint: str | Path | None, templates: Sequence[Pa
             raise InputError(f"two images are named '{key}'; landmark CSV rows are matched by name", path=query_path)
         started = time.perf_counter()
         query = prepare(query_path)
-        points, values = detector(query)
+        found = detector(query)
         seconds += time.perf_counter() - started
-        predictions[key] = dict(zip(loaded.names, points))
-        scores[key] = {name: float(value) for name, value in zip(loaded.names, values)}
+        keep = np.ones(len(loaded.names), dtype=bool) if min_score is None else found.scores >= min_score
+        left_out += int((~keep).sum())
+        names = [name for name, kept in zip(loaded.names, keep) if kept]
+        predictions[key] = dict(zip(names, found.points_mm[keep]))
+        scores[key] = dict(zip(names, found.scores[keep].tolist()))
+        residuals[key] = dict(zip(names, found.residual_mm[keep].tolist()))
         if figure_dir is not None:
             save_landmark_figure(Path(figure_dir) / f"{key}.png", query, predictions[key], truth_table.get(key),
                                  title=f"{key} ({method})")
     log.info("%d image(s) matched in %.1f s (%.2f s per image) -> %s", len(queries), seconds, seconds / len(queries),
              out_csv)
-    return write_landmarks(out_csv, predictions, scores=scores, spatial_dims=dims)
+    if min_score is not None:
+        log.info("--min-score %g: %d of %d landmark(s) scored below it and are left out of %s (missing, not "
+                 "guessed)", min_score, left_out, len(queries) * len(loaded.names), out_csv)
+    columns = {"residual_mm": residuals} if method == "embedding" else None
+    return write_landmarks(out_csv, predictions, scores=scores, spatial_dims=dims, columns=columns)
 
 
 def rank_templates_files(checkpoint: str | Path, images: Sequence[str | Path], out_csv: str | Path, *,

@@ -1,0 +1,51 @@
+"""Robust fits of matched points: an affine and a thin-plate spline recovered with up to ~40 % gross outliers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medssl.matching.consistency import robust_affine, robust_spline
+
+
+def _pairs(dims: int, count: int = 60, outliers: int = 20, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    source = rng.uniform(-50, 50, size=(count, dims))
+    linear = np.eye(dims) * 1.1 + rng.normal(scale=0.1, size=(dims, dims))
+    target = source @ linear.T + rng.normal(scale=5, size=dims)
+    clean = target + rng.normal(scale=0.3, size=target.shape)
+    noisy = clean.copy()
+    noisy[:outliers] += rng.uniform(20, 40, size=(outliers, dims)) * rng.choice([-1, 1], size=(outliers, dims))
+    return source, target, noisy, outliers
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_robust_affine_ignores_gross_outliers(dims):
+    source, target, noisy, outliers = _pairs(dims)
+    fit = robust_affine(source, noisy, min_scale_mm=0.1)
+    assert np.abs(fit.predicted - target).max() < 3.0  # every point where the true affine puts it
+    assert not fit.inliers[:outliers].any() and fit.inliers[outliers:].mean() > 0.9
+    assert 0.1 <= fit.scale_mm < 1.5
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_robust_spline_follows_a_smooth_warp_and_rejects_outliers(dims):
+    source, _, _, _ = _pairs(dims, count=120)
+    warp = source + 4.0 * np.sin(source[:, ::-1] / 25.0)  # smooth, not affine
+    noisy = warp.copy()
+    noisy[:30] += 30.0
+    fit = robust_spline(source, noisy, smoothing=10.0, min_scale_mm=0.1)
+    assert not fit.inliers[:30].any()
+    spline_error = np.median(np.linalg.norm(fit.predicted - warp, axis=1))
+    affine_error = np.median(np.linalg.norm(robust_affine(source, noisy).predicted - warp, axis=1))
+    assert spline_error < 0.5 and spline_error < 0.5 * affine_error  # the warp is not affine: the spline follows it
+
+
+def test_identity_is_exact_and_too_few_points_are_refused():
+    source = np.random.default_rng(1).uniform(0, 10, size=(12, 2))
+    fit = robust_spline(source, source, smoothing=1000.0)
+    np.testing.assert_allclose(fit.predicted, source, atol=1e-6)
+    with pytest.raises(ValueError, match="at least 4 point pairs"):
+        robust_affine(source[:3], source[:3])
+    with pytest.raises(ValueError, match="must both be"):
+        robust_affine(source, source[:5])
