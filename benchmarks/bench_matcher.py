@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 from scipy.stats import spearmanr
 
 from medssl.data.inputs import resolve_images
@@ -138,7 +137,6 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     data = args.data or Path("bench/dense") / ("data_2d_24s_realistic" if args.dim == 2 else "data_3d_10s_realistic")
     per_run, split = [], None
     for run in args.runs:
