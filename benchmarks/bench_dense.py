@@ -6,11 +6,11 @@
 Every config (``configs/<config>_<D>d.yaml``) pretrains with the same ``--steps`` and its shipped batch size, once
 per seed (``seed=S``), on the realistic demo population (seed 0: 24 subjects in 2D, 10 in 3D; unlabeled images only).
 One-shot matching: template ``subject_000``, every other subject a query, truth from ``landmarks.csv``; the matcher
-uses the levels each run's ``model.pt`` records and each landmark's own best match (``--consistency none``: this
-compares features; ``bench_matcher.py`` compares matchers). Rows: each config (mean ± SD over seeds of MRE, mean of the seeds'
-median RE and SDR), random init (the network each seed's run started from, all levels), NCC and registration
-(deterministic, once). Runs and scores are kept in ``--work``: a rerun reuses them, so it continues where it stopped.
-Writes ``--out`` (default ``docs/dense.md``) with the tables of every dimension scored so far.
+uses the levels each run's ``model.pt`` records and each landmark's own best match (``--consistency none``:
+this compares features; ``bench_matcher.py`` compares matchers). Rows: each config (mean ± SD over seeds of MRE,
+mean of the seeds' median RE and SDR), random init (the network each seed's run started from, all levels), NCC and
+registration (deterministic, once). Runs and scores are kept in ``--work``: a rerun reuses them, so it continues
+where it stopped. Writes ``--out`` (default ``docs/dense.md``) with the tables of every dimension scored so far.
 """
 
 from __future__ import annotations

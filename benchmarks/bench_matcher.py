@@ -46,18 +46,18 @@ def score_run(run: Path, data: Path, dims: int,
               templates: list[str] | None = None) -> tuple[dict[str, dict], list[list[str]]]:
     """Every variant on one checkpoint; returns label -> scores and [templates, queries]. ``templates``: the three
     template names (default: ranked with this checkpoint, see the module docstring)."""
-    images = resolve_images(data / "images")
+    paths = {image_key(path): path for path in resolve_images(data / "images")}
     truth = read_landmarks(data / "landmarks.csv")
     network, preprocessing, levels = load_network(run, dims)
-    prepare = image_preparer(preprocessing, images[0], dims, network=network)
-    prepared = {image_key(path): prepare(path) for path in images}
+    prepare = image_preparer(preprocessing, next(iter(paths.values())), dims, network=network)
+    prepared = {key: prepare(path) for key, path in paths.items()}
     matcher = OneShotMatcher(network, levels=levels)
     keys = list(prepared)
     if templates is None:
         ranking = rank_templates(matcher, [prepared[key] for key in keys])
         templates = [keys[0], *[keys[i] for i in np.argsort(-ranking, kind="stable") if keys[i] != keys[0]][:2]]
-    loaded = load_templates([data / "images" / next(p.name for p in images if image_key(p) == key)
-                             for key in templates], [data / "landmarks.csv"], prepare)
+    loaded = load_templates([paths[key] for key in templates], [data / "landmarks.csv"],
+                            lambda path: prepared[image_key(path)])  # each image read and prepared once
     queries = [key for key in keys if key not in templates]
     embedded = {key: matcher.embed(prepared[key]) for key in queries}
     template_embeddings = [matcher.embed(image) for image in loaded.images]

@@ -1,4 +1,5 @@
-"""Landmark CSV files: ``image,name,x,y[,z][,score]``, one row per image and landmark, coordinates in world mm.
+"""Landmark CSV files: ``image,name,x,y[,z][,score]``, one row per image and landmark, coordinates in world mm;
+further columns (such as one-shot matching's ``residual_mm``) may follow and are ignored when reading.
 
 ``image`` cells match images by ``image_key`` (file name without extension), so ``a.nii.gz`` and ``a`` are the
 same image. Written here because the format is ours (no library reads it).

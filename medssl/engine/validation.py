@@ -89,8 +89,9 @@ class LandmarkValidator:
         rng = capture_rng()
         try:
             with torch.no_grad():
-                detector = Detector("embedding", self.templates, OneShotMatcher(network, levels=levels, consistency="none",
-                                                                               device=self.device))
+                # each landmark's own match: validation scores the features (and skips support-point matching)
+                matcher = OneShotMatcher(network, levels=levels, consistency="none", device=self.device)
+                detector = Detector("embedding", self.templates, matcher)
                 predictions = {key: dict(zip(self.templates.names, detector(query).points_mm))
                                for key, query in self.queries.items()}
         finally:

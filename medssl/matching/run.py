@@ -228,8 +228,9 @@ def detect_landmarks_files(checkpoint: str | Path | None, templates: Sequence[Pa
     two ignore ``checkpoint``. ``spacing_mm`` is the pixel size of 2D files without geometry. ``figure_dir``
     receives a PNG per template and per image (with ``truth`` landmarks CSV drawn too, if given). ``levels``: the
     feature levels the embedding matches with (default: those ``model.pt`` records as trained, see
-    ``load_network``). ``search`` and ``consistency`` (None: the default of the dimension): see ``OneShotMatcher``. ``min_score``: landmarks scoring
-    below it are left out of ``out_csv`` (reported missing by ``evaluate``) instead of guessed.
+    ``load_network``). ``search`` and ``consistency`` (None: the default of the dimension): see
+    ``OneShotMatcher``. ``min_score``: landmarks scoring below it are left out of ``out_csv`` (reported missing by
+    ``evaluate``) instead of guessed.
     """
     from medssl.matching.oneshot import OneShotMatcher
 
