@@ -8,16 +8,15 @@ table of mean ± SD over seeds and writes it to ``OUT/finetune_table.md`` (the t
 Each finished run keeps its scores (``scores.json``), so a rerun into the same ``--out`` skips it and an interrupted
 benchmark continues where it stopped.
 
-Run (the full benchmark takes hours on a CPU):
-    python benchmarks/bench_finetune.py --checkpoint runs/pgssl_2d --checkpoint runs/msf_2d --dim 2 --out bench/ft2d
+Run from the repository root (the full benchmark takes hours on a CPU):
+    python -m benchmarks.bench_finetune --checkpoint runs/pgssl_2d --checkpoint runs/msf_2d --dim 2 --out bench/ft2d
 Toy size (a check that it works):
-    python benchmarks/bench_finetune.py --checkpoint runs/pgssl_2d --dim 2 --subjects 6 --test 2 --val 1 \\
+    python -m benchmarks.bench_finetune --checkpoint runs/pgssl_2d --dim 2 --subjects 6 --test 2 --val 1 \\
         --labeled 1,all --seeds 0 --out /tmp/ft_toy train.steps=2 train.val_every=2 train.warmup_steps=0
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -27,9 +26,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from benchmarks.common import argument_parser
 from medssl.report.markdown import markdown_table
 
+MODULE = "benchmarks.bench_finetune"
 SDR_RADII_MM = (2.0, 2.5, 3.0, 4.0)
+SDR_KEYS = [str(int(r)) if float(r).is_integer() else str(r) for r in SDR_RADII_MM]  # the scores' "sdr" keys
 
 
 def split_dataset(root: Path, n_test: int, n_val: int) -> Path:
@@ -48,18 +50,18 @@ def _cached(out: Path, case: dict, compute: Callable[[], dict]) -> dict:
     """``compute()``'s scores (as JSON has them: NaN is None), kept in ``out/scores.json`` with ``case``: a finished
     run of the same case (same checkpoint file, by modification time) is reused; anything else in ``out`` is
     replaced (an interrupted run, or another case)."""
-    from medssl.metrics.report import _json_ready
+    from medssl.metrics.report import write_scores_json
+    from medssl.networks.model_file import MODEL_FILE
 
     checkpoint = Path(case["checkpoint"])
-    model = checkpoint / "model.pt" if checkpoint.is_dir() else checkpoint
+    model = checkpoint / MODEL_FILE if checkpoint.is_dir() else checkpoint
     case = {**case, "model_mtime": model.stat().st_mtime_ns if model.is_file() else None}
     done = out / "scores.json"
     if done.is_file() and (saved := json.loads(done.read_text()))["case"] == case:
         return saved["scores"]
     shutil.rmtree(out, ignore_errors=True)
-    scores = json.loads(json.dumps(_json_ready(compute())))
-    done.write_text(json.dumps({"case": case, "scores": scores}, indent=1) + "\n")
-    return scores
+    write_scores_json({"case": case, "scores": compute()}, done)  # atomically, NaN as null
+    return json.loads(done.read_text())["scores"]
 
 
 def run_one(task: str, dims: int, checkpoint: str, n_labeled: int | None, seed: int, datalist: Path,
@@ -156,10 +158,9 @@ def table(results: dict, task: str) -> str:
                  + [_cell([s["dice"].get(c) for s in runs]) for c in classes]
                  + [_cell([s["hd95_mm"].get(c) for s in runs]) for c in classes] for (_, n, init), runs in rows]
     else:
-        keys = [str(int(r)) if float(r).is_integer() else str(r) for r in SDR_RADII_MM]
-        header = ["N labeled", "init", "MRE (mm)"] + [f"SDR {k} mm (%)" for k in keys]
+        header = ["N labeled", "init", "MRE (mm)"] + [f"SDR {k} mm (%)" for k in SDR_KEYS]
         lines = [[str(n), init, _cell([s["mre_mm"] for s in runs])]
-                 + [_cell([s["sdr"][k] for s in runs], 100.0) for k in keys] for (_, n, init), runs in rows]
+                 + [_cell([s["sdr"][k] for s in runs], 100.0) for k in SDR_KEYS] for (_, n, init), runs in rows]
     return "\n".join(markdown_table(header, lines))
 
 
@@ -210,8 +211,7 @@ def run_grid(inits: dict[str, str], dims: int, out: Path, *, subjects: int = 24,
 
 def stage2_table(results: dict) -> str:
     """Markdown table of the stage-2 rows: one-shot start, stage 2 and supervised N = 1, mean ± SD over seeds."""
-    keys = [str(int(r)) if float(r).is_integer() else str(r) for r in SDR_RADII_MM]
-    header = ["init", "labels", "MRE (mm)"] + [f"SDR {k} mm (%)" for k in keys]
+    header = ["init", "labels", "MRE (mm)"] + [f"SDR {k} mm (%)" for k in SDR_KEYS]
     lines = []
     for (kind, _, name), runs in results.items():
         if kind != "stage2":
@@ -221,7 +221,7 @@ def stage2_table(results: dict) -> str:
                               ("stage 2 (1 template + one-shot pseudo-labels)", [r["stage2"] for r in runs]),
                               ("supervised, N = 1", supervised)):
             lines.append([name, label, _cell([s["mre_mm"] for s in scores])]
-                         + [_cell([s["sdr"][k] for s in scores], 100.0) for k in keys])
+                         + [_cell([s["sdr"][k] for s in scores], 100.0) for k in SDR_KEYS])
     return "\n".join(markdown_table(header, lines))
 
 
@@ -241,7 +241,7 @@ def parse_counts(text: str) -> list[int | None]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(MODULE, __doc__, full=True)
     parser.add_argument("--checkpoint", action="append", default=[], help="pretraining run folder (repeatable)")
     parser.add_argument("--dim", type=int, choices=(2, 3), default=2)
     parser.add_argument("--subjects", type=int, default=24, help="demo subjects (default 24)")

@@ -1,7 +1,7 @@
 """One-shot matcher ablation (issue 19): the same pretrained checkpoints, matched four ways, against registration.
 
-    python benchmarks/bench_matcher.py --dim 2 --runs bench/dense/pretrain/infoguided_2d_*  --out docs/matcher_2d.md
-    python benchmarks/bench_matcher.py --dim 3 --runs bench/dense/pretrain/pgssl_3d_38fc5bdb --out docs/matcher_3d.md
+    python -m benchmarks.bench_matcher --dim 2 --runs bench/dense/pretrain/infoguided_2d_*  --out docs/matcher_2d.md
+    python -m benchmarks.bench_matcher --dim 3 --runs bench/dense/pretrain/pgssl_3d_38fc5bdb --out docs/matcher_3d.md
 
 Data: the realistic demo population ``bench_dense`` pretrains on (``--data``). Template ``subject_000``; the
 ensemble adds the two images ``select-template`` ranks best among the others (with the first run's features);
@@ -15,7 +15,6 @@ predictive), and seconds per query (matching only, the embedding excluded).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import tempfile
 import time
@@ -25,14 +24,17 @@ from typing import Sequence
 import numpy as np
 from scipy.stats import spearmanr
 
+from benchmarks.common import argument_parser, emit, log_progress
 from medssl.data.inputs import resolve_images
 from medssl.data.landmarks import read_landmarks
 from medssl.data.readers import image_key
 from medssl.matching.oneshot import DEFAULT_CONSISTENCY, OneShotMatcher
-from medssl.matching.run import detect_landmarks_files, image_preparer, load_network, load_templates
+from medssl.matching.run import detect_landmarks_files, image_preparer, load_templates, matching_network
 from medssl.matching.selection import rank_templates
+from medssl.report.markdown import markdown_table
 
-log = logging.getLogger("benchmarks.bench_matcher")
+MODULE = "benchmarks.bench_matcher"
+log = logging.getLogger(MODULE)
 VARIANTS = (("argmax", "global", "none", 1), ("coarse-to-fine", "coarse-to-fine", "none", 1),
             ("+ thin-plate", "global", "thin-plate", 1), ("+ outliers", "global", "outliers", 1),
             ("+ ensemble of 3 templates", "global", None, 3))  # label, search, consistency, templates
@@ -48,7 +50,7 @@ def score_run(run: Path, data: Path, dims: int,
     template names (default: ranked with this checkpoint, see the module docstring)."""
     paths = {image_key(path): path for path in resolve_images(data / "images")}
     truth = read_landmarks(data / "landmarks.csv")
-    network, preprocessing, levels = load_network(run, dims)
+    network, preprocessing, levels = matching_network(run, dims)
     prepare = image_preparer(preprocessing, next(iter(paths.values())), dims, network=network)
     prepared = {key: prepare(path) for key, path in paths.items()}
     matcher = OneShotMatcher(network, levels=levels)
@@ -114,21 +116,22 @@ def table(per_run: list[dict[str, dict]], reference: dict[str, dict]) -> str:
     def cell(value: float, percent: bool = False) -> str:
         return "—" if not np.isfinite(value) else (f"{100 * value:.1f} %" if percent else f"{value:+.2f}")
 
-    lines = ["| matcher | MRE (mm), mean ± SD over runs | median (mm) | SDR 2 mm | SDR 4 mm | ρ(score, error) | "
-             "ρ(residual, error) | s / query |", "|---|---|---|---|---|---|---|---|"]
+    header = ["matcher", "MRE (mm), mean ± SD over runs", "median (mm)", "SDR 2 mm", "SDR 4 mm", "ρ(score, error)",
+              "ρ(residual, error)", "s / query"]
+    lines = []
     for label in [*(v[0] for v in VARIANTS), *reference]:
         rows = [run[label] for run in per_run] if label not in reference else [reference[label]]
         mre = np.array([row["mre"] for row in rows])
         spread = f" ± {mre.std(ddof=1):.2f}" if len(rows) > 1 else ""
         mean = {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
-        lines.append(f"| {label} | {mre.mean():.2f}{spread} | {mean['median']:.2f} | {cell(mean['sdr2'], True)} | "
-                     f"{cell(mean['sdr4'], True)} | {cell(mean['rho_score'])} | {cell(mean['rho_residual'])} | "
-                     f"{mean['seconds']:.2f} |")
-    return "\n".join(lines)
+        lines.append([label, f"{mre.mean():.2f}{spread}", f"{mean['median']:.2f}", cell(mean["sdr2"], True),
+                      cell(mean["sdr4"], True), cell(mean["rho_score"]), cell(mean["rho_residual"]),
+                      f"{mean['seconds']:.2f}"])
+    return "\n".join(markdown_table(header, lines))
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(MODULE, __doc__)
     parser.add_argument("--dim", type=int, choices=(2, 3), required=True)
     parser.add_argument("--runs", type=Path, nargs="+", required=True, help="pretraining run folders (model.pt)")
     parser.add_argument("--data", type=Path, default=None,
@@ -136,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--skip-baselines", action="store_true", help="leave out NCC and registration")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    log_progress()
     data = args.data or Path("bench/dense") / ("data_2d_24s_realistic" if args.dim == 2 else "data_3d_10s_realistic")
     per_run, split = [], None
     for run in args.runs:
@@ -146,9 +149,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     text = (f"{args.dim}D, {len(args.runs)} run(s): {', '.join(run.name for run in args.runs)}; templates "
             f"{', '.join(split[0])}; {len(split[1])} queries (default consistency: "
             f"{DEFAULT_CONSISTENCY[args.dim]})\n\n" + table(per_run, reference))
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text + "\n", encoding="utf-8")
+    emit(text, args.out)
     return text
 
 

@@ -4,9 +4,9 @@ For each registered objective and dimension: seconds per step (fastest of a few)
 ``on_step_end``), its ratio to the floor (the bare network's forward + backward on the same two views), and peak
 memory (CPU: the process's peak resident set, so every case runs in its own subprocess; CUDA: max allocated).
 The batch comes from the real view sampler on a small demo population and is reused for every timed step, so
-view generation is not counted (``benchmarks/bench_views.py`` measures it).
+view generation is not counted (``benchmarks.bench_views`` measures it).
 
-Run: ``python benchmarks/bench_objectives.py [--device cpu|cuda] [--dims 2 3] [--steps 3] [--batch N]``; prints a
+Run: ``python -m benchmarks.bench_objectives [--device cpu|cuda] [--dims 2 3] [--steps 3] [--batch N]``; prints a
 Markdown table (the numbers in ``docs/pretraining.md`` come from it).
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -24,9 +25,10 @@ from typing import Sequence
 
 import torch
 
-def _synchronise(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from benchmarks.common import ROOT, argument_parser, synchronise
+from medssl.report.markdown import markdown_table
+
+MODULE = "benchmarks.bench_objectives"
 
 
 def _timed(steps: dict, repeats: int, device: torch.device) -> dict[str, float]:
@@ -35,10 +37,10 @@ def _timed(steps: dict, repeats: int, device: torch.device) -> dict[str, float]:
     best = {name: float("inf") for name in steps}
     for round_index in range(repeats + 1):
         for name, step in steps.items():
-            _synchronise(device)
+            synchronise(device)
             start = time.perf_counter()
             step()
-            _synchronise(device)
+            synchronise(device)
             if round_index:
                 best[name] = min(best[name], time.perf_counter() - start)
     return best
@@ -48,7 +50,7 @@ def measure(method: str, spatial_dims: int, data: Path, device: torch.device, st
             overrides: Sequence[str] = ()) -> dict:
     """Seconds per step of ``method`` and of the floor, and peak memory in MiB, at its config's default size
     (``overrides``: extra ``key=value`` config overrides)."""
-    from medssl.engine.pretrain import TrainStep, build_network, build_objectives, build_sampler
+    from medssl.engine.pretrain import TrainStep, build_objectives, build_sampler, network_from_config
     from medssl.config import shipped_config
     from medssl.engine.pretrain_config import read_pretrain_config
     from medssl.engine.schedule import build_optimizer
@@ -56,7 +58,7 @@ def measure(method: str, spatial_dims: int, data: Path, device: torch.device, st
     overrides = [f"data.path={data}", *overrides] + ([f"train.batch_size={batch}"] if batch else [])
     config = read_pretrain_config(shipped_config(f"{method}_{spatial_dims}d"), overrides)
     torch.manual_seed(config.seed)
-    network = build_network(config).to(device)
+    network = network_from_config(config).to(device)
     objectives, weights = build_objectives(config, network)
     model = TrainStep(network, objectives, weights).to(device).train()
     views = build_sampler(config, objectives, device=device, rank=0).sample(config.train.batch_size)
@@ -93,6 +95,8 @@ def measure_all(dims: Sequence[int] = (2, 3), device: str = "cpu", steps: int = 
     from medssl.objectives import OBJECTIVES
 
     rows = []
+    # the child runs this module by name from any working directory: the repository root goes on its PYTHONPATH
+    child_env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     with tempfile.TemporaryDirectory() as tmp:
         for spatial_dims in dims:
             data = write_demo_dataset(Path(tmp) / f"demo{spatial_dims}d", spatial_dims=spatial_dims, n_subjects=2)
@@ -100,25 +104,23 @@ def measure_all(dims: Sequence[int] = (2, 3), device: str = "cpu", steps: int = 
                 if not isolate:
                     rows.append(measure(method, spatial_dims, data, torch.device(device), steps, batch, overrides))
                     continue
-                command = [sys.executable, __file__, "--device", device, "--steps", str(steps),
+                command = [sys.executable, "-m", MODULE, "--device", device, "--steps", str(steps),
                            "--one", method, str(spatial_dims), str(data)] + (["--batch", str(batch)] if batch else [])
                 command += [f"--set={override}" for override in overrides]
-                result = subprocess.run(command, capture_output=True, text=True, check=True)
+                result = subprocess.run(command, capture_output=True, text=True, check=True, env=child_env)
                 rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
     return rows
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = ["| method | D | patch | batch | s/step | floor s/step | ratio | peak MiB |", "|" + "---|" * 8]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['dims']} | {'x'.join(map(str, r['patch']))} | {r['batch']} "
-                     f"| {r['step_s']:.3f} | {r['floor_s']:.3f} | {r['step_s'] / r['floor_s']:.1f} "
-                     f"| {r['peak_mib']:.0f} |")
-    return "\n".join(lines)
+    header = ["method", "D", "patch", "batch", "s/step", "floor s/step", "ratio", "peak MiB"]
+    return "\n".join(markdown_table(header, [
+        [r["method"], str(r["dims"]), "x".join(map(str, r["patch"])), str(r["batch"]), f"{r['step_s']:.3f}",
+         f"{r['floor_s']:.3f}", f"{r['step_s'] / r['floor_s']:.1f}", f"{r['peak_mib']:.0f}"] for r in rows]))
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(MODULE, __doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dims", type=int, nargs="+", default=[2, 3], choices=(2, 3))
     parser.add_argument("--steps", type=int, default=3, help="timed rounds per case (after one warm-up); the fastest counts")

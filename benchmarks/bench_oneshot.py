@@ -1,6 +1,6 @@
 """One-shot landmark quality on a demo dataset: pretrained runs vs random init, NCC and registration.
 
-    python benchmarks/bench_oneshot.py --data demo2d --runs runs/pgssl_2d runs/msf_2d ... [--out table.md]
+    python -m benchmarks.bench_oneshot --data demo2d --runs runs/pgssl_2d runs/msf_2d ... [--out table.md]
 
 The template is the dataset's first subject (``subject_000``); every other subject is a query and its landmarks from
 ``landmarks.csv`` are the truth. Each row: MRE ± std (mm), SDR at 2/2.5/3/4 mm, seconds per query image (preparing and
@@ -16,13 +16,15 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from benchmarks.common import argument_parser, emit
 from medssl.data.inputs import resolve_images
 from medssl.data.landmarks import read_landmarks
 from medssl.data.readers import image_key
 from medssl.matching.run import detect_landmarks_files
 from medssl.metrics.landmarks import landmark_scores
+from medssl.report.markdown import markdown_table
 
-
+MODULE = "benchmarks.bench_oneshot"
 BASELINES = (("random init", "none", "embedding", "none"), ("NCC", None, "ncc", "ncc"),
              ("registration", None, "registration", "registration"))  # label, checkpoint, method, --skip key
 
@@ -61,31 +63,30 @@ def oneshot_rows(data: Path, runs: dict[str, Path], work: Path, arch: str = "sma
 
 def format_rows(rows: list[dict]) -> str:
     radii = list(rows[0]["sdr"])
-    sdr_columns = " | ".join(f"SDR {r} mm" for r in radii)
-    lines = [f"| method | MRE ± std (mm) | median (mm) | {sdr_columns} | s / image |",
-             "|---|---|---|" + "---|" * len(radii) + "---|"]
-    for row in rows:
-        sdr = " | ".join(f"{100 * row['sdr'][r]:.1f} %" for r in radii)
-        lines.append(f"| {row['label']} | {row['mre_mm']:.2f} ± {row['std_mm']:.2f} | {row['median_mm']:.2f} | {sdr} "
-                     f"| {row['seconds']:.2f} |")
-    return "\n".join(lines)
+    header = ["method", "MRE ± std (mm)", "median (mm)", *(f"SDR {r} mm" for r in radii), "s / image"]
+    return "\n".join(markdown_table(header, [
+        [row["label"], f"{row['mre_mm']:.2f} ± {row['std_mm']:.2f}", f"{row['median_mm']:.2f}",
+         *(f"{100 * row['sdr'][r]:.1f} %" for r in radii), f"{row['seconds']:.2f}"] for row in rows]))
+
+
+def population_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--data`` (a demo population) and ``--skip`` (the baselines to leave out), as the one-shot benchmarks take
+    them."""
+    parser.add_argument("--data", type=Path, required=True, help="a demo dataset folder (medssl data demo)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=[key for *_, key in BASELINES],
+                        help="one-shot baselines to leave out")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True, help="a demo dataset folder (medssl data demo)")
+    parser = population_arguments(argument_parser(MODULE, __doc__))
     parser.add_argument("--runs", type=Path, nargs="*", default=[], help="pretraining run folders to compare")
     parser.add_argument("--arch", default="small", help="architecture of the random-init baseline")
-    parser.add_argument("--skip", nargs="*", default=[], choices=("none", "ncc", "registration"),
-                        help="baselines to leave out")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         rows = oneshot_rows(args.data, {run.name: run for run in args.runs}, Path(tmp), args.arch, args.skip)
-    table = format_rows(rows)
-    print(table)
-    if args.out is not None:
-        args.out.write_text(table + "\n", encoding="utf-8")
+    emit(format_rows(rows), args.out)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """How hard a demo population is: intensity-threshold segmentation, shape change, and the one-shot baselines.
 
-    python benchmarks/bench_population.py --data demo2d [--out table.md] [--skip registration]
+    python -m benchmarks.bench_population --data demo2d [--out table.md] [--skip registration]
 
 Rows written (Markdown):
 - threshold segmentation, mean Dice over CSF / grey / white matter against the true labels: per-image multi-Otsu
@@ -14,14 +14,17 @@ Rows written (Markdown):
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from bench_oneshot import format_rows, oneshot_rows
+from benchmarks.bench_oneshot import format_rows, oneshot_rows, population_arguments
+from benchmarks.common import argument_parser, emit
+from medssl.report.markdown import markdown_table
+
+MODULE = "benchmarks.bench_population"
 
 CLASSES = (1, 2, 3)  # CSF, grey matter, white matter
 BINS = 96  # intensity bins of the oracle search
@@ -92,10 +95,10 @@ def population_report(data: Path, skip: list[str], arch: str = "small") -> str:
     """The Markdown report of ``data`` (see the module docstring)."""
     meta = json.loads((data / "meta.json").read_text(encoding="utf-8"))
     lines = [f"Population: `{data}`, {meta['subjects']} {meta['spatial_dims']}D subjects, "
-             f"{meta['variability']['name']} variability, seed {meta['seed']}.", "",
-             "| threshold segmentation | mean Dice (mean over images) | min | max |", "|---|---|---|---|"]
-    for label, values in threshold_rows(data).items():
-        lines.append(f"| {label} | {np.mean(values):.3f} | {np.min(values):.3f} | {np.max(values):.3f} |")
+             f"{meta['variability']['name']} variability, seed {meta['seed']}.", ""]
+    lines += markdown_table(["threshold segmentation", "mean Dice (mean over images)", "min", "max"], [
+        [label, f"{np.mean(values):.3f}", f"{np.min(values):.3f}", f"{np.max(values):.3f}"]
+        for label, values in threshold_rows(data).items()])
     shape = shape_change(data)
     lines += ["", f"Non-linear displacement at the landmarks: mean {np.mean(shape):.2f} mm over subjects "
                   f"(per subject {np.min(shape):.2f}-{np.max(shape):.2f} mm).", ""]
@@ -105,16 +108,10 @@ def population_report(data: Path, skip: list[str], arch: str = "small") -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True, help="a demo dataset folder (medssl data demo)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=("none", "ncc", "registration"),
-                        help="one-shot baselines to leave out")
+    parser = population_arguments(argument_parser(MODULE, __doc__))
     parser.add_argument("--out", type=Path, default=None, help="also write the Markdown report here")
     args = parser.parse_args(argv)
-    report = population_report(args.data, args.skip)
-    print(report)
-    if args.out is not None:
-        args.out.write_text(report + "\n", encoding="utf-8")
+    emit(population_report(args.data, args.skip), args.out)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,12 @@
 """View-generation speed vs one training step: view pairs/s for 2D 128^2 and 3D 64^3 patches, next to the pairs/s of
 one forward+backward step of the default network (``medssl.networks.unet.UNet(size="small")`` on both views).
 
-Run: ``python benchmarks/bench_views.py [--device cpu] [--batch 4] [--repeats 5]``; prints a Markdown table
+Run: ``python -m benchmarks.bench_views [--device cpu] [--batch 4] [--repeats 5]``; prints a Markdown table
 (the numbers in ``docs/views.md`` come from it). Scans are synthetic smooth volumes written to a temporary folder.
 """
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -16,9 +15,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from benchmarks.common import argument_parser, synchronise
 from medssl.data.readers import save_image
 from medssl.networks.unet import UNet
+from medssl.report.markdown import markdown_table
 from medssl.transforms.sampler import ViewPairSampler
+
+MODULE = "benchmarks.bench_views"
 
 CASES = {2: ((192, 176), (128, 128)), 3: ((96, 88, 80), (64, 64, 64))}  # scan shape, patch size (1 mm voxels)
 
@@ -34,19 +37,14 @@ def _scans(folder: Path, spatial_dims: int, shape: tuple[int, ...], count: int =
     return paths
 
 
-def _synchronise(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def pairs_per_second(sampler: ViewPairSampler, batch: int, repeats: int) -> float:
     """View pairs per second after one warm-up batch (which fills the scan cache)."""
     sampler.sample(batch)
-    _synchronise(sampler.device)
+    synchronise(sampler.device)
     start = time.perf_counter()
     for _ in range(repeats):
         sampler.sample(batch)
-    _synchronise(sampler.device)
+    synchronise(sampler.device)
     return batch * repeats / (time.perf_counter() - start)
 
 
@@ -56,12 +54,12 @@ def network_pairs_per_second(spatial_dims: int, patch: tuple[int, ...], batch: i
     network = UNet(spatial_dims=spatial_dims, size="small").to(device)
     images = torch.rand((2 * batch, 1, *patch), device=device)
     network(images).mean().backward()
-    _synchronise(device)
+    synchronise(device)
     start = time.perf_counter()
     for _ in range(repeats):
         network.zero_grad()
         network(images).mean().backward()
-    _synchronise(device)
+    synchronise(device)
     return batch * repeats / (time.perf_counter() - start)
 
 
@@ -91,15 +89,13 @@ def measure(spatial_dims: Sequence[int] = (2, 3), device: str | torch.device = "
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = ["| patch | what | pairs/s | preprocessing s/scan (once) |", "|---|---|---|---|"]
-    for r in rows:
-        scan = "" if r["scan_s"] is None else f"{r['scan_s']:.2f}"
-        lines.append(f"| {r['patch']} | {r['what']} | {r['pairs_s']:.1f} | {scan} |")
-    return "\n".join(lines)
+    return "\n".join(markdown_table(["patch", "what", "pairs/s", "preprocessing s/scan (once)"], [
+        [r["patch"], r["what"], f"{r['pairs_s']:.1f}", "" if r["scan_s"] is None else f"{r['scan_s']:.2f}"]
+        for r in rows]))
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(MODULE, __doc__)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)

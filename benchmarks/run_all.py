@@ -6,10 +6,10 @@ fine-tuning transfer (``bench_finetune``: segmentation Dice/HD95 and landmark MR
 with the best one-shot MRE, or ``--finetune-methods``} or ``none`` x seeds, and stage 2 on one-shot pseudo-labels).
 Speed suite: seconds per step and its ratio to the bare network's forward+backward, and peak memory, per objective
 (``bench_objectives``); view pairs per second (``bench_views``); one-shot seconds per image against registration
-(from the quality suite's timings).
+(from the quality suite's timings). From the repository root, as every benchmark:
 
-    python benchmarks/run_all.py --dim 2                                   # full size: ~40 min on a 2-core CPU
-    python benchmarks/run_all.py --dim 2 --quick --out /tmp/bench.md --work /tmp/bench_work   # toy size, minutes
+    python -m benchmarks.run_all --dim 2                                   # full size: ~40 min on a 2-core CPU
+    python -m benchmarks.run_all --dim 2 --quick --out /tmp/bench.md --work /tmp/bench_work   # toy size, minutes
 
 Runs live in ``--work``: a pretraining run is ``pretrain/<method>_<D>d_<hash of its config>``, reused when it is
 finished (``model.pt``, last checkpoint at ``train.steps``, same config) and resumed when it was interrupted;
@@ -35,20 +35,15 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the bench_* modules beside this file
+from benchmarks import bench_finetune, bench_objectives, bench_oneshot, bench_views
+from benchmarks.common import ROOT, argument_parser
+from medssl.engine.monitor import clock
+from medssl.report.demo import StageClock
+from medssl.report.markdown import markdown_table
 
-import bench_finetune  # noqa: E402
-import bench_objectives  # noqa: E402
-import bench_oneshot  # noqa: E402
-import bench_views  # noqa: E402
-
-from medssl.engine.monitor import clock  # noqa: E402
-from medssl.report.demo import StageClock  # noqa: E402
-from medssl.report.markdown import markdown_table  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+MODULE = "benchmarks.run_all"
 SUITES = ("quality", "speed")
-log = logging.getLogger("benchmarks.run_all")
+log = logging.getLogger(MODULE)
 
 
 @dataclass(frozen=True)
@@ -123,11 +118,11 @@ def pretrain_run(method: str, spatial_dims: int, data: Path, work: Path, overrid
                  device: str) -> dict:
     """Pretrain ``configs/<method>_<D>d.yaml`` (+ ``overrides``) on ``data``, or reuse / resume the run of the same
     config in ``work/pretrain``; returns ``{method, run, status, steps, batch, patch, seconds, loss, arch}``."""
-    import torch
-
-    from medssl.engine.pretrain import CHECKPOINT, pretrain
     from medssl.config import shipped_config
+    from medssl.engine.pretrain import pretrain
     from medssl.engine.pretrain_config import read_pretrain_config
+    from medssl.engine.runner import CHECKPOINT, read_resume_state
+    from medssl.networks.model_file import MODEL_FILE
     from medssl.report.figures import read_metric
 
     config = read_pretrain_config(shipped_config(f"{method}_{spatial_dims}d"),
@@ -135,13 +130,12 @@ def pretrain_run(method: str, spatial_dims: int, data: Path, work: Path, overrid
     key = _config_key(config)
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:8]
     run = work / "pretrain" / f"{method}_{spatial_dims}d_{digest}"
-    step = torch.load(run / CHECKPOINT, map_location="cpu", weights_only=False)["step"] \
-        if (run / CHECKPOINT).is_file() else 0
+    step = read_resume_state(run / CHECKPOINT)["step"] if (run / CHECKPOINT).is_file() else 0
     if step and _config_key(read_pretrain_config(run / "config.yaml")) != key:
         log.warning("%s holds a run of another config: starting it again", run)
         shutil.rmtree(run)
         step = 0
-    if step == config.train.steps and (run / "model.pt").is_file():
+    if step == config.train.steps and (run / MODEL_FILE).is_file():
         status = "reused"
     elif step:
         log.info("resuming %s from step %d of %d", run, step, config.train.steps)
@@ -242,29 +236,22 @@ def machine() -> str:
             f"{platform.release()}; load average (1/5/15 min) at the end: {load}")
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(figure: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """``figure`` laid out tight and written as a 100-dpi PNG (``medssl.outputs.save_figure``: atomically)."""
+    from medssl.outputs import save_figure
+
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    _pyplot().close(figure)
-    return path
+    return save_figure(figure, path, dpi=100)
 
 
 def oneshot_figure(rows: list[dict], path: Path) -> Path:
     """MRE bar per pretrained run, a horizontal line per baseline."""
-    plt = _pyplot()
+    from matplotlib.figure import Figure
+
     baselines = {label for label, *_ in bench_oneshot.BASELINES}
     bars = [row for row in rows if row["label"] not in baselines]
-    figure, axes = plt.subplots(figsize=(6.0, 3.6))
+    figure = Figure(figsize=(6.0, 3.6))
+    axes = figure.subplots()
     axes.bar([row["label"] for row in bars], [row["mre_mm"] for row in bars], color="#3b8bff")
     for row, style in zip([row for row in rows if row["label"] in baselines], ("--", ":", "-.")):
         axes.axhline(row["mre_mm"], color="#333333", linestyle=style, label=f"{row['label']} {row['mre_mm']:.2f} mm")
@@ -277,8 +264,10 @@ def oneshot_figure(rows: list[dict], path: Path) -> Path:
 def finetune_figure(results: dict[tuple, list[dict]], tasks: Sequence[str], path: Path) -> Path:
     """Per task: test mean Dice (segmentation) or MRE (landmarks) against N labeled, mean ± SD over seeds, a line
     per initialisation."""
-    plt = _pyplot()
-    figure, panels = plt.subplots(1, len(tasks), figsize=(5.0 * len(tasks), 3.6), squeeze=False)
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5.0 * len(tasks), 3.6))
+    panels = figure.subplots(1, len(tasks), squeeze=False)
     for axes, task in zip(panels[0], tasks):
         key, label = ("mean_dice", "test mean Dice") if task == "seg" else ("mre_mm", "test MRE (mm)")
         counts = list(dict.fromkeys(n for t, n, _ in results if t == task))
@@ -294,8 +283,10 @@ def finetune_figure(results: dict[tuple, list[dict]], tasks: Sequence[str], path
 
 def step_cost_figure(rows: list[dict], path: Path) -> Path:
     """Step / floor ratio per objective, the floor at 1."""
-    plt = _pyplot()
-    figure, axes = plt.subplots(figsize=(6.0, 3.6))
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.0, 3.6))
+    axes = figure.subplots()
     axes.bar([r["method"] for r in rows], [r["step_s"] / r["floor_s"] for r in rows], color="#ff9f1c")
     axes.axhline(1.0, color="#333333", linestyle="--", label="floor: the network's forward + backward")
     axes.set(title="cost of a pretraining step", ylabel="s/step ÷ floor s/step")
@@ -393,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     from medssl.objectives import OBJECTIVES
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(MODULE, __doc__, full=True)
     parser.add_argument("--dim", type=int, choices=(2, 3), default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md",
                         help="the Markdown document (default docs/benchmarks.md); PNGs go to <out without .md>/")
@@ -450,7 +441,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> Path:
         quality_suite(args, budget, device, results, stage)
     if "speed" in args.suites:
         speed_suite(args, budget, device, results, stage)
-    command = "python benchmarks/run_all.py " + shlex.join(argv)
+    command = f"python -m {MODULE} " + shlex.join(argv)
     figures = args.out.parent / args.out.stem
     from medssl.outputs import write_atomic
 

@@ -24,19 +24,6 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 2,2.5,3,4, got '{text}'") from None
 
 
-def _variability_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--variability", choices=("realistic", "low"), default="realistic",
-                        help="realistic (default): pose, size, shape, tissue contrast, bias and noise vary as in real "
-                             "scans; low: the former easy population (small warps), for fast tests")
-
-
-def _levels_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--levels", default=None, metavar="L,L",
-                        help="feature levels to match with, comma-separated: 0 = bottleneck, then the decoder "
-                             "levels coarse to fine (default: those the pretraining objectives trained, as model.pt "
-                             "records; all for --checkpoint none or a model.pt without the record)")
-
-
 def _seed(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got '{text}'")
@@ -86,7 +73,8 @@ def _levels(args: argparse.Namespace) -> list[int] | None:
 
 
 def _landmarks_oneshot(args: argparse.Namespace) -> None:
-    from medssl.matching.run import detect_landmarks_files, pick_device
+    from medssl.dist import pick_device
+    from medssl.matching.run import detect_landmarks_files
 
     out = detect_landmarks_files(
         args.checkpoint, args.template, args.template_landmarks, args.images, args.out, method=args.method,
@@ -101,7 +89,8 @@ def _landmarks_oneshot(args: argparse.Namespace) -> None:
 
 
 def _landmarks_select_template(args: argparse.Namespace) -> None:
-    from medssl.matching.run import pick_device, rank_templates_files
+    from medssl.dist import pick_device
+    from medssl.matching.run import rank_templates_files
 
     rank_templates_files(args.checkpoint, args.images, args.out, arch=args.arch, spacing_mm=args.spacing,
                          n_points=args.points, device=pick_device(args.device), levels=_levels(args))
@@ -165,69 +154,170 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"medssl {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_demo(commands)
+    _add_data(commands)
+    _add_pretrain(commands)
+    _add_landmarks(commands)
+    _add_finetune(commands)
+    _add_predict(commands)
+    _add_evaluate(commands)
+    return parser
 
-    def command(sub, name: str, help: str, example: str, handler: Callable) -> argparse.ArgumentParser:
-        p = sub.add_parser(
-            name, help=help, description=help, epilog=f"example:\n  {example}",
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        p.set_defaults(handler=handler)
-        return p
 
-    # medssl demo
-    p = command(
+_Subparsers = argparse._SubParsersAction  # what add_subparsers returns
+
+
+def _command(sub: _Subparsers, name: str, help: str, example: str, handler: Callable) -> argparse.ArgumentParser:
+    """A command that runs ``handler``: ``help`` is also its description, ``example`` its epilog."""
+    p = sub.add_parser(
+        name, help=help, description=help, epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.set_defaults(handler=handler)
+    return p
+
+
+def _group(sub: _Subparsers, name: str, help: str) -> _Subparsers:
+    """A command group (``medssl NAME COMMAND``); its description is ``help`` as a sentence."""
+    group = sub.add_parser(name, help=help, description=f"{help[0].upper()}{help[1:]}.")
+    return group.add_subparsers(dest=f"{name}_command", metavar="COMMAND", required=True)
+
+
+# shared options: each written once, with the help text of the commands that take it
+def _out_option(p: argparse.ArgumentParser, help: str, metavar: str | None = None, required: bool = False,
+                default: Path | None = None) -> None:
+    p.add_argument("--out", type=Path, required=required, default=default, metavar=metavar, help=help)
+
+
+def _dim_option(p: argparse.ArgumentParser, default: int) -> None:
+    p.add_argument("--dim", type=int, choices=(2, 3), default=default,
+                   help=f"2D slices or 3D volumes (default {default})")
+
+
+def _seed_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=_seed, default=0, help="random seed >= 0 (default 0)")
+
+
+def _variability_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--variability", choices=("realistic", "low"), default="realistic",
+                   help="realistic (default): pose, size, shape, tissue contrast, bias and noise vary as in real "
+                        "scans; low: the former easy population (small warps), for fast tests")
+
+
+def _config_argument(p: argparse.ArgumentParser, kind: str, names: str) -> None:
+    p.add_argument("config", type=Path, metavar="CONFIG",
+                   help=f"{kind} YAML, or the name of a shipped config ({names})")
+
+
+def _resume_option(p: argparse.ArgumentParser, note: str = "") -> None:
+    p.add_argument("--resume", type=Path, default=None, metavar="RUN",
+                   help=f"continue the run in RUN from its last checkpoint{note}")
+
+
+def _overrides_argument(p: argparse.ArgumentParser, example: str) -> None:
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=f"override config entries, e.g. {example}")
+
+
+def _checkpoint_option(p: argparse.ArgumentParser, init: str, note: str = "", required: bool = False) -> None:
+    p.add_argument("--checkpoint", metavar="CKPT", required=required, default=None,
+                   help=f"pretraining run folder, its model.pt, or 'none' (random init of {init}){note}")
+
+
+def _images_option(p: argparse.ArgumentParser, purpose: str = "", note: str = "") -> None:
+    p.add_argument("--images", type=Path, nargs="+", required=True, metavar="PATH",
+                   help=f"{purpose}{': ' if purpose else ''}folders, datalist JSONs or image files{note}")
+
+
+def _arch_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", default=None, metavar="SIZE",
+                   help="U-Net size when CKPT is 'none': small (default) or base")
+
+
+def _spacing_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spacing", type=float, default=None, metavar="MM",
+                   help="pixel size of 2D files without geometry (default: the model's, else 1.0 mm)")
+
+
+def _device_option(p: argparse.ArgumentParser, help: str = "where the network runs (default auto)") -> None:
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help=help)
+
+
+def _levels_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--levels", default=None, metavar="L,L",
+                   help="feature levels to match with, comma-separated: 0 = bottleneck, then the decoder "
+                        "levels coarse to fine (default: those the pretraining objectives trained, as model.pt "
+                        "records; all for --checkpoint none or a model.pt without the record)")
+
+
+def _json_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", type=Path, default=None, help="also write the scores as JSON here")
+
+
+# medssl demo
+def _add_demo(commands: _Subparsers) -> None:
+    p = _command(
         commands, "demo", "the whole pipeline on embedded data: demo dataset, pretraining, one-shot landmarks and "
         "segmentation transfer against a random-init baseline; writes DIR/report.md with tables and figures",
         "medssl demo --out medssl_demo            # 2D, about 15 minutes on a 2-core CPU\n"
         "  medssl demo --out demo_quick --quick     # smoke size, about 3 minutes\n"
         "  medssl demo --out demo3d --dim 3", _demo,
     )
-    p.add_argument("--out", type=Path, default=Path("medssl_demo"), metavar="DIR",
-                   help="output folder (default medssl_demo); a previous demo in it is replaced, any other "
-                        "non-empty folder is refused")
-    p.add_argument("--dim", type=int, choices=(2, 3), default=2, help="2D slices or 3D volumes (default 2)")
+    _out_option(p, "output folder (default medssl_demo); a previous demo in it is replaced, any other non-empty "
+                   "folder is refused", metavar="DIR", default=Path("medssl_demo"))
+    _dim_option(p, default=2)
     p.add_argument("--quick", action="store_true", help="smoke size: fewer subjects and steps (about 3 minutes)")
     _variability_option(p)
 
-    # medssl data ...
-    data = commands.add_parser("data", help="make datasets", description="Make datasets.")
-    data_sub = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
-    p = command(
-        data_sub, "demo", "write the demo population (MNI ICBM152 anatomy, known deformations, labels, landmarks)",
+
+# medssl data ...
+def _add_data(commands: _Subparsers) -> None:
+    sub = _group(commands, "data", "make datasets")
+    _add_data_demo(sub)
+
+
+def _add_data_demo(sub: _Subparsers) -> None:
+    p = _command(
+        sub, "demo", "write the demo population (MNI ICBM152 anatomy, known deformations, labels, landmarks)",
         "medssl data demo --out demo2d --dim 2 --subjects 24 --seed 0 --figures\n"
         "  medssl data demo --out easy3d --dim 3 --variability low", _data_demo,
     )
-    p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--dim", type=int, choices=(2, 3), default=3, help="2D slices or 3D volumes (default 3)")
+    _out_option(p, "output folder", required=True)
+    _dim_option(p, default=3)
     p.add_argument("--subjects", type=int, default=8, help="number of subjects (default 8)")
-    p.add_argument("--seed", type=_seed, default=0, help="random seed >= 0 (default 0)")
+    _seed_option(p)
     p.add_argument("--plane", choices=("axial", "coronal", "sagittal"), default="axial",
                    help="template plane for --dim 2 (default axial)")
     _variability_option(p)
     p.add_argument("--figures", action="store_true",
                    help="also write a QC figure (template and first subjects, landmarks, labels) to OUT/figures/")
 
-    # medssl pretrain ...
-    p = command(
+
+# medssl pretrain ...
+def _add_pretrain(commands: _Subparsers) -> None:
+    p = _command(
         commands, "pretrain", "self-supervised pretraining (pgssl, infoguided, lewel, msf; torchrun for several processes)",
         "medssl pretrain configs/pgssl_2d.yaml --data demo2d --out runs/pgssl2d train.steps=200 "
         "data.patch_size=[96,96]\n  medssl pretrain infoguided_2d --data demo2d --out runs/infoguided2d\n"
         "  medssl pretrain runs/pgssl2d/config.yaml --resume runs/pgssl2d",
         _pretrain,
     )
-    p.add_argument("config", type=Path, metavar="CONFIG",
-                   help="pretraining YAML, or the name of a shipped config (<method>_<D>d, e.g. infoguided_2d)")
+    _config_argument(p, "pretraining", "<method>_<D>d, e.g. infoguided_2d")
     p.add_argument("--data", type=Path, default=None, help="images: a folder, a datalist JSON or one image (sets data.path)")
-    p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<method>_<D>d_<time>)")
-    p.add_argument("--resume", type=Path, default=None, metavar="RUN", help="continue the run in RUN from its last checkpoint")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="override config entries, e.g. train.steps=200")
+    _out_option(p, "run folder (default runs/<method>_<D>d_<time>)")
+    _resume_option(p)
+    _overrides_argument(p, "train.steps=200")
 
-    # medssl landmarks ...
-    landmarks = commands.add_parser("landmarks", help="one-shot landmark detection from one labeled template",
-                                    description="One-shot landmark detection from one labeled template.")
-    lm_sub = landmarks.add_subparsers(dest="landmarks_command", metavar="COMMAND", required=True)
-    p = command(
-        lm_sub, "oneshot", "find a labeled template's landmarks in new images (pretrained dense embedding, or the "
+
+# medssl landmarks ...
+def _add_landmarks(commands: _Subparsers) -> None:
+    sub = _group(commands, "landmarks", "one-shot landmark detection from one labeled template")
+    _add_landmarks_oneshot(sub)
+    _add_landmarks_select_template(sub)
+
+
+def _add_landmarks_oneshot(sub: _Subparsers) -> None:
+    p = _command(
+        sub, "oneshot", "find a labeled template's landmarks in new images (pretrained dense embedding, or the "
         "ncc / registration baselines)",
         "medssl landmarks oneshot --checkpoint runs/pgssl_2d --template demo2d/images/subject_000.png "
         "--template-landmarks demo2d/landmarks.csv --images demo2d/images --out pred.csv --truth demo2d/landmarks.csv"
@@ -235,30 +325,23 @@ def build_parser() -> argparse.ArgumentParser:
         "demo2d/images/subject_001.png --template-landmarks demo2d/landmarks.csv --images demo2d/images --out ncc.csv",
         _landmarks_oneshot,
     )
-    p.add_argument("--checkpoint", metavar="CKPT", default=None,
-                   help="pretraining run folder, its model.pt, or 'none' (random init of --arch); "
-                        "needed by --method embedding")
+    _checkpoint_option(p, "--arch", note="; needed by --method embedding")
     p.add_argument("--template", type=Path, action="append", required=True, metavar="IMG",
                    help="the labeled template image; repeat for an ensemble of templates")
     p.add_argument("--template-landmarks", type=Path, action="append", required=True, metavar="CSV",
                    help="the templates' landmarks (world mm): one CSV for all templates, or one per --template")
-    p.add_argument("--images", type=Path, nargs="+", required=True, metavar="PATH",
-                   help="images to find the landmarks in: folders, datalist JSONs or image files")
-    p.add_argument("--out", type=Path, required=True, metavar="PRED.csv",
-                   help="predicted landmarks: image,name,x,y[,z],score (world mm)")
+    _images_option(p, "images to find the landmarks in")
+    _out_option(p, "predicted landmarks: image,name,x,y[,z],score (world mm)", metavar="PRED.csv", required=True)
     p.add_argument("--method", choices=("embedding", "ncc", "registration"), default="embedding",
                    help="embedding: cosine matching of the network's multi-scale features (default); ncc: intensity "
                         "template matching; registration: affine + B-spline registration of the template")
-    p.add_argument("--arch", default=None, metavar="SIZE",
-                   help="U-Net size when CKPT is 'none': small (default) or base")
-    p.add_argument("--spacing", type=float, default=None, metavar="MM",
-                   help="pixel size of 2D files without geometry (default: the model's, else 1.0 mm)")
+    _arch_option(p)
+    _spacing_option(p)
     p.add_argument("--figures", type=Path, default=None, metavar="DIR",
                    help="write a PNG of each template and image with its predicted (and true) landmarks here")
     p.add_argument("--truth", type=Path, default=None, metavar="CSV",
                    help="true landmarks: drawn in the figures, and MRE/SDR are reported after predicting")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where the network runs (default auto)")
+    _device_option(p)
     _levels_option(p)
     p.add_argument("--search", choices=("global", "coarse-to-fine"), default="global",
                    help="embedding: each landmark's own match is the best point of the whole image (global, "
@@ -270,98 +353,131 @@ def build_parser() -> argparse.ArgumentParser:
                         "each landmark's own best match (none); default thin-plate in 2D, outliers in 3D")
     p.add_argument("--min-score", type=float, default=None, metavar="S",
                    help="leave landmarks scoring below S out of the CSV (reported missing) instead of guessing")
-    p = command(
-        lm_sub, "select-template", "rank unlabeled images as one-shot templates (SCP-style: how well each image's "
+
+
+def _add_landmarks_select_template(sub: _Subparsers) -> None:
+    p = _command(
+        sub, "select-template", "rank unlabeled images as one-shot templates (SCP-style: how well each image's "
         "salient points are found in all the others); label the first one",
         "medssl landmarks select-template --checkpoint runs/pgssl_2d --images demo2d/images --out ranking.csv",
         _landmarks_select_template,
     )
-    p.add_argument("--checkpoint", metavar="CKPT", required=True,
-                   help="pretraining run folder, its model.pt, or 'none' (random init of --arch)")
-    p.add_argument("--images", type=Path, nargs="+", required=True, metavar="PATH",
-                   help="candidate templates: folders, datalist JSONs or image files (at least two images)")
-    p.add_argument("--out", type=Path, required=True, metavar="RANKING.csv",
-                   help="ranking: rank,image,score (rank 1 = best)")
+    _checkpoint_option(p, "--arch", required=True)
+    _images_option(p, "candidate templates", note=" (at least two images)")
+    _out_option(p, "ranking: rank,image,score (rank 1 = best)", metavar="RANKING.csv", required=True)
     p.add_argument("--points", type=int, default=16, help="salient points per image (default 16)")
-    p.add_argument("--arch", default=None, metavar="SIZE",
-                   help="U-Net size when CKPT is 'none': small (default) or base")
-    p.add_argument("--spacing", type=float, default=None, metavar="MM",
-                   help="pixel size of 2D files without geometry (default: the model's, else 1.0 mm)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where the network runs (default auto)")
+    _arch_option(p)
+    _spacing_option(p)
+    _device_option(p)
     _levels_option(p)
 
-    # medssl finetune ... / medssl predict ...
-    finetune = commands.add_parser("finetune", help="fine-tune a task head on a pretrained (or random) U-Net",
-                                   description="Fine-tune a task head on a pretrained (or random) U-Net.")
-    ft_sub = finetune.add_subparsers(dest="finetune_command", metavar="COMMAND", required=True)
-    for task, help_text, example in (
-        ("seg", "segmentation transfer: U-Net + segmentation head, DiceCE loss, best validation Dice kept",
-         "medssl finetune seg configs/finetune_seg_2d.yaml --checkpoint runs/pgssl_2d --data demo2d/datalist.json "
-         "--labeled 3 --out runs/seg2d_n3\n  medssl finetune seg configs/finetune_seg_2d.yaml --checkpoint none "
-         "--data demo2d/datalist.json --labeled 3 --out runs/seg2d_n3_none train.steps=50"),
-        ("landmarks", "supervised landmarks: Gaussian heatmap head (sigma in mm), best validation MRE kept",
-         "medssl finetune landmarks configs/finetune_landmarks_2d.yaml --checkpoint runs/pgssl_2d --data "
-         "demo2d/datalist.json --landmarks demo2d/landmarks.csv --labeled 3 --out runs/lm2d_n3\n  "
-         "medssl finetune landmarks configs/finetune_landmarks_2d.yaml --checkpoint runs/pgssl_2d --data "
-         "demo2d/datalist.json --landmarks demo2d/landmarks.csv --labeled 1 --pseudo oneshot.csv --out runs/lm2d_tpl"),
-    ):
-        p = command(ft_sub, task, help_text, example, _finetune)
-        p.set_defaults(task=task)
-        p.add_argument("config", type=Path, metavar="CONFIG",
-                       help=f"fine-tuning YAML, or the name of a shipped config (finetune_{task}_<D>d)")
-        p.add_argument("--checkpoint", default=None, metavar="CKPT",
-                       help="pretraining run folder, its model.pt, or 'none' (random init of the same architecture)")
-        p.add_argument("--data", type=Path, default=None, metavar="DATALIST",
-                       help="MONAI datalist JSON (training entries; validation entries if any, else a held-out part)")
-        if task == "landmarks":
-            p.add_argument("--landmarks", type=Path, default=None, metavar="CSV", help="true landmarks (world mm)")
-            p.add_argument("--pseudo", type=Path, default=None, metavar="PRED.csv",
-                           help="one-shot predictions for the unlabeled training images (CC2D stage 2)")
-        p.add_argument("--labeled", type=_labeled, default=None, metavar="N",
-                       help="train on N labeled images (seeded choice, logged in RUN/split.json; default all)")
-        p.add_argument("--out", type=Path, default=None, metavar="RUN", help="run folder")
-        p.add_argument("--resume", type=Path, default=None, metavar="RUN",
-                       help="continue the run in RUN from its last checkpoint (pass RUN/config.yaml as CONFIG)")
-        p.add_argument("overrides", nargs="*", metavar="key=value", help="override config entries, e.g. train.steps=50")
 
-    predict = commands.add_parser("predict", help="apply a fine-tuned model to images",
-                                  description="Apply a fine-tuned model to images.")
-    pr_sub = predict.add_subparsers(dest="predict_command", metavar="COMMAND", required=True)
-    p = command(pr_sub, "seg", "write label maps with the same shape and geometry as the input images",
-                "medssl predict seg --model runs/seg2d_n3 --images demo2d/images --out predictions/", _predict_seg)
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the label maps")
-    p2 = command(pr_sub, "landmarks", "write predicted landmarks (world mm) with a score column",
+# medssl finetune ...
+def _add_finetune(commands: _Subparsers) -> None:
+    sub = _group(commands, "finetune", "fine-tune a task head on a pretrained (or random) U-Net")
+    _add_finetune_seg(sub)
+    _add_finetune_landmarks(sub)
+
+
+def _add_finetune_seg(sub: _Subparsers) -> None:
+    _finetune_command(
+        sub, "seg", "segmentation transfer: U-Net + segmentation head, DiceCE loss, best validation Dice kept",
+        "medssl finetune seg configs/finetune_seg_2d.yaml --checkpoint runs/pgssl_2d --data demo2d/datalist.json "
+        "--labeled 3 --out runs/seg2d_n3\n  medssl finetune seg configs/finetune_seg_2d.yaml --checkpoint none "
+        "--data demo2d/datalist.json --labeled 3 --out runs/seg2d_n3_none train.steps=50",
+    )
+
+
+def _add_finetune_landmarks(sub: _Subparsers) -> None:
+    _finetune_command(
+        sub, "landmarks", "supervised landmarks: Gaussian heatmap head (sigma in mm), best validation MRE kept",
+        "medssl finetune landmarks configs/finetune_landmarks_2d.yaml --checkpoint runs/pgssl_2d --data "
+        "demo2d/datalist.json --landmarks demo2d/landmarks.csv --labeled 3 --out runs/lm2d_n3\n  "
+        "medssl finetune landmarks configs/finetune_landmarks_2d.yaml --checkpoint runs/pgssl_2d --data "
+        "demo2d/datalist.json --landmarks demo2d/landmarks.csv --labeled 1 --pseudo oneshot.csv --out runs/lm2d_tpl",
+        task_options=_finetune_landmarks_options,
+    )
+
+
+def _finetune_landmarks_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--landmarks", type=Path, default=None, metavar="CSV", help="true landmarks (world mm)")
+    p.add_argument("--pseudo", type=Path, default=None, metavar="PRED.csv",
+                   help="one-shot predictions for the unlabeled training images (CC2D stage 2)")
+
+
+def _finetune_command(sub: _Subparsers, task: str, help: str, example: str,
+                      task_options: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
+    """``medssl finetune TASK``: the options every task takes, with ``task_options`` after ``--data``."""
+    p = _command(sub, task, help, example, _finetune)
+    p.set_defaults(task=task)
+    _config_argument(p, "fine-tuning", f"finetune_{task}_<D>d")
+    _checkpoint_option(p, "the same architecture")
+    p.add_argument("--data", type=Path, default=None, metavar="DATALIST",
+                   help="MONAI datalist JSON (training entries; validation entries if any, else a held-out part)")
+    if task_options is not None:
+        task_options(p)
+    p.add_argument("--labeled", type=_labeled, default=None, metavar="N",
+                   help="train on N labeled images (seeded choice, logged in RUN/split.json; default all)")
+    _out_option(p, "run folder", metavar="RUN")
+    _resume_option(p, note=" (pass RUN/config.yaml as CONFIG)")
+    _overrides_argument(p, "train.steps=50")
+
+
+# medssl predict ...
+def _add_predict(commands: _Subparsers) -> None:
+    sub = _group(commands, "predict", "apply a fine-tuned model to images")
+    _add_predict_seg(sub)
+    _add_predict_landmarks(sub)
+
+
+def _add_predict_seg(sub: _Subparsers) -> None:
+    p = _command(sub, "seg", "write label maps with the same shape and geometry as the input images",
+                 "medssl predict seg --model runs/seg2d_n3 --images demo2d/images --out predictions/", _predict_seg)
+    _out_option(p, "folder for the label maps", metavar="DIR", required=True)
+    _predict_inputs(p)
+
+
+def _add_predict_landmarks(sub: _Subparsers) -> None:
+    p = _command(sub, "landmarks", "write predicted landmarks (world mm) with a score column",
                  "medssl predict landmarks --model runs/lm2d_n3 --images demo2d/images --out pred.csv",
                  _predict_landmarks)
-    p2.add_argument("--out", type=Path, required=True, metavar="PRED.csv", help="landmark CSV to write")
-    for p in (p, p2):
-        p.add_argument("--model", type=Path, required=True, metavar="RUN", help="fine-tuning run folder or model.pt")
-        p.add_argument("--images", type=Path, nargs="+", required=True, metavar="PATH",
-                       help="folders, datalist JSONs or image files")
-        p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto")
+    _out_option(p, "landmark CSV to write", metavar="PRED.csv", required=True)
+    _predict_inputs(p)
 
-    # medssl evaluate ...
-    evaluate = commands.add_parser("evaluate", help="score predictions against ground truth",
-                                   description="Score predictions against ground truth.")
-    ev_sub = evaluate.add_subparsers(dest="evaluate_command", metavar="COMMAND", required=True)
-    p = command(
-        ev_sub, "landmarks", "mean radial error (mm) and success detection rates",
+
+def _predict_inputs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, required=True, metavar="RUN", help="fine-tuning run folder or model.pt")
+    _images_option(p)
+    _device_option(p, help="default auto")
+
+
+# medssl evaluate ...
+def _add_evaluate(commands: _Subparsers) -> None:
+    sub = _group(commands, "evaluate", "score predictions against ground truth")
+    _add_evaluate_landmarks(sub)
+    _add_evaluate_seg(sub)
+
+
+def _add_evaluate_landmarks(sub: _Subparsers) -> None:
+    p = _command(
+        sub, "landmarks", "mean radial error (mm) and success detection rates",
         "medssl evaluate landmarks --pred pred.csv --truth demo2d/landmarks.csv --sdr 2,2.5,3,4 --json scores.json",
         _evaluate_landmarks,
     )
     p.add_argument("--pred", type=Path, required=True, help="predicted landmarks CSV")
     p.add_argument("--truth", type=Path, required=True, help="ground-truth landmarks CSV")
     p.add_argument("--sdr", type=_floats, default=[2.0, 2.5, 3.0, 4.0], help="SDR radii in mm (default 2,2.5,3,4)")
-    p.add_argument("--json", type=Path, default=None, help="also write the scores as JSON here")
-    p = command(
-        ev_sub, "seg", "Dice and HD95 (mm) per class",
+    _json_option(p)
+
+
+def _add_evaluate_seg(sub: _Subparsers) -> None:
+    p = _command(
+        sub, "seg", "Dice and HD95 (mm) per class",
         "medssl evaluate seg --pred predictions/ --truth demo3d/datalist.json --json seg.json", _evaluate_seg,
     )
     p.add_argument("--pred", type=Path, required=True, help="folder of predicted label maps")
     p.add_argument("--truth", type=Path, required=True, help="folder of true label maps, or a datalist JSON")
-    p.add_argument("--json", type=Path, default=None, help="also write the scores as JSON here")
-    return parser
+    _json_option(p)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -378,11 +494,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
-    from medssl.errors import InputError
+    from medssl.errors import MedsslError
 
     try:
         args.handler(args)
-    except InputError as err:
+    except MedsslError as err:  # bad input, or a run that diverged: one line, no traceback
         print(f"medssl: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -112,6 +112,20 @@ def check_kwargs(fn: Callable, kwargs: dict[str, Any], where: str, reserved: Seq
             )
 
 
+def build_section(section: str, build: Callable[[], T]) -> T:
+    """``build()`` (an object made from config section ``section``); an ``InputError`` it raises about one of its own
+    parameters (``error.path`` = the parameter's name) is raised again naming the config key ``section.<name>``, one
+    about several of them (no path) naming the section. Errors about files are raised as they are."""
+    try:
+        return build()
+    except InputError as error:
+        if error.path is None:
+            raise InputError(f"config section '{section}': {error.message}") from None
+        if not str(error.path).isidentifier():
+            raise
+        raise InputError(f"config key '{section}.{error.path}': {error.message}") from None
+
+
 def to_dict(config: Any) -> Any:
     """The resolved config as plain YAML-able data (tuples become lists)."""
     if dataclasses.is_dataclass(config):

@@ -8,6 +8,7 @@ stride. Two paths: analytic (both views carry ``view_to_world``: ``idx_b = A_b^-
 non-affine views, nearest neighbour in the ``coords`` maps within ``radius_mm`` refined to sub-cell precision with
 the local Jacobian of view b's coordinate map (exact again when the view happens to be affine).
 Written here because MONAI/torch offer resampling but no point correspondence between two resampled views.
+Also ``peak_positions``: the sub-voxel arg-max of score maps (similarity maps of one-shot matching, heatmaps).
 """
 
 from __future__ import annotations
@@ -198,3 +199,32 @@ def matched_cells(grid: torch.Tensor, sizes: Sequence[int], stride: int, shape: 
     index = ((grid.flip(-1) + 1) * size - 1) / 2  # (B, K, D) voxel index, tensor-axis order
     limit = torch.tensor(tuple(shape), device=grid.device) - 1
     return torch.minimum(torch.floor((index + 0.5) / stride).long().clamp_min(0), limit)
+
+
+def peak_positions(maps: torch.Tensor, subpixel: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Arg-max of every map ``(L, *S)``, with ``subpixel`` refined per axis by a parabola through the peak and its
+    two neighbours.
+
+    Returns voxel indices ``(L, D)`` (float64) and the peak values ``(L,)``. Written here because neither MONAI nor
+    scikit-image offers a batched n-D sub-pixel arg-max.
+    """
+    count, shape = maps.shape[0], tuple(maps.shape[1:])
+    flat = maps.reshape(count, -1)  # (L, N)
+    scores, index = flat.max(dim=1)
+    peaks = torch.stack(torch.unravel_index(index, shape), dim=1)  # (L, D)
+    refined = peaks.to(torch.float64).clone()
+    if not subpixel:
+        return refined.cpu().numpy(), scores.double().cpu().numpy()
+    rows = torch.arange(count, device=maps.device)
+    for axis, size in enumerate(shape):
+        inside = (peaks[:, axis] > 0) & (peaks[:, axis] < size - 1)
+        before, after = peaks.clone(), peaks.clone()
+        before[:, axis] = (peaks[:, axis] - 1).clamp(min=0)
+        after[:, axis] = (peaks[:, axis] + 1).clamp(max=size - 1)
+        value_before = maps[(rows, *before.unbind(1))].double()
+        value_after = maps[(rows, *after.unbind(1))].double()
+        curvature = value_before - 2.0 * scores.double() + value_after
+        offset = torch.where(curvature < 0, 0.5 * (value_before - value_after) / curvature.clamp(max=-1e-12),
+                             torch.zeros_like(curvature))
+        refined[:, axis] += torch.where(inside, offset.clamp(-0.5, 0.5), torch.zeros_like(offset))
+    return refined.cpu().numpy(), scores.double().cpu().numpy()

@@ -142,6 +142,15 @@ def write_atomic(path: str | Path, data: bytes | str) -> Path:
     return Path(path)
 
 
+def save_atomic(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` through ``atomic_writer`` (never a truncated file); returns ``path``."""
+    import torch  # only the writers of checkpoints need it
+
+    with atomic_writer(path) as handle:
+        torch.save(obj, handle)
+    return Path(path)
+
+
 @contextlib.contextmanager
 def staged_file(path: str | Path) -> Iterator[Path]:
     """For writers that need a file name and may add sidecar files (an ``.mhd`` header's ``.raw``): a path with

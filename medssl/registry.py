@@ -1,19 +1,50 @@
-"""One small registry: ``@REGISTRY.register("name")`` and ``REGISTRY.get("name")`` with "did you mean"."""
+"""One small registry: ``@REGISTRY.register("name")`` and ``REGISTRY.get("name")`` with "did you mean", and the
+option lookup ``look_up`` they share with every other "unknown X; choose one of" check."""
 
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Generic, TypeVar
+from pathlib import Path
+from typing import Any, Callable, Collection, Generic, Mapping, TypeVar, overload
 
 from medssl.errors import InputError
 
 T = TypeVar("T")
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 def did_you_mean(name: str, choices: list[str] | tuple[str, ...]) -> str:
     """Return `` (did you mean 'x'?)`` for the closest choice, or ``""`` when none is close."""
     close = difflib.get_close_matches(name, list(choices), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+@overload
+def look_up(value: Any, choices: Mapping[Any, V], *, what: str, path: str | Path | None = None) -> V: ...
+
+
+@overload
+def look_up(value: K, choices: Collection[Any], *, what: str, path: str | Path | None = None) -> K: ...
+
+
+def look_up(value: Any, choices: Mapping[Any, Any] | Collection[Any], *, what: str,
+            path: str | Path | None = None) -> Any:
+    """``value`` if it is one of ``choices`` (``choices[value]`` when ``choices`` is a mapping), else an
+    ``InputError`` ``unknown {what} '{value}' (did you mean 'x'?); choose one of: a, b, c`` naming ``path``.
+
+    The choices are listed in their given order; the hint appears only when one is close (``did_you_mean``).
+    A value that cannot be looked up at all (e.g. an unhashable list against a mapping) is unknown too.
+    """
+    try:
+        found = value in choices
+    except TypeError:
+        found = False
+    if found:
+        return choices[value] if isinstance(choices, Mapping) else value
+    names = [str(choice) for choice in choices]
+    raise InputError(f"unknown {what} '{value}'{did_you_mean(str(value), names)}; choose one of: {', '.join(names)}",
+                     path=path)
 
 
 class Registry(Generic[T]):
@@ -33,12 +64,7 @@ class Registry(Generic[T]):
         return decorator
 
     def get(self, name: str) -> T:
-        if name not in self._items:
-            raise InputError(
-                f"unknown {self.kind} '{name}'{did_you_mean(name, self.names())}; "
-                f"choose one of: {', '.join(self.names())}"
-            )
-        return self._items[name]
+        return self._items[look_up(name, self.names(), what=self.kind)]
 
     def names(self) -> list[str]:
         return sorted(self._items)

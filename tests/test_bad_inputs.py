@@ -17,7 +17,7 @@ import yaml
 from medssl.cli import main
 from medssl.config import save_config
 from medssl.data.readers import save_image
-from medssl.engine.checkpoint import save_model
+from medssl.networks import save_model
 from medssl.engine.finetune_config import read_finetune_config
 from medssl.engine.pretrain_config import read_pretrain_config
 from medssl.networks import UNet
@@ -375,6 +375,9 @@ def test_binary_files_as_csv_config_or_pred_are_refused(data, tmp_path, capsys):
     ("data.patch_size=[7,7]", "data.patch_size"),
     ("data.context_size=[18,18]", "data.context_size"),
     ("data.modality=mri", "data.modality"),
+    ("data.spacing_mm=-1", "config key 'data.spacing_mm'"),
+    ("objective.pgssl.uncertainty=maybe", "config key 'objective.pgssl.uncertainty'"),
+    ("objective.pgssl.mc_samples=1", "config section 'objective.pgssl'"),
     ("method=foo", "foo"),
 ])
 def test_config_mistakes_name_the_key(data, tmp_path, capsys, override, key):
@@ -484,7 +487,7 @@ def test_a_new_run_that_fails_before_its_first_checkpoint_leaves_nothing(data, t
 
 
 def test_a_run_folder_error_on_rank_0_is_raised_on_every_rank(data, tmp_path, capsys, monkeypatch):
-    from medssl.engine import distributed
+    from medssl import dist
     from medssl.errors import InputError
 
     taken = tmp_path / "taken"
@@ -493,19 +496,19 @@ def test_a_run_folder_error_on_rank_0_is_raised_on_every_rank(data, tmp_path, ca
     refused(capsys, ["pretrain", CONFIGS / "pgssl_2d.yaml", "--data", data / "images", "--out", taken,
                      *TINY_PRETRAIN], taken, "already holds a run", inputs=(data, taken))
     sent: list = []
-    monkeypatch.setattr(distributed, "broadcast_object", lambda obj, context: sent.append(obj) or obj)
-    single = distributed.Context(rank=0, world_size=1, device=torch.device("cpu"))
+    monkeypatch.setattr(dist, "broadcast_object", lambda obj, context: sent.append(obj) or obj)
+    single = dist.Context(rank=0, world_size=1, device=torch.device("cpu"))
 
     def taken_run() -> Path:
         raise InputError("already holds a run", path=taken)
 
     with pytest.raises(InputError, match="already holds") as on_rank_0:
-        distributed.on_main(taken_run, single)
+        dist.on_main(taken_run, single)
     # another rank gets what rank 0 broadcast, and raises the same error without computing anything itself
-    monkeypatch.setattr(distributed, "broadcast_object", lambda obj, context: sent[0])
-    other = distributed.Context(rank=1, world_size=2, device=torch.device("cpu"))
+    monkeypatch.setattr(dist, "broadcast_object", lambda obj, context: sent[0])
+    other = dist.Context(rank=1, world_size=2, device=torch.device("cpu"))
     with pytest.raises(InputError) as on_rank_1:
-        distributed.on_main(lambda: pytest.fail("rank 1 must not compute"), other)
+        dist.on_main(lambda: pytest.fail("rank 1 must not compute"), other)
     assert str(on_rank_1.value) == str(on_rank_0.value) and on_rank_1.value.path == taken
 
 

@@ -1,17 +1,14 @@
-"""``benchmarks/bench_dense.py`` at toy size: every config x seed pretrained and scored, random init per seed, the
-baselines once, the table aggregated over seeds, and a rerun reusing what is done."""
+"""``python -m benchmarks.bench_dense`` at toy size: every config x seed pretrained and scored, random init per seed,
+the baselines once, the table aggregated over seeds, and a rerun reusing what is done."""
 
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import bench_dense  # noqa: E402
+from benchmarks import bench_dense
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -1,23 +1,19 @@
-"""``benchmarks/bench_matcher.py`` at toy size: every matcher variant scored on the same queries (the ensemble's
-extra templates left out of all of them), one table row per variant."""
+"""``python -m benchmarks.bench_matcher`` at toy size: every matcher variant scored on the same queries (the
+ensemble's extra templates left out of all of them), one table row per variant."""
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import bench_matcher  # noqa: E402
+from benchmarks import bench_matcher
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_toy_ablation_scores_every_variant_on_the_same_queries(tmp_path):
     from medssl.data.demo import write_demo_dataset
-    from medssl.engine.checkpoint import save_model
+    from medssl.networks import save_model
     from medssl.networks import build_network
 
     data = write_demo_dataset(tmp_path / "data", spatial_dims=2, n_subjects=6, seed=0)

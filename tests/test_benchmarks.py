@@ -1,18 +1,15 @@
-"""``benchmarks/run_all.py`` at toy size (``--quick``): the document's tables and plots, and that finished runs are
-reused and an interrupted pretraining run is resumed, not restarted."""
+"""``python -m benchmarks.run_all`` at toy size (``--quick``): the document's tables and plots, and that finished runs
+are reused and an interrupted pretraining run is resumed, not restarted."""
 
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import run_all  # noqa: E402
-
-from medssl.engine.monitor import Monitor  # noqa: E402
+from benchmarks import run_all
+from medssl.engine.monitor import Monitor
 
 METHODS = ("infoguided", "lewel", "msf", "pgssl")
 
@@ -36,7 +33,7 @@ def test_document_has_every_table_and_plot(toy):
     doc, _ = toy
     text = doc.read_text()
     assert text.startswith("# Benchmarks (2D)") and "**Toy run (`--quick`)**" in text
-    assert "`python benchmarks/run_all.py --dim 2 --quick --out " in text
+    assert "`python -m benchmarks.run_all --dim 2 --quick --out " in text
     assert re.search(r"Machine: \d+ CPU cores .*torch \S+ with \d+ thread", text)
     assert "one machine" in text and "train.steps=2" in text  # honest about where and with what budget
     pretraining = _rows(text, "### Pretraining runs")

@@ -20,12 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from medssl.data.demo import write_demo_dataset
-from medssl.engine.checkpoint import load_model
+from medssl.networks import load_network
 from medssl.engine.pretrain import pretrain
 from medssl.engine.pretrain_config import pretrain_config_from_dict
 from medssl.networks import UNet
 from medssl.objectives import OBJECTIVES, Objective
-from medssl.transforms.preprocess import preprocess_image
+from medssl.transforms.preprocess import Preprocessing
 
 FLOOR = 0.5
 LR = 1e-2  # 10x the configs' rate: an objective prone to collapse shows it within a few steps
@@ -87,7 +87,7 @@ def demo(request, tmp_path_factory):
     ext = ".png" if dims == 2 else ".nii.gz"
     datalist = root / "train.json"
     datalist.write_text(json.dumps({"training": [f"images/subject_00{i}{ext}" for i in (0, 1)]}))
-    image = preprocess_image(root / "images" / f"subject_002{ext}", spatial_dims=dims, spacing_mm=setup.spacing_mm)
+    image, _ = Preprocessing(spacing_mm=setup.spacing_mm).read(root / "images" / f"subject_002{ext}", dims)
     return dims, datalist, image.as_tensor()[None]  # (1, 1, *S)
 
 
@@ -108,7 +108,7 @@ def train(method: str, dims: int, datalist, out, lr: float = LR) -> UNet:
         "train": {"steps": setup.steps, "batch_size": 2, "lr": lr, "device": "cpu", "log_every": setup.steps,
                   "checkpoint_every": setup.steps},
     }
-    return load_model(pretrain(pretrain_config_from_dict(config), out=out))
+    return load_network(pretrain(pretrain_config_from_dict(config), out=out)).network
 
 
 @pytest.mark.parametrize("name", OBJECTIVES.names())

@@ -104,3 +104,24 @@ def test_clock_is_hours_minutes_seconds():
     from medssl.engine.monitor import clock
 
     assert [clock(s) for s in (0.4, 59.6, 3725.0)] == ["0:00:00", "0:01:00", "1:02:05"]
+
+
+def test_build_section_names_the_config_key_of_a_parameter():
+    from medssl.config import build_section
+
+    def build(**options):
+        if options.get("alpha", 0) > 1:
+            raise InputError("must be in [0, 1], got 2", path="alpha")
+        if options.get("both"):
+            raise InputError("needs a >= 1 and b >= 1")
+        if options.get("file"):
+            raise InputError("cannot read", path="data/scan.nii.gz")
+        return options
+
+    assert build_section("objective.lewel", lambda: build(alpha=0.5)) == {"alpha": 0.5}
+    with pytest.raises(InputError, match=r"^config key 'objective.lewel.alpha': must be in \[0, 1\], got 2$"):
+        build_section("objective.lewel", lambda: build(alpha=2))
+    with pytest.raises(InputError, match=r"^config section 'objective.pgssl': needs a >= 1 and b >= 1$"):
+        build_section("objective.pgssl", lambda: build(both=True))
+    with pytest.raises(InputError, match=r"^data/scan.nii.gz: cannot read$"):
+        build_section("data", lambda: build(file=True))

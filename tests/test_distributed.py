@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import yaml
 
-from medssl.engine.checkpoint import load_model
+from medssl.networks import load_network
 from medssl.engine.pretrain import CHECKPOINT
 
 
@@ -52,5 +52,5 @@ def test_two_process_msf_pretraining_writes_one_run_folder_with_a_shared_bank(tm
     rows = (run / "metrics.csv").read_text().splitlines()
     assert len(rows) == 1 + 3, "rank 0 alone writes one row per logged step"
     assert len(list(run.glob("events.out.tfevents.*"))) == 1
-    network = load_model(run)
+    network = load_network(run).network
     assert network(torch.zeros(1, 1, 16, 16)).shape == (1, 4, 16, 16)

@@ -19,10 +19,11 @@ from torch import nn
 
 import medssl.networks
 from medssl.data.batch import PairBatch, ViewBatch
-from medssl.engine import checkpoint, pretrain as engine
+from medssl.engine import pretrain as engine
+from medssl.networks import load_network, model_file
 from medssl.engine.pretrain_config import pretrain_config_from_dict
 from medssl.engine.schedule import build_optimizer, build_scheduler
-from medssl.errors import InputError
+from medssl.errors import InputError, TrainingDiverged
 from medssl.objectives.base import OBJECTIVES, Objective
 
 
@@ -102,12 +103,11 @@ class FakeSampler:
 @pytest.fixture
 def fakes(monkeypatch, tmp_path):
     """Swap in the tiny network, objective and sampler; returns a folder with two (unread) image files."""
-    monkeypatch.setattr(medssl.networks, "build_network", TinyNet)
-    monkeypatch.setattr(medssl.networks, "UNet", TinyNet)
+    monkeypatch.setattr(engine, "build_network", TinyNet)
+    monkeypatch.setattr(engine, "UNet", TinyNet)
+    monkeypatch.setattr(model_file, "UNet", TinyNet)
     monkeypatch.setitem(OBJECTIVES._items, "tiny", TinyObjective)
-    sampler_module = types.ModuleType("medssl.transforms.sampler")
-    sampler_module.ViewPairSampler = FakeSampler
-    monkeypatch.setitem(sys.modules, "medssl.transforms.sampler", sampler_module)
+    monkeypatch.setattr(engine, "ViewPairSampler", FakeSampler)
     data = tmp_path / "data"
     data.mkdir()
     for name in ("a.nii.gz", "b.nii.gz"):
@@ -171,9 +171,9 @@ def test_run_folder_holds_the_contract_files(fakes, tmp_path):
     payload = torch.load(folder / "model.pt", weights_only=True)
     assert payload["format"] == "medssl.model/1" and payload["spatial_dims"] == 2
     assert payload["network"] == {"spatial_dims": 2, "channels": 4}
-    assert payload["preprocessing"] == {  # preprocess_image's options (defaults filled) + the patch size
+    assert payload["preprocessing"] == {  # the Preprocessing spec (defaults filled) + the patch size
         "modality": "mr", "spacing_mm": None, "intensity_window": None, "file_spacing_mm": None, "patch_size": [8, 8]}
-    network = checkpoint.load_model(folder)
+    network = load_network(folder).network
     x = torch.randn(1, 1, 8, 8)
     reference = TinyNet(2, 4)
     reference.load_state_dict(payload["state_dict"])  # the network's own keys: no surgery
@@ -192,12 +192,12 @@ def test_lr_follows_warmup_then_cosine(fakes, tmp_path):
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(fakes, tmp_path):
     config = tiny_config(fakes, steps=8, checkpoint_every=2)
     config["objective"]["tiny"]["nan_at_call"] = 4
-    with pytest.raises(engine.TrainingDiverged, match=r"loss became nan at step 4.*step 2"):
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 4.*step 2"):
         run(config, tmp_path / "run")
     state = torch.load(tmp_path / "run" / engine.CHECKPOINT, weights_only=False)
     assert state["step"] == 2
     assert all(torch.isfinite(v).all() for v in state["network"].values())
-    network = checkpoint.load_model(tmp_path / "run")
+    network = load_network(tmp_path / "run").network
     for key, value in network.state_dict().items():
         assert torch.equal(value, state["network"][key])
 
@@ -290,7 +290,7 @@ def test_shipped_configs_build_their_network_objectives_and_sampler_options(path
         section, _, name = key.rpartition(".")
         assert name in (raw[section] if section else raw), f"contract key {key} missing"
     config = read_pretrain_config(path)
-    network = engine.build_network(config)
+    network = engine.network_from_config(config)
     objectives, weights = engine.build_objectives(config, network)
     assert list(objectives) == config.methods and all(w == 1.0 for w in weights.values())
     check_kwargs(ViewPairSampler, {k: v for k, v in config.data.items() if k != "path"}, "data",
@@ -311,7 +311,7 @@ def test_composed_config_trains_both_objectives_on_raw_patch_views(dims, tmp_pat
             "objective.infoguided.window=2", "objective.lewel.proj_dim=16", "objective.lewel.hidden_dim=32"]
     config = read_pretrain_config(CONFIGS[0].parent / f"infoguided+lewel_{dims}d.yaml", tiny)
     assert config.methods == ["infoguided", "lewel"]
-    objectives, weights = engine.build_objectives(config, engine.build_network(config))
+    objectives, weights = engine.build_objectives(config, engine.network_from_config(config))
     assert objectives["infoguided"].views == "raw_patch" and objectives["lewel"].trained_levels == [0, 1]
     rows = list(csv.DictReader((engine.pretrain(config, data=data, out=tmp_path / "run") / "metrics.csv").open()))
     assert len(rows) == 2 and "lewel/loss_aligned_stride1" in rows[0] and "infoguided/loss_stride1" in rows[0]

@@ -19,13 +19,12 @@ from medssl.data.demo import write_demo_dataset
 from medssl.data.landmarks import read_landmarks, read_scores
 from medssl.data.readers import load_image, load_label
 from medssl.engine import finetune as engine
-from medssl.engine.checkpoint import read_model_file, save_model
 from medssl.engine.finetune_config import read_finetune_config
-from medssl.engine.finetune_data import PatchSampler, load_case, prepare, split_items
+from medssl.engine.finetune_data import PatchSampler, load_case, split_items
 from medssl.errors import InputError
-from medssl.networks import UNet
+from medssl.networks import UNet, read_model_file, save_model
 from medssl.networks.task import TaskUNet
-from medssl.transforms.preprocess import preprocess_image
+from medssl.transforms.preprocess import Preprocessing
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = ["network.channels=[4,8,8]", "train.steps=2", "train.val_every=2", "train.batch_size=2",
@@ -139,15 +138,6 @@ def test_nan_loss_stops_with_exit_2_and_one_line(demo2d, tmp_path, capsys, monke
                  str(demo2d / "datalist.json"), "--out", str(tmp_path / "run"), *TINY_2D])
     assert code == 2
     assert "loss became nan at step 1; training stopped and no model had been written yet" in _one_error_line(capsys)
-
-
-def test_prepare_matches_the_pretraining_preprocessing(demo2d, demo3d):
-    for path, dims, spacing in ((demo2d / "images" / "subject_000.png", 2, 3.0),
-                                (demo3d / "images" / "subject_000.nii.gz", 3, 8.0)):
-        image, _ = prepare(load_image(path), spacing_mm=spacing)
-        reference = preprocess_image(path, spatial_dims=dims, spacing_mm=spacing)
-        assert torch.equal(image.as_tensor(), reference.as_tensor())
-        np.testing.assert_allclose(np.asarray(image.affine), np.asarray(reference.affine))
 
 
 def test_splits_are_seeded_nested_and_never_overlap_validation(tmp_path):
@@ -273,7 +263,7 @@ def test_landmark_sampler_masks_absent_landmarks_and_anchors_the_template(demo2d
     cases = []
     for index, key in enumerate(("subject_000", "subject_001", "subject_002")):
         landmarks = {n: p for n, p in truth[key].items() if not (index == 2 and n == names[0])}
-        cases.append(load_case(demo2d / "images" / f"{key}.png", spatial_dims=2, options={}, landmarks=landmarks,
+        cases.append(load_case(demo2d / "images" / f"{key}.png", spatial_dims=2, preprocessing=Preprocessing(), landmarks=landmarks,
                                names=names))
     sampler = PatchSampler(cases, patch_size=[32, 32], augment=False, seed=1, anchors=[0])
     for step in range(6):

@@ -10,7 +10,7 @@ import torch
 from monai.data import MetaTensor
 
 from medssl.data.demo_figures import save_population_figure
-from medssl.engine.state import global_state_kept, seeded
+from medssl.rng import global_state_kept, seeded
 from medssl.matching.figures import save_landmark_figure
 from medssl.report.figures import save_curves_figure, save_segmentation_figure, save_similarity_figure
 from medssl.transforms.infomap import save_information_png

@@ -176,10 +176,12 @@ def test_device_choice():
     import torch
 
     from medssl.errors import InputError
-    from medssl.matching.run import pick_device
+    from medssl.dist import pick_device
 
-    assert pick_device("cpu") == "cpu"
-    assert pick_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(InputError, match="--device: unknown device 'gpu'"):
+        pick_device("gpu")
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="--device: no CUDA GPU is visible"):
             pick_device("cuda")

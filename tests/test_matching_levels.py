@@ -12,11 +12,11 @@ import torch
 
 from conftest import validation_section
 from medssl.data.demo import write_demo_dataset
-from medssl.engine.checkpoint import read_model_file
+from medssl.networks import read_model_file
 from medssl.engine.pretrain import pretrain
 from medssl.engine.pretrain_config import pretrain_config_from_dict
 from medssl.matching.oneshot import OneShotMatcher
-from medssl.matching.run import detect_landmarks_files, load_network, rank_templates_files
+from medssl.matching.run import detect_landmarks_files, matching_network, rank_templates_files
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -101,9 +101,9 @@ def test_random_init_and_older_model_files_match_every_level(lewel_run, tmp_path
     del payload["matching"]  # what medssl wrote before the record
     torch.save(payload, tmp_path / "old.pt")
     with caplog.at_level(logging.INFO, logger="medssl"):
-        assert load_network(tmp_path / "old.pt", 2)[2] == [0, 1, 2]
-        assert load_network("none", 2)[2] == [0, 1, 2, 3, 4]
-        assert load_network(lewel_run[0], 2, levels=[2])[2] == [2]
+        assert matching_network(tmp_path / "old.pt", 2)[2] == [0, 1, 2]
+        assert matching_network("none", 2)[2] == [0, 1, 2, 3, 4]
+        assert matching_network(lewel_run[0], 2, levels=[2])[2] == [2]
     assert "all 3 levels (model.pt records none: written by an older medssl)" in caplog.text
     assert "all 5 levels (random init)" in caplog.text
     assert "levels 2 (--levels)" in caplog.text

@@ -67,6 +67,8 @@ def test_input_size_not_divisible_is_a_clear_error():
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"size": "huge"}, "unknown network size"), ({"norm": "layer"}, "unknown network norm"),
+     ({"size": "smal"}, r"unknown network size 'smal' \(did you mean 'small'\?\); choose one of: small, base"),
+     ({"norm": "batchnorm"}, r"unknown network norm 'batchnorm' \(did you mean 'batch'\?\); choose one of: instance"),
      ({"channels": (8, 8)}, "channels"), ({"spatial_dims": 1}, "spatial_dims")],
 )
 def test_bad_arguments_are_rejected(kwargs, message):

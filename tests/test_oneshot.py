@@ -19,7 +19,8 @@ from medssl.data.landmarks import read_landmarks, read_scores, write_landmarks
 from medssl.data.readers import load_image, save_image
 from medssl.errors import InputError
 from medssl.matching.figures import save_landmark_figure
-from medssl.matching.oneshot import OneShotMatcher, peak_positions, prepare_image, support_points
+from medssl.correspondence import peak_positions
+from medssl.matching.oneshot import OneShotMatcher, prepare_image, support_points
 from medssl.matching.run import detect_landmarks_files, rank_templates_files
 from medssl.matching.selection import rank_templates, salient_points
 from medssl.networks import build_network
@@ -248,7 +249,7 @@ def write_case(folder: Path, dims: int) -> tuple[Path, Path, dict[str, np.ndarra
 
 @pytest.mark.parametrize("dims", [2, 3])
 def test_detect_landmarks_files_from_a_saved_model(tmp_path, dims):
-    from medssl.engine.checkpoint import save_model
+    from medssl.networks import save_model
 
     image_path, csv_path, landmarks = write_case(tmp_path, dims)
     torch.manual_seed(0)
@@ -264,7 +265,7 @@ def test_detect_landmarks_files_from_a_saved_model(tmp_path, dims):
 
 
 def test_min_score_leaves_landmarks_out_and_evaluate_counts_them(tmp_path):
-    from medssl.engine.checkpoint import save_model
+    from medssl.networks import save_model
     from medssl.metrics.landmarks import landmark_scores
 
     image_path, csv_path, landmarks = write_case(tmp_path, 2)
@@ -299,11 +300,11 @@ def test_detect_landmarks_files_rejects_bad_input(tmp_path):
     outside = write_landmarks(tmp_path / "outside.csv", {"case_a": {"p": np.array([500.0, 2.0])}})
     with pytest.raises(InputError, match="lies outside"):
         detect_landmarks_files("none", [image_path], [outside], [image_path], tmp_path / "p.csv", method="ncc")
-    from medssl.engine.checkpoint import save_model
+    from medssl.networks import save_model
 
     model_3d = save_model(build_network(spatial_dims=3, channels=TINY_CHANNELS), tmp_path / "m3.pt", spatial_dims=3,
                           preprocessing={})
-    with pytest.raises(InputError, match="the model is 3D but the images are 2D"):
+    with pytest.raises(InputError, match="the checkpoint is 3D but the images are 2D"):
         detect_landmarks_files(model_3d, [image_path], [csv_path], [image_path], tmp_path / "p.csv")
 
 
@@ -311,7 +312,7 @@ def test_rank_templates_files_writes_a_ranking(tmp_path):
     for seed in range(3):
         save_image((texture((48, 40), seed=seed) * 255).astype(np.uint8), torch.eye(3), tmp_path / "pool" / f"i{seed}.png")
     torch.manual_seed(0)
-    from medssl.engine.checkpoint import save_model
+    from medssl.networks import save_model
 
     model = save_model(build_network(spatial_dims=2, channels=TINY_CHANNELS), tmp_path / "model.pt", spatial_dims=2,
                        preprocessing={"spacing_mm": 1.5})
@@ -333,14 +334,14 @@ def test_prepare_image_resamples_only_when_the_spacing_differs(tmp_path):
 
 
 def test_random_init_baseline_is_fixed_and_leaves_the_callers_rng_alone():
-    from medssl.matching.run import load_network
+    from medssl.matching.run import matching_network
 
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    first, _, _ = load_network("none", 2)
+    first, _, _ = matching_network("none", 2)
     assert torch.equal(torch.rand(3), expected)
-    second, _, _ = load_network("none", 2)
+    second, _, _ = matching_network("none", 2)
     for a, b in zip(first.state_dict().values(), second.state_dict().values()):
         assert torch.equal(a, b)
 

@@ -13,7 +13,7 @@ import torch
 from medssl.config import save_config
 from medssl.data.landmarks import write_landmarks
 from medssl.data.readers import save_image
-from medssl.engine.checkpoint import save_atomic
+from medssl.outputs import save_atomic
 from medssl.outputs import atomic_writer, temporaries, write_atomic
 
 

@@ -7,6 +7,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from monai.data import MetaTensor
 import torch.nn.functional as F
 from scipy.ndimage import map_coordinates
 
@@ -18,7 +19,7 @@ from medssl.errors import InputError
 from medssl.networks import UNet
 from medssl.objectives.infoguided import InfoGuided
 from medssl.transforms.infomap import percentile_thresholds
-from medssl.transforms.preprocess import normalise_intensity, preprocess_image
+from medssl.transforms.preprocess import Preprocessing
 from medssl.transforms.sampler import ViewPairSampler
 
 NO_AUGMENTATION = dict(scale=(1, 1), aspect=(1, 1), max_shift=0.0, flip_prob=0.0, rotate_deg=0.0,
@@ -224,15 +225,17 @@ def test_preprocessing_orients_resamples_and_normalises(tmp_path):
     volume = np.arange(6 * 5 * 4, dtype=np.float32).reshape(6, 5, 4) * 10 - 1000
     affine = np.diag([-1.0, 2.0, 3.0, 1.0])  # axis 0 runs to the left (LAS)
     path = save_image(volume, affine, tmp_path / "ct.nii.gz")
-    image = preprocess_image(path, spatial_dims=3, modality="ct", spacing_mm=(1.0, 1.0, 1.5))
+    image, _ = Preprocessing(modality="ct", spacing_mm=(1.0, 1.0, 1.5)).read(path, 3)
     assert np.allclose(np.diag(image.affine.numpy())[:3], [1.0, 1.0, 1.5])  # RAS, resampled
     assert image.shape[1:] == (6, 9, 7)  # MONAI keeps the extent between the outer voxel centres
     assert 0 <= image.min() and image.max() <= 1
-    first = preprocess_image(path, spatial_dims=3, modality="ct")  # voxel (0, 0, 0) is now the file's (5, 0, 0)
+    first, _ = Preprocessing(modality="ct").read(path, 3)  # voxel (0, 0, 0) is now the file's (5, 0, 0)
     assert float(first[0, 0, 0, 0]) == pytest.approx((volume[5, 0, 0] + 1000) / 2000)
-    ct = normalise_intensity(torch.tensor([[-2000.0, -1000.0, 0.0, 1000.0, 3000.0]]), "ct")
-    assert ct.tolist() == [[0.0, 0.0, 0.5, 1.0, 1.0]]
-    mr = normalise_intensity(torch.linspace(0, 100, 1001)[None], "mr")
-    assert float(mr.min()) == 0.0 and float(mr.max()) == 1.0 and float(mr[0, 500]) == pytest.approx(0.5)
+    grid = torch.eye(3, dtype=torch.float64)  # 2D images of one row: (1, 1, N)
+    ct, _ = Preprocessing(modality="ct")(MetaTensor(torch.tensor([[[-2000.0, -1000.0, 0.0, 1000.0, 3000.0]]]),
+                                                    affine=grid))
+    assert ct[0, 0].tolist() == [0.0, 0.0, 0.5, 1.0, 1.0]
+    mr, _ = Preprocessing(modality="mr")(MetaTensor(torch.linspace(0, 100, 1001)[None, None], affine=grid))
+    assert float(mr.min()) == 0.0 and float(mr.max()) == 1.0 and float(mr[0, 0, 500]) == pytest.approx(0.5)
     with pytest.raises(InputError, match="did you mean 'ct'"):
-        normalise_intensity(torch.zeros(1, 3), "cta")
+        Preprocessing(modality="cta")

@@ -23,10 +23,14 @@ import numpy as np
 from scipy import ndimage
 
 from medssl.data.demo_anatomy import Template, load_template, tilted_slice
+from medssl.data.demo_figures import save_population_figure
 from medssl.data.demo_warp import (RandomTransform, identity_transform, jacobian_determinant, random_control_grid,
                                    random_transform, realistic_transform, rotation_about_axis)
 from medssl.data.geometry import world_to_voxel
+from medssl.data.landmarks import write_landmarks
+from medssl.data.readers import save_image
 from medssl.errors import InputError
+from medssl.outputs import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -237,9 +241,6 @@ def write_demo_dataset(out: str | Path, spatial_dims: int = 3, n_subjects: int =
     ``spacing_mm`` is the 3D voxel size (default 2 mm; 2D is always 1 mm per pixel); ``variability`` is
     ``realistic`` or ``low`` (``VARIABILITIES``); ``figures`` also writes QC PNGs into ``out/figures/``.
     """
-    from medssl.outputs import write_atomic
-    from medssl.data.landmarks import write_landmarks
-    from medssl.data.readers import save_image
 
     out = Path(out)
     preset = variability_preset(variability)
@@ -282,7 +283,6 @@ def write_demo_dataset(out: str | Path, spatial_dims: int = 3, n_subjects: int =
             "shape": list(template.shape), "variability": asdict(preset), "per_subject": subjects_meta}
     write_atomic(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     if figures:
-        from medssl.data.demo_figures import save_population_figure
 
         figure = save_population_figure(out / "figures" / "population.png", shown,
                                         title=f"{spatial_dims}D demo population, {preset.name} variability, "

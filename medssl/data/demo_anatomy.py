@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medssl.data.geometry import voxel_to_world, world_to_voxel
 from medssl.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,6 @@ def _read_mni() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _head_box_mm(tissue: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """World-mm corners (low, high) of the intracranial region."""
-    from medssl.data.geometry import voxel_to_world
 
     inside = np.argwhere(tissue.sum(axis=0) > 0.1)  # (N, D)
     corners = voxel_to_world(affine, np.stack([inside.min(axis=0), inside.max(axis=0)]).astype(float))  # (2, D)
@@ -169,7 +169,6 @@ def _sample_plane(volume: np.ndarray, affine: np.ndarray, plane_mm: np.ndarray) 
     """Linear interpolation of a 3D ``volume`` (voxel -> MNI ``affine``) at MNI points ``plane_mm`` ``(*P, 3)``."""
     from scipy import ndimage
 
-    from medssl.data.geometry import world_to_voxel
 
     index = world_to_voxel(affine, plane_mm.reshape(-1, 3)).T  # (3, N)
     return ndimage.map_coordinates(volume, index, order=1).reshape(plane_mm.shape[:-1])
@@ -179,7 +178,6 @@ def _slice(t1: np.ndarray, tissue: np.ndarray, affine: np.ndarray, plane: str
            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One MNI plane sampled on its 1 mm in-plane grid: image (A, B), tissue (3, A, B), the plane coordinates
     (a, b) of array index 0, and the (3, 3) map from homogeneous plane coordinates (a, b, 1) to MNI mm."""
-    from medssl.data.geometry import voxel_to_world
 
     axis, value_mm, (column, row), _ = PLANES[plane]
     u, v = np.array(column, dtype=float), np.array(row, dtype=float)
@@ -205,7 +203,6 @@ def tilted_slice(template: Template, rotation: np.ndarray, offset_mm: float,
     of its 3D MNI point onto the new plane, in the new plane's in-plane frame (so it stays in the slice).
 
     ``volume`` replaces the T1 intensities (a 3D array on the 1 mm MNI grid; the tests paint blobs in it)."""
-    from medssl.data.geometry import voxel_to_world
 
     if template.plane_to_mni is None or template.plane is None:
         raise ValueError("tilted_slice needs a 2D template from load_template(2, ...)")

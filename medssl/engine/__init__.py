@@ -1,2 +1,2 @@
-"""Training engines: ``medssl.engine.pretrain.pretrain`` (self-supervised loop) and
-``medssl.engine.checkpoint.load_model`` (rebuild a trained network from a run folder)."""
+"""Training engines: ``medssl.engine.pretrain.pretrain`` (self-supervised loop), ``medssl.engine.finetune.finetune``
+(task heads) and ``medssl.engine.predict`` (inference), thin loops on ``medssl.engine.runner``."""

@@ -9,37 +9,36 @@ atomic checkpoint for ``--resume``.
 
 from __future__ import annotations
 
-import contextlib
+import json
 import logging
 import math
-import os
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from monai.losses import DiceCELoss
 from torch import nn
 
-from medssl.config import config_differences, save_config, to_dict
-from medssl.engine.checkpoint import model_payload, read_model_file, read_resume_state, save_atomic
-from medssl.engine.finetune_config import (
-    NO_CHECKPOINT, FinetuneConfig, finetune_config_from_dict, read_finetune_config,
-)
-from medssl.engine.finetune_data import PREPROCESSING_KEYS, PatchSampler, prepare_data
+from medssl.config import save_config, to_dict
+from medssl.dist import pick_device
+from medssl.engine.finetune_config import FinetuneConfig, finetune_config_from_dict, read_finetune_config
+from medssl.engine.finetune_data import PatchSampler, prepare_data
 from medssl.engine.memory import check_memory, raise_if_out_of_memory
 from medssl.engine.monitor import VALIDATION_PREFIX, Monitor
 from medssl.engine.predict import Predictor, score_cases
-from medssl.engine.pretrain import TrainingDiverged
+from medssl.engine.runner import (CHECKPOINT, OptimizerStep, check_finite, new_run, resumed_run, save_checkpoint,
+                                  seed_run)
 from medssl.engine.schedule import build_scheduler, parameter_groups
-from medssl.engine.state import capture_rng, global_state_kept, restore_rng, seeded
-from medssl.errors import InputError
+from medssl.errors import InputError, TrainingError
 from medssl.networks import UNet
+from medssl.networks.heatmaps import adaptive_wing_loss, foreground_weights, gaussian_heatmaps, masked_mean
+from medssl.networks.model_file import NO_CHECKPOINT, is_random_init, load_network, save_model
 from medssl.networks.task import PARTS, TaskUNet
-from medssl.outputs import check_output, undone_on_failure, write_atomic
+from medssl.outputs import undone_on_failure, write_atomic
+from medssl.rng import capture_rng, global_state_kept, restore_rng
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = Path("checkpoints") / "last.pt"
 SPLIT_FILE = "split.json"
 #: config keys that may differ between a run and its resumption (they do not change the trained weights)
 RESUME_MAY_CHANGE = ("train.device", "train.log_every")
@@ -69,7 +68,7 @@ def finetune(config: FinetuneConfig | str | Path, *, checkpoint: str | Path | No
     if labeled is not None:
         section["labeled"] = labeled
     if checkpoint is not None:
-        checkpoint = NO_CHECKPOINT if str(checkpoint).lower() == NO_CHECKPOINT else str(Path(checkpoint).resolve())
+        checkpoint = NO_CHECKPOINT if is_random_init(checkpoint) else str(Path(checkpoint).resolve())
     config = finetune_config_from_dict({**to_dict(config), "data": section,
                                         "checkpoint": checkpoint if checkpoint is not None else config.checkpoint})
     if config.checkpoint is None:
@@ -85,27 +84,18 @@ def finetune(config: FinetuneConfig | str | Path, *, checkpoint: str | Path | No
 
 # -------------------------------------------------------------------------------------------------- network
 def build_task_network(config: FinetuneConfig, head_channels: int) -> tuple[TaskUNet, dict[str, Any]]:
-    """The ``TaskUNet`` with the checkpoint's weights (or random ones for ``none``) and the checkpoint's
-    preprocessing (empty for ``none``). The initialisation depends only on ``config.seed`` (the caller's RNG
-    untouched)."""
-    if config.checkpoint == NO_CHECKPOINT:
-        with seeded(config.seed):
-            return TaskUNet(config.spatial_dims, head_channels, **config.network), {}
-    payload = read_model_file(config.checkpoint)
-    if int(payload.get("spatial_dims", config.spatial_dims)) != config.spatial_dims:
-        raise InputError(f"the checkpoint is {payload['spatial_dims']}D but the config is {config.spatial_dims}D",
-                         path=config.checkpoint)
-    architecture = {k: v for k, v in payload["network"].items() if k != "head_channels"}
-    if UNet(config.spatial_dims, **config.network).get_config() != architecture:
-        log.warning("config section 'network' ignored: the architecture comes from %s (%s)", config.checkpoint,
-                    architecture)
-    with seeded(config.seed):
-        network = TaskUNet(head_channels=head_channels, **architecture)
-    try:
-        network.load_backbone(payload["state_dict"])
-    except InputError as error:
-        raise InputError(error.message, path=config.checkpoint) from None
-    return network, dict(payload.get("preprocessing") or {})
+    """The ``TaskUNet`` with the checkpoint's weights (or random ones for ``none``: the ``network`` section's
+    architecture) and the checkpoint's preprocessing (empty for ``none``). The initialisation depends only on
+    ``config.seed`` (the caller's RNG untouched)."""
+    random_init = is_random_init(config.checkpoint)
+    loaded = load_network(config.checkpoint, config.spatial_dims, head_channels=head_channels, seed=config.seed,
+                          architecture=config.network if random_init else None, dims_of="the config is")
+    if not random_init:
+        architecture = {k: v for k, v in loaded.payload["network"].items() if k != "head_channels"}
+        if UNet(config.spatial_dims, **config.network).get_config() != architecture:
+            log.warning("config section 'network' ignored: the architecture comes from %s (%s)", config.checkpoint,
+                        architecture)
+    return loaded.network.train(), loaded.preprocessing
 
 
 def _check_preprocessing(config: FinetuneConfig, pretrained: dict[str, Any]) -> None:
@@ -137,12 +127,8 @@ def task_loss(config: FinetuneConfig) -> Callable[[torch.Tensor, Any], torch.Ten
     """``loss(outputs, batch)``: ``DiceCELoss`` on logits and label maps, or the adaptive wing / MSE heatmap loss
     averaged over the landmarks present in each image."""
     if config.task == "seg":
-        from monai.losses import DiceCELoss
-
         dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, **config.seg.loss)
         return lambda outputs, batch: dice_ce(outputs.float(), batch.label)
-    from medssl.networks.heatmaps import adaptive_wing_loss, foreground_weights, gaussian_heatmaps, masked_mean
-
     heads = config.landmarks
     pointwise = adaptive_wing_loss if heads.loss == "awing" else lambda p, t: (p - t) ** 2
 
@@ -156,15 +142,8 @@ def task_loss(config: FinetuneConfig) -> Callable[[torch.Tensor, Any], torch.Ten
 
 # ----------------------------------------------------------------------------------------------------- loop
 def _train(config: FinetuneConfig, run: Path, resume_state: dict[str, Any] | None) -> Path:
-    from monai.utils import set_determinism
-
-    from medssl.engine.distributed import pick_device
-
-    train, device = config.train, pick_device(config.train.device)
-    if train.deterministic and device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    set_determinism(seed=config.seed)
-    torch.use_deterministic_algorithms(train.deterministic, warn_only=True)
+    train, device = config.train, pick_device(config.train.device, option="train.device")
+    seed_run(config.seed, train.deterministic, device)
     data, record = prepare_data(config)
     network, pretrained = build_task_network(config, data.head_channels)
     _check_preprocessing(config, pretrained)
@@ -176,25 +155,24 @@ def _train(config: FinetuneConfig, run: Path, resume_state: dict[str, Any] | Non
     if resume_state is None:  # only now: a run refused above leaves no folder behind
         (run / CHECKPOINT).parent.mkdir(parents=True, exist_ok=True)
         save_config(config, run / "config.yaml")
-    write_atomic(run / SPLIT_FILE, _json(record))
+    write_atomic(run / SPLIT_FILE, json.dumps(record, indent=2) + "\n")
     network = network.to(device)
     optimizer, frozen = build_optimizer(network, train)
     scheduler = build_scheduler(optimizer, steps=train.steps, warmup_steps=train.warmup_steps,
                                 min_lr_ratio=train.min_lr_ratio)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.amp) if device.type == "cuda" else None
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+    updater = OptimizerStep(optimizer, scheduler, parameters=network.parameters(), grad_clip=train.grad_clip,
+                            amp=train.amp, device=device)
     metric, higher_is_better = SELECTION[config.task]
     state: dict[str, Any] = {"step": 0, "best": None, "best_step": 0, "last": math.nan}
     if resume_state is not None:
-        state = _load_checkpoint(resume_state, network, optimizer, scheduler, scaler)
+        state = _load_checkpoint(resume_state, network, updater)
     options = config.data
     sampler = PatchSampler(data.train, patch_size=options.patch_size, num_classes=data.num_classes,
                            augment=options.augment, rotate_deg=options.rotate_deg, scale_range=options.scale_range,
                            seed=config.seed, anchors=data.anchors)
     predictor = Predictor(network, patch_size=options.patch_size, task=data.task, device=device, amp=train.amp)
     loss_fn = task_loss(config)
-    preprocessing = {**{key: getattr(options, key) for key in PREPROCESSING_KEYS},
-                     "patch_size": list(options.patch_size)}
+    preprocessing = {**config.preprocessing.to_dict(), "patch_size": list(options.patch_size)}
     monitor = Monitor(run, steps=train.steps, start_step=state["step"], log_every=train.log_every, prefix="finetune")
     log.info("fine-tuning %s from %s for %d steps on %s -> %s", config.name, config.checkpoint, train.steps, device,
              run)
@@ -204,34 +182,29 @@ def _train(config: FinetuneConfig, run: Path, resume_state: dict[str, Any] | Non
             for module in frozen:
                 module.eval()
             batch = sampler.sample(step, train.batch_size).to(device)
-            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
+            with updater.autocast():
                 loss = loss_fn(network(batch.image), batch)
             value = float(loss.detach())
-            if not math.isfinite(value):
-                _diverged(value, step + 1, state["best_step"], run)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if train.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_([p for p in network.parameters() if p.requires_grad], train.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            lr = optimizer.param_groups[-1]["lr"]  # the head's
-            scheduler.step()
+            kept = (f"model.pt from step {state['best_step']} is kept" if state["best_step"]
+                    else "no model had been written yet")
+            check_finite(value, step + 1, kept=kept, run=run,
+                         advice="Lower train.lr, set train.grad_clip, or check the data and labels")
+            lr = updater.step(loss, lr_group=-1)  # the head's
             validated: dict[str, float] = {}
             if (step + 1) % train.val_every == 0 or step + 1 == train.steps:
                 scores = score_cases(predictor, data.validation)
                 state["last"] = float(scores[metric])
                 if _better(state["last"], state["best"], higher_is_better):
                     state.update(best=state["last"], best_step=step + 1)
-                    payload = model_payload(network, spatial_dims=config.spatial_dims, preprocessing=preprocessing)
-                    save_atomic({**payload, "task": data.task, "validation": {"step": step + 1, **scores}},
-                                run / "model.pt")
+                    save_model(network, run / "model.pt", spatial_dims=config.spatial_dims,
+                               preprocessing=preprocessing, task=data.task,
+                               validation={"step": step + 1, **scores})
                     log.debug("step %d: best validation %s so far (%.4g): model.pt written", step + 1, metric,
                               state["best"])
                 state["step"] = step + 1
                 validated[f"{VALIDATION_PREFIX}{metric}"] = state["last"]
-                _save_checkpoint(run / CHECKPOINT, config, state, network, optimizer, scheduler, scaler)
+                save_checkpoint(run, {"config": to_dict(config), "state": dict(state),
+                                      "network": network.state_dict(), **updater.state_dict(), "rng": capture_rng()})
             monitor.step(step + 1, {"loss": value, "lr": lr, **validated}, force=bool(validated))
     except (RuntimeError, MemoryError) as error:
         kept = (f"the best model so far (step {state['best_step']}) is kept in {run / 'model.pt'}" if state["best_step"]
@@ -241,7 +214,7 @@ def _train(config: FinetuneConfig, run: Path, resume_state: dict[str, Any] | Non
     finally:
         monitor.close()
     if state["best"] is None:
-        raise InputError(f"validation {metric} was never finite; no model.pt was written", path=run)
+        raise TrainingError(f"validation {metric} was never finite; no model.pt was written", path=run)
     log.info("finished: %s (best validation %s %.4g at step %d)", run / "model.pt", metric, state["best"],
              state["best_step"])
     return run
@@ -254,54 +227,23 @@ def _better(value: float, best: float | None, higher_is_better: bool) -> bool:
     return best is None or (value > best if higher_is_better else value < best)
 
 
-def _diverged(value: float, step: int, best_step: int, run: Path) -> None:
-    kept = f"model.pt from step {best_step} is kept" if best_step else "no model had been written yet"
-    raise TrainingDiverged(f"loss became {value} at step {step}; training stopped and {kept}. Lower train.lr, set "
-                           "train.grad_clip, or check the data and labels", path=run)
-
-
 # ----------------------------------------------------------------------------------------------------- runs
 def _run_folder(config: FinetuneConfig, out: str | Path | None,
                 resume: str | Path | None) -> tuple[Path, dict[str, Any] | None]:
     """The run folder (checked; ``_train`` creates it once the data is read) and, with ``resume``, its checkpoint's
     state (read before any other work, so that a bad one is refused at once)."""
     inputs = [config.data.path, config.data.landmarks, config.data.pseudo,
-              None if config.checkpoint == NO_CHECKPOINT else config.checkpoint]
+              None if is_random_init(config.checkpoint) else config.checkpoint]
     if resume is not None:
-        run = Path(resume)
-        if not (run / CHECKPOINT).is_file():
-            raise InputError(f"cannot resume: no {CHECKPOINT} in this folder (is it a fine-tuning run?)", path=run)
-        differ = config_differences(read_finetune_config(run / "config.yaml"), config, RESUME_MAY_CHANGE)
-        if differ:
-            raise InputError(f"cannot resume with a different config ({', '.join(differ)} differ); pass the run's "
-                             f"own config: medssl finetune {config.task} {run / 'config.yaml'} --resume {run}",
-                             path=run)
-        check_output(run, kind="folder", inputs=inputs)
-        return run, read_resume_state(run / CHECKPOINT)
-    run = Path(out) if out is not None else Path("runs") / f"{config.name}_{time.strftime('%Y%m%d-%H%M%S')}"
-    if (run / CHECKPOINT).is_file():
-        raise InputError(f"already holds a run; continue it with --resume {run} or choose another --out", path=run)
-    check_output(run, kind="folder", inputs=inputs)
-    return run, None
+        return resumed_run(resume, kind="fine-tuning", inputs=inputs, config=config, read_config=read_finetune_config,
+                           may_change=RESUME_MAY_CHANGE,
+                           command=f"medssl finetune {config.task} {Path(resume) / 'config.yaml'} --resume {resume}")
+    return new_run(out, config.name, inputs), None
 
 
-def _json(record: dict[str, Any]) -> str:
-    import json
-
-    return json.dumps(record, indent=2) + "\n"
-
-
-def _save_checkpoint(path, config, state, network, optimizer, scheduler, scaler) -> None:
-    save_atomic({"config": to_dict(config), "state": dict(state), "network": network.state_dict(),
-                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "scaler": scaler.state_dict(), "rng": capture_rng()}, path)
-
-
-def _load_checkpoint(saved, network, optimizer, scheduler, scaler) -> dict[str, Any]:
+def _load_checkpoint(saved: dict[str, Any], network: TaskUNet, updater: OptimizerStep) -> dict[str, Any]:
     network.load_state_dict(saved["network"])
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    scaler.load_state_dict(saved["scaler"])
+    updater.load_state_dict(saved)
     restore_rng(saved["rng"])
     log.info("resuming from step %d", saved["state"]["step"])
     return dict(saved["state"])

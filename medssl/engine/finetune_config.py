@@ -11,31 +11,25 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from medssl.config import check_kwargs, from_dict, load_config
+from monai.losses import DiceCELoss
+
+from medssl.config import build_section, check_kwargs, from_dict, load_config, to_dict
+from medssl.engine.runner import TrainConfig, check_train_config
 from medssl.errors import InputError
+from medssl.networks import UNet
+from medssl.transforms.preprocess import Preprocessing
 
 TASKS = ("seg", "landmarks")
-NO_CHECKPOINT = "none"
 
 
 @dataclass(frozen=True)
-class FinetuneTrainConfig:
+class FinetuneTrainConfig(TrainConfig):
     """The optimisation loop (AdamW, linear warm-up then cosine). The loop counts steps, not epochs, so runs with 1
     or 20 labeled images get the same number of updates; validation runs every ``val_every`` steps."""
 
-    steps: int
-    batch_size: int
-    lr: float
     weight_decay: float = 1e-4
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
-    grad_clip: float | None = 1.0  # max global gradient norm; null disables clipping
     encoder_lr_scale: float = 1.0  # layer-wise learning rate: encoder lr = lr * scale; 0 freezes the encoder
     decoder_lr_scale: float = 1.0  # the same for the decoder (the head always trains at lr)
-    amp: Literal["off", "bf16", "fp16"] = "bf16"  # mixed precision on CUDA; CPU always runs float32
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    deterministic: bool = True
-    log_every: int = 10
     val_every: int = 50  # validate, keep model.pt if best so far, write checkpoints/last.pt
 
 
@@ -96,6 +90,11 @@ class FinetuneConfig:
         """``finetune_seg_2d``: the stem of default run folder names."""
         return f"finetune_{self.task}_{self.spatial_dims}d"
 
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The ``data`` section's preprocessing (what ``model.pt`` records for prediction)."""
+        return Preprocessing.from_options(to_dict(self.data))
+
 
 def read_finetune_config(path: str | Path, overrides: Sequence[str] = ()) -> FinetuneConfig:
     """Load a fine-tuning YAML with ``key=value`` overrides; checks name the file."""
@@ -109,19 +108,8 @@ def finetune_config_from_dict(data: dict[str, Any]) -> FinetuneConfig:
 
 def validate(config: FinetuneConfig) -> FinetuneConfig:
     """Cross-field checks; returns the config with the task's section filled with its defaults."""
-    from monai.losses import DiceCELoss
-
-    from medssl.networks import UNet
-    from medssl.transforms.preprocess import check_modality
-
     train, data = config.train, config.data
-    for key in ("steps", "batch_size", "log_every", "val_every"):
-        if getattr(train, key) < 1:
-            raise InputError(f"config key 'train.{key}' must be >= 1, got {getattr(train, key)}")
-    if train.lr <= 0:
-        raise InputError(f"config key 'train.lr' must be > 0, got {train.lr}")
-    if not 0 <= train.warmup_steps < train.steps:
-        raise InputError(f"config key 'train.warmup_steps' must be in [0, train.steps), got {train.warmup_steps}")
+    check_train_config(train, positive=("val_every",))
     for key in ("encoder_lr_scale", "decoder_lr_scale"):
         if getattr(train, key) < 0:
             raise InputError(f"config key 'train.{key}' must be >= 0 (0 freezes), got {getattr(train, key)}")
@@ -130,7 +118,7 @@ def validate(config: FinetuneConfig) -> FinetuneConfig:
                          f"(spatial_dims={config.spatial_dims}), got {data.patch_size!r}")
     if data.labeled is not None and data.labeled < 1:
         raise InputError(f"--labeled (data.labeled) must be at least 1, got {data.labeled}")
-    check_modality(data.modality)
+    build_section("data", lambda: config.preprocessing)  # checks modality, spacing and window
     if not 0 < data.val_fraction < 1:
         raise InputError(f"config key 'data.val_fraction' must be in (0, 1), got {data.val_fraction}")
     check_kwargs(UNet, config.network, "network", reserved=("spatial_dims",))

@@ -1,4 +1,4 @@
-"""Data for fine-tuning: preprocessing shared with prediction, the labeled / validation / pseudo-labeled split, and
+"""Data for fine-tuning: the labeled / validation / pseudo-labeled split, and
 random training patches that depend only on ``(seed, step)`` (so a resumed run draws exactly the batches of an
 uninterrupted one).
 """
@@ -14,46 +14,23 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import (
-    ClassesToIndicesd, Compose, Orientationd, RandAffined, RandCropByLabelClassesd, RandScaleIntensityd,
-    RandShiftIntensityd, RandSpatialCropd, Spacingd, SpatialPadd,
+    ClassesToIndicesd, Compose, RandAffined, RandCropByLabelClassesd, RandScaleIntensityd, RandShiftIntensityd,
+    RandSpatialCropd, SpatialPadd,
 )
 
 from medssl.data import keys
 from medssl.data.geometry import coordinate_grid
 from medssl.data.inputs import read_datalist, resolve_items
 from medssl.data.landmarks import check_landmarks_in_image, read_landmarks
-from medssl.data.readers import image_key, load_image, load_label
+from medssl.data.readers import image_key, load_label
 from medssl.engine.finetune_config import FinetuneConfig
 from medssl.errors import InputError
-from medssl.transforms.preprocess import normalise_intensity
+from medssl.transforms.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
 
 Item = dict[str, Path]
 _INDICES = f"{keys.LABEL}_cls_indices"  # ClassesToIndicesd's output key for the label
-_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # world axis names, as preprocess_image orients
-#: data options that prepare images (recorded in model.pt with the patch size, for prediction)
-PREPROCESSING_KEYS = ("modality", "spacing_mm", "intensity_window", "file_spacing_mm")
-
-
-def prepare(image: MetaTensor, label: MetaTensor | None = None, *, modality: str = "mr",
-            spacing_mm: float | Sequence[float] | None = None,
-            intensity_window: Sequence[float] | None = None) -> tuple[MetaTensor, MetaTensor | None]:
-    """``image`` (and its ``label``) as the network sees them: RAS, resampled to ``spacing_mm`` (None keeps the
-    grid; labels by nearest neighbour), intensities in [0, 1] (the steps of ``preprocess_image``)."""
-    dims = image.ndim - 1
-    names = [keys.IMAGE] + ([keys.LABEL] if label is not None else [])
-    data: dict[str, Any] = {keys.IMAGE: image, keys.LABEL: label}
-    data = Orientationd(keys=names, axcodes="RAS"[:dims], labels=_RAS_LABELS)(data)
-    if spacing_mm is not None:
-        target = [float(spacing_mm)] * dims if np.isscalar(spacing_mm) else [float(s) for s in spacing_mm]
-        if len(target) != dims or not all(s > 0 for s in target):
-            raise InputError(f"spacing_mm must be one positive number or {dims} of them, got {spacing_mm}")
-        data = Spacingd(keys=names, pixdim=target, mode=["bilinear", "nearest"][: len(names)])(data)
-    label = data[keys.LABEL]
-    if label is not None:
-        label = MetaTensor(label.as_tensor().round().long(), affine=label.affine)  # (1, *S) int64
-    return normalise_intensity(data[keys.IMAGE], modality, intensity_window), label
 
 
 @dataclass
@@ -68,23 +45,18 @@ class Case:
     truth: bool = True
 
 
-def load_case(path: Path, label_path: Path | None = None, *, spatial_dims: int, options: dict[str, Any],
+def load_case(path: Path, label_path: Path | None = None, *, spatial_dims: int, preprocessing: Preprocessing,
               landmarks: dict[str, np.ndarray] | None = None, names: Sequence[str] = (),
               csv_path: Path | None = None, truth: bool = True) -> Case:
     """Read, check and prepare one image (and its label map); ``landmarks`` (name -> mm, checked to lie inside the
-    image) become ``points_mm`` in the order of ``names``. ``options``: ``modality``, ``spacing_mm``,
-    ``intensity_window``, ``file_spacing_mm``."""
-    raw = load_image(path, spacing_mm=options.get("file_spacing_mm"))
-    if raw.ndim - 1 != spatial_dims:
-        raise InputError(f"expected a {spatial_dims}D image (spatial_dims={spatial_dims}), got a {raw.ndim - 1}D one",
-                         path=path)
+    image) become ``points_mm`` in the order of ``names``."""
+    raw = preprocessing.load(path, spatial_dims)
     label = load_label(label_path, like=raw) if label_path is not None else None
     points = None
     if landmarks is not None:
         check_landmarks_in_image(landmarks, raw, csv_path, path)
         points = np.array([landmarks.get(name, np.full(spatial_dims, np.nan)) for name in names], dtype=float)
-    image, label = prepare(raw, label, modality=options.get("modality", "mr"), spacing_mm=options.get("spacing_mm"),
-                           intensity_window=options.get("intensity_window"))
+    image, label = preprocessing(raw, label)
     return Case(image_key(path), image, label, points, truth)
 
 
@@ -236,8 +208,7 @@ def prepare_data(config: FinetuneConfig) -> tuple[TaskData, dict[str, Any]]:
     source = Path(data.path)
     sections = _sections(source)
     training, validation = sections.get("training", []), sections.get("validation", [])
-    options = {key: getattr(data, key) for key in PREPROCESSING_KEYS}
-    load = dict(spatial_dims=config.spatial_dims, options=options)
+    load = dict(spatial_dims=config.spatial_dims, preprocessing=config.preprocessing)
     if config.task == "seg":
         is_labeled: Callable[[dict], bool] = lambda item: keys.LABEL in item  # noqa: E731
         if not any(is_labeled(item) for item in training):

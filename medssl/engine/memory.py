@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from medssl.errors import InputError
+from medssl.errors import TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ REFUSE_MARGIN = 6.0
 WARN_FRACTION = 0.7
 
 
-class OutOfMemory(InputError):
+class OutOfMemory(TrainingError):
     """A training step did not fit in memory (exit 2: the config asks for more than the machine has)."""
 
 

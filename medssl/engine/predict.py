@@ -1,6 +1,6 @@
 """Inference with fine-tuned models (``medssl predict seg|landmarks``) and the validation scores of fine-tuning.
 
-Images are prepared as in training (``finetune_data.prepare``), run through ``monai.inferers.SlidingWindowInferer``
+Images are prepared as in training (``model.pt``'s ``Preprocessing``), run through ``monai.inferers.SlidingWindowInferer``
 with windows of the training patch size, and turned into label maps (resampled back onto the input's own grid, so
 prediction and input share shape and affine) or landmarks (heatmap peaks, sub-pixel, in world mm).
 """
@@ -20,19 +20,25 @@ from monai.transforms import ResampleToMatch
 
 from medssl.data.geometry import voxel_to_world
 from medssl.data.inputs import resolve_images
-from medssl.data.readers import check_image_shape, image_extension, image_key, load_image, save_image
-from medssl.engine.finetune_data import Case, prepare
+from medssl.data.landmarks import write_landmarks
+from medssl.data.readers import check_image_shape, image_extension, image_key, save_image
+from medssl.dist import pick_device
+from medssl.engine.finetune_data import Case
+from medssl.engine.runner import AMP_DTYPES
 from medssl.errors import InputError
+from medssl.metrics.landmarks import landmark_scores
+from medssl.metrics.segmentation import segmentation_scores
 from medssl.networks.heatmaps import decode_heatmaps
+from medssl.networks.model_file import load_network
 from medssl.networks.task import TaskUNet
 from medssl.outputs import check_output
+from medssl.transforms.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
 
 #: output format of a label map per input format (others, e.g. DICOM: NIfTI)
 _SAVE_AS = {".nii.gz": ".nii.gz", ".nii": ".nii", ".nrrd": ".nrrd", ".mha": ".mha", ".mhd": ".mhd", ".png": ".png",
             ".jpg": ".png", ".jpeg": ".png", ".tif": ".png", ".tiff": ".png"}
-_AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Predictor:
@@ -45,7 +51,7 @@ class Predictor:
         self.network, self.task, self.device = network, task, torch.device(device)
         self.inferer = SlidingWindowInferer(roi_size=[int(p) for p in patch_size], sw_batch_size=4, overlap=0.25,
                                             mode="gaussian")
-        self.amp_dtype = _AMP.get(amp) if self.device.type == "cuda" else None
+        self.amp_dtype = AMP_DTYPES.get(amp) if self.device.type == "cuda" else None
 
     @torch.no_grad()
     def outputs(self, image: MetaTensor) -> torch.Tensor:
@@ -76,15 +82,11 @@ def score_cases(predictor: Predictor, cases: Sequence[Case]) -> dict:
     """Validation scores of prepared ``cases`` (on the working grid): ``segmentation_scores`` (Dice, HD95) or
     ``landmark_scores`` (MRE, SDR) against the cases' true labels / landmarks."""
     if predictor.task["kind"] == "seg":
-        from medssl.metrics.segmentation import segmentation_scores
-
         pairs = []
         for case in cases:
             labels = predictor.probabilities(case.image).argmax(dim=0, keepdim=True)  # (1, *S)
             pairs.append((MetaTensor(labels.as_tensor(), affine=case.image.affine), case.label))
         return segmentation_scores(pairs)
-    from medssl.metrics.landmarks import landmark_scores
-
     names = predictor.task["names"]
     predicted, truth = {}, {}
     for case in cases:
@@ -96,21 +98,15 @@ def score_cases(predictor: Predictor, cases: Sequence[Case]) -> dict:
 
 def load_predictor(model: str | Path, device: str = "auto") -> tuple[Predictor, dict[str, Any]]:
     """The ``Predictor`` of a fine-tuning run folder (or its ``model.pt``) and the model's preprocessing options."""
-    from medssl.engine.checkpoint import read_model_file
-    from medssl.engine.distributed import pick_device
-
-    payload = read_model_file(model)
-    task = payload.get("task")
+    torch_device = pick_device(device)
+    loaded = load_network(model, device=torch_device)
+    task = loaded.task
     if not isinstance(task, dict) or task.get("kind") not in ("seg", "landmarks"):
         raise InputError("not a fine-tuned model (it has no task head); pass a run folder of 'medssl finetune'",
                          path=model)
-    torch_device = pick_device(device)
-    network = TaskUNet(**payload["network"])
-    network.load_state_dict(payload["state_dict"])
-    preprocessing = dict(payload["preprocessing"])
-    predictor = Predictor(network.to(torch_device).eval(), patch_size=preprocessing["patch_size"], task=task,
+    predictor = Predictor(loaded.network, patch_size=loaded.preprocessing["patch_size"], task=task,
                           device=torch_device)
-    return predictor, preprocessing
+    return predictor, loaded.preprocessing
 
 
 def _inputs(images: Sequence[str | Path]) -> list[Path]:
@@ -128,14 +124,10 @@ def _inputs(images: Sequence[str | Path]) -> list[Path]:
 
 def _read(path: Path, preprocessing: dict[str, Any], network: TaskUNet) -> tuple[MetaTensor, MetaTensor]:
     """The input as read (its own grid; refused when it does not fit ``network``) and prepared as in training."""
-    spatial_dims = network.spatial_dims
-    raw = load_image(path, spacing_mm=preprocessing.get("file_spacing_mm"))
-    if raw.ndim - 1 != spatial_dims:
-        raise InputError(f"the model is {spatial_dims}D but this image is {raw.ndim - 1}D", path=path)
+    spec = Preprocessing.from_options(preprocessing)
+    raw = spec.load(path, network.spatial_dims)
     check_image_shape(raw, path, min_size=network.min_size_divisor, channels=network.in_channels)
-    image, _ = prepare(raw, modality=preprocessing.get("modality", "mr"), spacing_mm=preprocessing.get("spacing_mm"),
-                       intensity_window=preprocessing.get("intensity_window"))
-    return raw, image
+    return raw, spec(raw)[0]
 
 
 def predict_seg_files(model: str | Path, images: Sequence[str | Path], out_dir: str | Path,
@@ -163,8 +155,6 @@ def predict_seg_files(model: str | Path, images: Sequence[str | Path], out_dir: 
 def predict_landmarks_files(model: str | Path, images: Sequence[str | Path], out_csv: str | Path,
                             device: str = "auto") -> Path:
     """Write the landmarks of every input image (world mm, ``score`` = peak heat) to ``out_csv``."""
-    from medssl.data.landmarks import write_landmarks
-
     paths = _inputs(images)
     check_output(out_csv, kind="file", inputs=[model, *images, *paths])
     predictor, preprocessing = load_predictor(model, device)

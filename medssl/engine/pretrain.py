@@ -9,40 +9,39 @@ rank 0 writes the run folder and validates.
 
 from __future__ import annotations
 
-import contextlib
-import inspect
-import math
-import os
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from medssl.config import check_kwargs, config_differences, save_config, to_dict
-from medssl.engine import distributed
-from medssl.engine.checkpoint import read_resume_state, save_atomic, save_model
+from medssl import dist
+from medssl.config import build_section, check_kwargs, save_config, to_dict
+from medssl.data.inputs import resolve_images
+from medssl.data.readers import check_image_shape
 from medssl.engine.memory import check_memory, raise_if_out_of_memory
 from medssl.engine.monitor import Monitor
 from medssl.engine.pretrain_config import PretrainConfig, pretrain_config_from_dict, read_pretrain_config
+from medssl.engine.runner import (CHECKPOINT, OptimizerStep, check_finite, new_run, resumed_run, save_checkpoint,
+                                  seed_run)
 from medssl.engine.schedule import build_optimizer, build_scheduler
-from medssl.engine.state import capture_rng, restore_rng, seeded
+from medssl.engine.validation import LandmarkValidator
 from medssl.errors import InputError
-from medssl.outputs import check_output, undone_on_failure
+from medssl.networks import UNet, build_network
+from medssl.networks.model_file import save_model
+from medssl.objectives import OBJECTIVES
+from medssl.outputs import undone_on_failure
+from medssl.rng import capture_rng, restore_rng, seeded
+from medssl.transforms.preprocess import Preprocessing
+from medssl.transforms.sampler import ViewPairSampler
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = Path("checkpoints") / "last.pt"
 #: config keys (or sections) that may differ between a run and its resumption (they do not change the trained weights)
 RESUME_MAY_CHANGE = ("data.path", "train.device", "train.log_every", "train.checkpoint_every", "validation")
 #: sampler arguments the engine fills itself (from ``spatial_dims``, ``seed`` and the objectives)
 SAMPLER_RESERVED = ("images", "spatial_dims", "preset", "info_guided", "device", "seed")
-
-
-class TrainingDiverged(InputError):
-    """The loss became NaN or infinite: training stops, the last good checkpoint stays in the run folder."""
 
 
 class TrainStep(nn.Module):
@@ -67,28 +66,23 @@ class TrainStep(nn.Module):
         return {"loss": total, **parts}
 
 
-def build_network(config: PretrainConfig) -> nn.Module:
+def network_from_config(config: PretrainConfig) -> nn.Module:
     """The U-Net from the ``network`` section (keys = ``medssl.networks.UNet`` arguments)."""
-    from medssl import networks
-
-    check_kwargs(networks.UNet, config.network, "network", reserved=("spatial_dims",))
-    return networks.build_network(spatial_dims=config.spatial_dims, **config.network)
+    check_kwargs(UNet, config.network, "network", reserved=("spatial_dims",))
+    return build_network(spatial_dims=config.spatial_dims, **config.network)
 
 
 def save_initial_model(config: PretrainConfig, path: str | Path) -> Path:
     """Write the ``model.pt`` of the network a run of ``config`` starts from (the random-init baseline of that run;
     the loop seeds with ``config.seed`` right before building it), matched on every level like ``--checkpoint none``."""
     with seeded(config.seed):
-        network = build_network(config)
+        network = network_from_config(config)
     return save_model(network, path, spatial_dims=config.spatial_dims, preprocessing=preprocessing_options(config),
                       matching={"levels": list(range(len(network.feature_info)))})
 
 
 def build_objectives(config: PretrainConfig, network: nn.Module) -> tuple[dict[str, nn.Module], dict[str, float]]:
     """One objective per method, ``cls(network, **objective.<method>)``; ``weight`` (default 1) scales its loss."""
-    import medssl.objectives  # noqa: F401  (fills the registry)
-    from medssl.objectives.base import OBJECTIVES
-
     objectives, weights = {}, {}
     for name in config.methods:
         cls = OBJECTIVES.get(name)
@@ -97,7 +91,8 @@ def build_objectives(config: PretrainConfig, network: nn.Module) -> tuple[dict[s
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise InputError(f"config key 'objective.{name}.weight' must be a number, got {weight!r}")
         check_kwargs(cls, kwargs, f"objective.{name}", reserved=("network",))
-        objectives[name], weights[name] = cls(network, **kwargs), float(weight)
+        objectives[name] = build_section(f"objective.{name}", lambda: cls(network, **kwargs))
+        weights[name] = float(weight)
     return objectives, weights
 
 
@@ -113,9 +108,6 @@ def trained_levels(objectives: dict[str, nn.Module]) -> list[int] | None:
 def build_sampler(config: PretrainConfig, objectives: dict[str, nn.Module], *, device: torch.device, rank: int):
     """The pair-of-views sampler over ``data.path``: preset from the first objective, information maps if any
     objective needs them, a different stream per rank."""
-    from medssl.data.inputs import resolve_images
-    from medssl.transforms.sampler import ViewPairSampler
-
     options = {key: value for key, value in config.data.items() if key != "path"}
     check_kwargs(ViewPairSampler, options, "data", reserved=SAMPLER_RESERVED)
     if not config.data.get("path"):
@@ -134,8 +126,6 @@ def build_sampler(config: PretrainConfig, objectives: dict[str, nn.Module], *, d
 
 def _check_channels(sampler: Any, network: nn.Module) -> None:
     """Every scan the sampler read must have the network's input channels (a 4D series is refused by name)."""
-    from medssl.data.readers import check_image_shape
-
     scans, channels = getattr(sampler, "scans", None), getattr(network, "in_channels", None)
     if scans is not None and channels is not None:
         for index, path in enumerate(scans.paths):
@@ -143,13 +133,9 @@ def _check_channels(sampler: Any, network: nn.Module) -> None:
 
 
 def preprocessing_options(config: PretrainConfig) -> dict[str, Any]:
-    """What ``model.pt`` records to prepare new images like the training scans: every keyword option of
-    ``medssl.transforms.preprocess.preprocess_image`` (configured value or its default) plus ``patch_size``."""
-    from medssl.transforms.preprocess import preprocess_image
-
-    params = inspect.signature(preprocess_image).parameters
-    names = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and n != "spatial_dims"]
-    return {**{n: config.data.get(n, params[n].default) for n in names}, "patch_size": config.data["patch_size"]}
+    """What ``model.pt`` records to prepare new images like the training scans: the ``Preprocessing`` of the
+    ``data`` section (defaults filled) plus ``patch_size``."""
+    return {**config.preprocessing.to_dict(), "patch_size": config.data["patch_size"]}
 
 
 def pretrain(
@@ -171,29 +157,23 @@ def pretrain(
         config = read_pretrain_config(config)
     if data is not None:
         config = pretrain_config_from_dict({**to_dict(config), "data": {**config.data, "path": str(Path(data).resolve())}})
-    context = distributed.setup(config.train.device)
+    context = dist.setup(config.train.device)
     try:
         run, resume_state = _run_folder(config, out, resume, context)
         with undone_on_failure(run, run / CHECKPOINT, enabled=resume_state is None and context.is_main):
             _train(config, run, resume_state, context)
     except BaseException:
-        distributed.teardown(context, finished=False)
+        dist.teardown(context, finished=False)
         raise
-    distributed.teardown(context)
+    dist.teardown(context)
     return run
 
 
-def _train(config: PretrainConfig, run: Path, resume_state: dict[str, Any] | None,
-           context: distributed.Context) -> Path:
-    from monai.utils import set_determinism
-
+def _train(config: PretrainConfig, run: Path, resume_state: dict[str, Any] | None, context: dist.Context) -> Path:
     train, device = config.train, context.device
     validator = _validator(config, device) if context.is_main else None  # before seeding: leaves RNGs alone
-    if train.deterministic and device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic kernels
-    set_determinism(seed=config.seed)
-    torch.use_deterministic_algorithms(train.deterministic, warn_only=True)  # warn, not fail, where none exists
-    network = build_network(config).to(device)
+    seed_run(config.seed, train.deterministic, device)
+    network = network_from_config(config).to(device)
     divisor = getattr(network, "min_size_divisor", 1)
     for key in ("patch_size", "context_size"):  # the sampler checks their form
         sizes = config.data.get(key)
@@ -220,14 +200,11 @@ def _train(config: PretrainConfig, run: Path, resume_state: dict[str, Any] | Non
     scheduler = build_scheduler(
         optimizer, steps=train.steps, warmup_steps=train.warmup_steps, min_lr_ratio=train.min_lr_ratio
     )
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.amp)
-    use_amp = device.type == "cuda" and amp_dtype is not None
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype is torch.float16)
-
+    updater = OptimizerStep(optimizer, scheduler, parameters=step_module.parameters(), grad_clip=train.grad_clip,
+                            amp=train.amp, device=device)
     start_step = 0
     if resume_state is not None:
-        start_step = _load_checkpoint(resume_state, run / CHECKPOINT, step_module, optimizer, scheduler, scaler,
-                                      sampler, context)
+        start_step = _load_checkpoint(resume_state, run / CHECKPOINT, step_module, updater, sampler, context)
     model = step_module
     if context.distributed:
         model = nn.parallel.DistributedDataParallel(
@@ -244,22 +221,15 @@ def _train(config: PretrainConfig, run: Path, resume_state: dict[str, Any] | Non
         step_module.train()
         for step in range(start_step, train.steps):
             batch = sampler.sample(train.batch_size)
-            with torch.autocast(device.type, dtype=amp_dtype) if use_amp else contextlib.nullcontext():
+            with updater.autocast():
                 out = model(batch)
             names = list(out)
-            values = distributed.sum_across_ranks(torch.stack([out[k].float() for k in names]), context)
+            values = dist.sum_across_ranks(torch.stack([out[k].float() for k in names]), context)
             values = (values / context.world_size).tolist()  # one sync per step: the guard needs the loss anyway
-            if not math.isfinite(values[0]):
-                _diverged(values[0], step + 1, last_saved, run)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(out["loss"]).backward()
-            if train.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(step_module.parameters(), train.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
+            kept, again = _kept(last_saved, run)
+            check_finite(values[0], step + 1, kept=kept, run=run,
+                         advice=f"Lower train.lr, set train.grad_clip, or check the data, then {again}")
+            lr = updater.step(out["loss"])
             for objective in objectives.values():
                 objective.on_step_end(network, (step + 1) / train.steps)
             metrics = {**dict(zip(names, values)), "lr": lr}
@@ -270,7 +240,7 @@ def _train(config: PretrainConfig, run: Path, resume_state: dict[str, Any] | Non
             if monitor is not None:
                 monitor.step(step + 1, metrics, force=validating)
             if (step + 1) % train.checkpoint_every == 0 or step + 1 == train.steps:
-                _save_checkpoint(run, step + 1, config, step_module, optimizer, scheduler, scaler, sampler, context)
+                _save_checkpoint(run, step + 1, config, step_module, updater, sampler, context)
                 if context.is_main:
                     save_model(network, run, spatial_dims=config.spatial_dims, preprocessing=preprocessing,
                                matching=matching)
@@ -285,12 +255,10 @@ def _train(config: PretrainConfig, run: Path, resume_state: dict[str, Any] | Non
     return run
 
 
-def _validator(config: PretrainConfig, device: torch.device):
+def _validator(config: PretrainConfig, device: torch.device) -> LandmarkValidator | None:
     """The one-shot landmark validator of the ``validation`` section (None without one)."""
     if config.validation is None:
         return None
-    from medssl.engine.validation import LandmarkValidator
-
     options = {key: value for key, value in to_dict(config.validation).items() if key != "every"}
     return LandmarkValidator(**options, spatial_dims=config.spatial_dims, preprocessing=preprocessing_options(config),
                              device=device)
@@ -304,71 +272,34 @@ def _kept(last_saved: int | None, run: Path) -> tuple[str, str]:
     return "no checkpoint had been written yet", "start again"
 
 
-def _diverged(value: float, step: int, last_saved: int | None, run: Path) -> None:
-    kept, again = _kept(last_saved, run)
-    raise TrainingDiverged(f"loss became {value} at step {step}; training stopped and {kept}. Lower train.lr, set "
-                           f"train.grad_clip, or check the data, then {again}", path=run)
-
-
 def _run_folder(config: PretrainConfig, out: str | Path | None, resume: str | Path | None,
-                context: distributed.Context) -> tuple[Path, dict[str, Any] | None]:
+                context: dist.Context) -> tuple[Path, dict[str, Any] | None]:
     """Choose and check the run folder on rank 0 (every rank gets the same path, or raises the same ``InputError``;
-    ``_train`` creates it once the data is read) and, with ``resume``, read its checkpoint (before any other work,
-    so that a bad one is refused at once)."""
-    data = config.data.get("path")
+    ``_train`` creates it once the data is read) and, with ``resume``, read its checkpoint."""
+    inputs = [config.data.get("path")]
     if resume is not None:
-        run = Path(resume)
-        if not (run / CHECKPOINT).is_file():
-            raise InputError(f"cannot resume: no {CHECKPOINT} in this folder (is it a pretraining run?)", path=run)
-        check_output(run, kind="folder", inputs=[data])
-        _check_resumable(config, run)
-        return run, read_resume_state(run / CHECKPOINT)
-
-    def new_run() -> Path:
-        run = Path(out) if out is not None else Path("runs") / f"{config.name}_{time.strftime('%Y%m%d-%H%M%S')}"
-        if (run / CHECKPOINT).is_file():
-            raise InputError(f"already holds a run; continue it with --resume {run} or choose another --out", path=run)
-        return check_output(run, kind="folder", inputs=[data])
-
-    return distributed.on_main(new_run, context), None
+        return resumed_run(resume, kind="pretraining", inputs=inputs, config=config, read_config=read_pretrain_config,
+                           may_change=RESUME_MAY_CHANGE,
+                           command=f"medssl pretrain {Path(resume) / 'config.yaml'} --resume {resume}")
+    return dist.on_main(lambda: new_run(out, config.name, inputs), context), None
 
 
-def _check_resumable(config: PretrainConfig, run: Path) -> None:
-    differ = config_differences(read_pretrain_config(run / "config.yaml"), config, RESUME_MAY_CHANGE)
-    if differ:
-        raise InputError(
-            f"cannot resume with a different config ({', '.join(differ)} differ); "
-            f"pass the run's own config: medssl pretrain {run / 'config.yaml'} --resume {run}",
-            path=run,
-        )
-
-
-def _save_checkpoint(run, step, config, step_module, optimizer, scheduler, scaler, sampler, context) -> None:
-    """Everything needed to continue exactly: weights, objectives (teachers, banks), optimizer, schedule, and
-    every rank's sampler and RNG states."""
-    rank_states = distributed.gather_objects({"sampler": sampler.state_dict(), "rng": capture_rng()}, context)
+def _save_checkpoint(run: Path, step: int, config: PretrainConfig, step_module: TrainStep, updater: OptimizerStep,
+                     sampler: Any, context: dist.Context) -> None:
+    """Everything needed to continue exactly: weights, objectives (teachers, banks), optimizer, schedule, scaler,
+    and every rank's sampler and RNG states."""
+    rank_states = dist.gather_objects({"sampler": sampler.state_dict(), "rng": capture_rng()}, context)
     if context.is_main:
-        save_atomic(
-            {
-                "step": step,
-                "config": to_dict(config),
-                "network": step_module.network.state_dict(),
-                "objectives": step_module.objectives.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "ranks": rank_states,
-            },
-            run / CHECKPOINT,
-        )
+        save_checkpoint(run, {"step": step, "config": to_dict(config), "network": step_module.network.state_dict(),
+                              "objectives": step_module.objectives.state_dict(), **updater.state_dict(),
+                              "ranks": rank_states})
 
 
-def _load_checkpoint(state, path, step_module, optimizer, scheduler, scaler, sampler, context) -> int:
+def _load_checkpoint(state: dict[str, Any], path: Path, step_module: TrainStep, updater: OptimizerStep,
+                     sampler: Any, context: dist.Context) -> int:
     step_module.network.load_state_dict(state["network"])
     step_module.objectives.load_state_dict(state["objectives"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
+    updater.load_state_dict(state)
     ranks = state["ranks"]
     if len(ranks) != context.world_size:
         raise InputError(

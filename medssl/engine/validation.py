@@ -9,6 +9,7 @@ are restored afterwards, so a run with validation trains exactly like one withou
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,20 +21,33 @@ from medssl.data.inputs import resolve_images
 from medssl.data.landmarks import read_landmarks
 from medssl.data.readers import image_key
 from medssl.engine.monitor import VALIDATION_PREFIX
-from medssl.engine.pretrain_config import ValidationConfig
-from medssl.engine.state import capture_rng, restore_rng
+from medssl.rng import capture_rng, restore_rng
 from medssl.errors import InputError
+from medssl.matching.oneshot import OneShotMatcher
+from medssl.matching.run import Detector, image_preparer, load_templates, template_rows
 from medssl.metrics.landmarks import check_sdr_radii, landmark_scores
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """The ``validation`` section of a pretraining config: every ``every`` steps (and at the last), match the
+    landmarks of ``template`` (rows in ``template_landmarks``) into ``images`` and score them against ``truth``
+    (MRE, SDR at ``sdr_radii_mm``). Paths as for ``data.path``."""
+
+    template: str
+    template_landmarks: str
+    images: str
+    truth: str
+    every: int = 50
+    sdr_radii_mm: tuple[float, ...] = (2.0, 4.0)
 
 
 def _labeled_images(template: str | Path, template_landmarks: str | Path, images: str | Path,
                     truth: str | Path) -> tuple[list[Path], dict[str, dict[str, np.ndarray]]]:
     """The validation images (the template left out) and their true landmarks; checks every path and that each
     image has true landmarks (cheap: no image is decoded)."""
-    from medssl.matching.run import template_rows
-
     template = Path(template)
     if not template.is_file():
         raise InputError("no such template image; check the path", path=template)
@@ -67,8 +81,6 @@ class LandmarkValidator:
     def __init__(self, *, template: str | Path, template_landmarks: str | Path, images: str | Path,
                  truth: str | Path, sdr_radii_mm: Sequence[float], spatial_dims: int,
                  preprocessing: dict[str, Any], device: str | torch.device):
-        from medssl.matching.run import image_preparer, load_templates
-
         paths, self.truth = _labeled_images(template, template_landmarks, images, truth)
         prepare = image_preparer(preprocessing, Path(template), spatial_dims)
         self.templates = load_templates([template], [template_landmarks], prepare)
@@ -82,9 +94,6 @@ class LandmarkValidator:
         """MRE (mm) and SDR (fractions) of ``network``'s one-shot predictions matched on feature ``levels`` (default
         all; the pretraining loop passes its objectives' ``trained_levels``); leaves ``network``'s modes and the
         global RNG states as they were."""
-        from medssl.matching.oneshot import OneShotMatcher
-        from medssl.matching.run import Detector
-
         modes = [(module, module.training) for module in network.modules()]
         rng = capture_rng()
         try:

@@ -12,6 +12,7 @@ from monai.data import MetaTensor
 
 from medssl.data.geometry import spacing_mm as affine_spacing_mm
 from medssl.data.geometry import voxel_to_world, world_to_voxel
+from medssl.correspondence import peak_positions
 
 
 def _array(image: MetaTensor) -> np.ndarray:
@@ -58,7 +59,6 @@ def ncc_match(templates: Sequence[tuple[MetaTensor, np.ndarray]], query: MetaTen
     """Landmarks (world mm ``(L, D)``) and peak NCC scores ``(L,)`` in ``query`` by NCC template matching; several
     ``(template image, landmarks mm)`` pairs average their NCC maps. The template landmark's sub-pixel offset from
     its patch centre is kept (averaged over templates); the peak is refined by a parabola fit."""
-    from medssl.matching.oneshot import peak_positions
 
     maps = torch.stack([ncc_maps(image, points, query, patch_radius_mm=patch_radius_mm)
                         for image, points in templates]).mean(dim=0)  # (L, *S)

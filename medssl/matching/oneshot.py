@@ -29,14 +29,17 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 from monai.networks.layers import Pool
-from monai.transforms import DivisiblePad, Spacing
+from monai.transforms import DivisiblePad
 from monai.utils import convert_to_tensor
 from torch import nn
 
+from medssl.correspondence import peak_positions
 from medssl.data.geometry import spacing_mm as affine_spacing_mm
 from medssl.data.geometry import voxel_to_world, world_to_voxel
+from medssl.data.readers import check_image_shape
 from medssl.errors import InputError
 from medssl.matching.consistency import robust_spline
+from medssl.transforms.preprocess import Preprocessing
 
 
 log = logging.getLogger(__name__)
@@ -57,7 +60,6 @@ _SUPPORT_MAP_VOXELS = 2 ** 24  # similarity-map voxels held at once when matchin
 _LINEAR = {2: "bilinear", 3: "trilinear"}
 #: default sliding-window size per spatial dims (voxels); smaller images are embedded in one window
 DEFAULT_ROI_SIZE = {2: 512, 3: 128}
-_SPACING_TOLERANCE = 1e-3  # relative difference below which two spacings count as equal
 
 
 def check_levels(levels: Sequence[int], count: int) -> list[int]:
@@ -77,20 +79,13 @@ def prepare_image(path: str | Path, *, spatial_dims: int, spacing_mm: float | Se
                   file_spacing_mm: float | Sequence[float] | None = None, modality: str = "mr",
                   intensity_window: Sequence[float] | None = None, min_size: int = 1,
                   channels: int | None = None) -> MetaTensor:
-    """Read ``path`` as the network saw its training scans (RAS, intensities in [0, 1]) on a grid of ``spacing_mm``
-    (one value for every axis, one per axis, or None to keep the file's). Resampling happens only where the spacing
-    differs, so equal grids stay bit-exact. An image whose grid has a side under ``min_size`` (the network's
-    divisor) or other than ``channels`` channels (the network's input) is refused."""
-    from medssl.data.readers import check_image_shape
-    from medssl.transforms.preprocess import preprocess_image
-
-    image = preprocess_image(path, spatial_dims=spatial_dims, modality=modality, intensity_window=intensity_window,
-                             file_spacing_mm=file_spacing_mm)
-    if spacing_mm is not None:
-        target = np.broadcast_to(np.asarray(spacing_mm, dtype=np.float64), (spatial_dims,))
-        current = np.asarray(affine_spacing_mm(image.affine))
-        if not np.all(np.abs(current - target) <= _SPACING_TOLERANCE * target):
-            image = Spacing(pixdim=target.tolist(), mode="bilinear")(image)
+    """Read ``path`` as the network saw its training scans (``Preprocessing``: RAS, resampled to ``spacing_mm``,
+    intensities in [0, 1]); ``spacing_mm`` is one value for every axis, one per axis, or None to keep the file's.
+    A file already on that grid is not resampled (bit-exact). An image whose grid has a side under ``min_size`` (the
+    network's divisor) or other than ``channels`` channels (the network's input) is refused."""
+    spec = Preprocessing(modality=modality, spacing_mm=spacing_mm, intensity_window=intensity_window,
+                         file_spacing_mm=file_spacing_mm)
+    image, _ = spec.read(path, spatial_dims)
     check_image_shape(image, path, min_size=min_size, channels=channels)
     return image
 
@@ -175,35 +170,6 @@ def _normalised_grid(voxels: torch.Tensor, padded_shape: Sequence[int]) -> torch
     normalised = 2.0 * (voxels + 0.5) / sizes - 1.0  # (L, D), axis order of the array
     dims = voxels.shape[1]
     return normalised.flip(-1).reshape(1, -1, *[1] * (dims - 1), dims)  # (1, L, 1[, 1], D), grid_sample wants x last
-
-
-def peak_positions(maps: torch.Tensor, subpixel: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Arg-max of every map ``(L, *S)``, with ``subpixel`` refined per axis by a parabola through the peak and its
-    two neighbours.
-
-    Returns voxel indices ``(L, D)`` (float64) and the peak values ``(L,)``. Written here because neither MONAI nor
-    scikit-image offers a batched n-D sub-pixel arg-max.
-    """
-    count, shape = maps.shape[0], tuple(maps.shape[1:])
-    flat = maps.reshape(count, -1)  # (L, N)
-    scores, index = flat.max(dim=1)
-    peaks = torch.stack(torch.unravel_index(index, shape), dim=1)  # (L, D)
-    refined = peaks.to(torch.float64).clone()
-    if not subpixel:
-        return refined.cpu().numpy(), scores.double().cpu().numpy()
-    rows = torch.arange(count, device=maps.device)
-    for axis, size in enumerate(shape):
-        inside = (peaks[:, axis] > 0) & (peaks[:, axis] < size - 1)
-        before, after = peaks.clone(), peaks.clone()
-        before[:, axis] = (peaks[:, axis] - 1).clamp(min=0)
-        after[:, axis] = (peaks[:, axis] + 1).clamp(max=size - 1)
-        value_before = maps[(rows, *before.unbind(1))].double()
-        value_after = maps[(rows, *after.unbind(1))].double()
-        curvature = value_before - 2.0 * scores.double() + value_after
-        offset = torch.where(curvature < 0, 0.5 * (value_before - value_after) / curvature.clamp(max=-1e-12),
-                             torch.zeros_like(curvature))
-        refined[:, axis] += torch.where(inside, offset.clamp(-0.5, 0.5), torch.zeros_like(offset))
-    return refined.cpu().numpy(), scores.double().cpu().numpy()
 
 
 def candidate_peaks(maps: torch.Tensor, count: int) -> torch.Tensor:

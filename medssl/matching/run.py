@@ -8,37 +8,38 @@ import csv
 import functools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
 from monai.data import MetaTensor
+from torch import nn
 
 from medssl.data.geometry import spacing_mm as affine_spacing_mm
 from medssl.data.inputs import resolve_images
 from medssl.data.landmarks import check_landmarks_in_image, read_landmarks, write_landmarks
 from medssl.data.readers import image_key, load_image
+from medssl.dist import pick_device
 from medssl.errors import InputError
+from medssl.matching.baselines import ncc_match, registration_match
+from medssl.matching.figures import save_landmark_figure
+from medssl.matching.oneshot import Matches, OneShotMatcher, check_levels, prepare_image
+from medssl.matching.selection import rank_templates
+from medssl.networks.model_file import is_random_init, load_network
 from medssl.outputs import atomic_writer, check_output
-from medssl.registry import did_you_mean
-
-if TYPE_CHECKING:
-    from medssl.matching.oneshot import Matches, OneShotMatcher
+from medssl.transforms.preprocess import Preprocessing
+from medssl.registry import did_you_mean, look_up
 
 log = logging.getLogger(__name__)
 
 METHODS = ("embedding", "ncc", "registration")
-DEVICES = ("auto", "cpu", "cuda")
-NO_CHECKPOINT = "none"
-_PREPROCESSING_KEYS = ("modality", "intensity_window")  # model.pt preprocessing entries that prepare_image takes
 
 
 def check_method(method: str) -> None:
     """``InputError`` (with a "did you mean") unless ``method`` is one of ``METHODS``."""
-    if method not in METHODS:
-        raise InputError(f"unknown method '{method}'{did_you_mean(method, list(METHODS))}; "
-                         f"choose one of: {', '.join(METHODS)}", path="--method")
+    look_up(method, METHODS, what="method", path="--method")
 
 
 def parse_levels(text: str) -> list[int]:
@@ -51,79 +52,56 @@ def parse_levels(text: str) -> list[int]:
                          path="--levels") from None
 
 
-def pick_device(preference: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; ``cuda`` without a GPU is an ``InputError``."""
-    import torch
-
-    if preference not in DEVICES:
-        raise InputError(f"unknown device '{preference}'; choose one of: {', '.join(DEVICES)}", path="--device")
-    if preference == "cuda" and not torch.cuda.is_available():
-        raise InputError("no CUDA GPU is visible; use --device auto or cpu", path="--device")
-    return "cuda" if preference != "cpu" and torch.cuda.is_available() else "cpu"
-
-
-def load_network(checkpoint: str | Path, spatial_dims: int, arch: str | None = None, device: str = "cpu",
-                 levels: Sequence[int] | None = None) -> tuple[Any, dict[str, Any], list[int]]:
-    """The embedding network, its preprocessing and the feature levels to match: a run folder / ``model.pt``, or
-    ``"none"`` for a randomly initialised U-Net of size ``arch`` (default ``"small"``), the baseline every pretrained
-    model is compared with. Levels: ``levels`` (``--levels``) if given, else those ``model.pt`` records (the union
-    of its objectives' ``trained_levels``), else all (random init, or a ``model.pt`` of an older medssl); logged."""
-    from medssl.engine.checkpoint import load_model, matching_levels, read_model_file
-    from medssl.engine.state import seeded
-    from medssl.matching.oneshot import check_levels
-    from medssl.networks import build_network
-
-    if str(checkpoint).lower() == NO_CHECKPOINT:
-        with seeded(0):  # the same weights every time, the caller's RNG untouched
-            network = build_network(spatial_dims=spatial_dims, size=arch or "small")
-        network, preprocessing, recorded, why = network.to(device).eval(), {}, None, "random init"
-    else:
-        payload = read_model_file(checkpoint)
-        if int(payload.get("spatial_dims", spatial_dims)) != spatial_dims:
-            raise InputError(f"the model is {payload['spatial_dims']}D but the images are {spatial_dims}D; use a "
-                             f"{spatial_dims}D pretraining run", path=checkpoint)
-        if arch is not None:
-            log.warning("--arch %s ignored: the architecture comes from %s", arch, checkpoint)
-        network = load_model(checkpoint, device=device, payload=payload)
-        preprocessing = dict(payload.get("preprocessing") or {})
-        recorded, methods = matching_levels(payload)
-        why = ("model.pt records none: written by an older medssl" if recorded is None else
-               f"trained by {'+'.join(methods)}, from model.pt" if methods else "from model.pt")
-    count = len(network.feature_info)
+def matching_network(checkpoint: str | Path, spatial_dims: int, arch: str | None = None,
+                     device: str | torch.device = "cpu",
+                     levels: Sequence[int] | None = None) -> tuple[nn.Module, dict[str, Any], list[int]]:
+    """The embedding network (``load_network``: a run folder / ``model.pt``, or ``"none"`` for a randomly initialised
+    U-Net of size ``arch``, default ``"small"``, the baseline every pretrained model is compared with), its
+    preprocessing and the feature levels to match: ``levels`` (``--levels``) if given, else those ``model.pt``
+    records (the union of its objectives' ``trained_levels``), else all (random init, or a ``model.pt`` of an older
+    medssl); logged."""
+    random_init = is_random_init(checkpoint)
+    if not random_init and arch is not None:
+        log.warning("--arch %s ignored: the architecture comes from %s", arch, checkpoint)
+    loaded = load_network(checkpoint, spatial_dims, device=device,
+                          architecture={"size": arch or "small"} if random_init else None)
+    if loaded.task is not None:
+        raise InputError("this is a fine-tuned model (its network ends in a task head); pass a pretraining run here, "
+                         "or use it with 'medssl predict'", path=checkpoint)
+    recorded, methods = loaded.levels
+    why = ("random init" if random_init else "model.pt records none: written by an older medssl" if recorded is None
+           else f"trained by {'+'.join(methods)}, from model.pt" if methods else "from model.pt")
+    count = len(loaded.network.feature_info)
     if levels is not None:
         chosen, why = check_levels(levels, count), "--levels"
     else:
         chosen = list(range(count)) if recorded is None else check_levels(recorded, count)
     described = f"all {count} levels" if chosen == list(range(count)) else f"levels {','.join(map(str, chosen))}"
     log.info("one-shot matching: %s (%s)", described, why)
-    return network, preprocessing, chosen
+    return loaded.network, loaded.preprocessing, chosen
 
 
 def image_preparer(preprocessing: dict[str, Any], first_image: Path, spatial_dims: int,
                    file_spacing_mm: float | Sequence[float] | None = None,
                    network: Any = None) -> Callable[[Path], MetaTensor]:
-    """``path -> prepared image`` as the network saw its training scans (``model.pt`` ``preprocessing``: modality,
-    intensity window, spacing), every image on one grid: the pretraining spacing if the model has one, else the
-    first image's own spacing (so templates and queries are compared at one physical scale). ``file_spacing_mm``
-    (default: the model's ``file_spacing_mm``, else 1 mm) is the pixel size of 2D files without geometry; with the
-    ``network``, images smaller than its divisor or with other than its input channels are refused."""
-    from medssl.matching.oneshot import prepare_image
-
-    if file_spacing_mm is None:
-        file_spacing_mm = preprocessing.get("file_spacing_mm")
-    spacing = preprocessing.get("spacing_mm")
-    if spacing is not None:
-        grid = tuple([float(spacing)] * spatial_dims if np.isscalar(spacing) else [float(s) for s in spacing])
-    else:
-        grid = affine_spacing_mm(load_image(first_image, spacing_mm=file_spacing_mm).affine)
-    options = {key: preprocessing[key] for key in _PREPROCESSING_KEYS if preprocessing.get(key) is not None}
-    return functools.partial(prepare_image, spatial_dims=spatial_dims, spacing_mm=grid,
-                             file_spacing_mm=file_spacing_mm, **options, **_network_fit(network))
+    """``path -> prepared image`` as the network saw its training scans (``model.pt``'s ``preprocessing``), every
+    image on one grid: the pretraining spacing if the model has one, else the first image's own spacing (so
+    templates and queries are compared at one physical scale). ``file_spacing_mm`` (default: the model's
+    ``file_spacing_mm``, else 1 mm) is the pixel size of 2D files without geometry; with the ``network``, images
+    smaller than its divisor or with other than its input channels are refused."""
+    spec = Preprocessing.from_options(preprocessing)
+    if file_spacing_mm is not None:
+        spec = replace(spec, file_spacing_mm=file_spacing_mm)
+    grid = spec.grid(spatial_dims)
+    if grid is None:  # the first image's own grid, as oriented (RAS) for the network
+        grid = affine_spacing_mm(spec.read(first_image, spatial_dims)[0].affine)
+    spec = replace(spec, spacing_mm=tuple(float(s) for s in grid))
+    return functools.partial(prepare_image, spatial_dims=spatial_dims, **spec.to_dict(), **_network_fit(network))
 
 
 def _checkpoint_input(checkpoint: str | Path | None, method: str = "embedding") -> str | Path | None:
     """The checkpoint as an input path for ``check_output`` (None when unused or ``none``)."""
-    if method != "embedding" or checkpoint is None or str(checkpoint).lower() == NO_CHECKPOINT:
+    if method != "embedding" or checkpoint is None or is_random_init(checkpoint):
         return None
     return checkpoint
 
@@ -196,18 +174,12 @@ class Detector:
 
     def __call__(self, query: MetaTensor) -> Matches:
         """The landmarks (in ``templates.names`` order) found in ``query``."""
-        from medssl.matching.oneshot import Matches
-
         if self.method == "embedding":
             return self.matcher.match(self.references, self.matcher.embed(query))
         pairs = list(zip(self.templates.images, self.templates.points_mm))
         if self.method == "ncc":
-            from medssl.matching.baselines import ncc_match
-
             points, scores = ncc_match(pairs, query)
         else:
-            from medssl.matching.baselines import registration_match
-
             points, scores = registration_match(pairs, query)
         return Matches(points, scores, np.full(len(scores), np.nan))
 
@@ -228,12 +200,10 @@ def detect_landmarks_files(checkpoint: str | Path | None, templates: Sequence[Pa
     two ignore ``checkpoint``. ``spacing_mm`` is the pixel size of 2D files without geometry. ``figure_dir``
     receives a PNG per template and per image (with ``truth`` landmarks CSV drawn too, if given). ``levels``: the
     feature levels the embedding matches with (default: those ``model.pt`` records as trained, see
-    ``load_network``). ``search`` and ``consistency`` (None: the default of the dimension): see
+    ``matching_network``). ``search`` and ``consistency`` (None: the default of the dimension): see
     ``OneShotMatcher``. ``min_score``: landmarks scoring below it are left out of ``out_csv`` (reported missing by
     ``evaluate``) instead of guessed.
     """
-    from medssl.matching.oneshot import OneShotMatcher
-
     check_method(method)
     if min_score is not None and not np.isfinite(min_score):
         raise InputError(f"expected a finite number, got {min_score}", path="--min-score")
@@ -258,7 +228,7 @@ def detect_landmarks_files(checkpoint: str | Path | None, templates: Sequence[Pa
         if checkpoint is None:
             raise InputError("the embedding method needs --checkpoint (a run, its model.pt, or 'none')")
         device = pick_device(device)
-        network, preprocessing, levels = load_network(checkpoint, dims, arch, device, levels)
+        network, preprocessing, levels = matching_network(checkpoint, dims, arch, device, levels)
         matcher = OneShotMatcher(network, levels=levels, search=search, consistency=consistency, device=device)
     elif levels is not None:
         log.warning("--levels ignored: --method %s uses no network", method)
@@ -269,8 +239,6 @@ def detect_landmarks_files(checkpoint: str | Path | None, templates: Sequence[Pa
     loaded = load_templates(templates, template_landmarks, prepare)
     detector = Detector(method, loaded, matcher)
     if figure_dir is not None:
-        from medssl.matching.figures import save_landmark_figure
-
         for path, image, points in zip(loaded.paths, loaded.images, loaded.points_mm):
             save_landmark_figure(Path(figure_dir) / f"template_{image_key(path)}.png", image,
                                  dict(zip(loaded.names, points)), title=f"template {image_key(path)}")
@@ -311,10 +279,7 @@ def rank_templates_files(checkpoint: str | Path, images: Sequence[str | Path], o
                          n_points: int = 16, device: str = "auto", levels: Sequence[int] | None = None) -> Path:
     """Rank the images of ``images`` as one-shot templates (SCP-style, ``selection.rank_templates``) and write
     ``out_csv`` with columns ``rank,image,score`` (rank 1 = the image to label first); returns its path.
-    ``levels``: the feature levels matched (default: those ``model.pt`` records, see ``load_network``)."""
-    from medssl.matching.oneshot import OneShotMatcher
-    from medssl.matching.selection import rank_templates
-
+    ``levels``: the feature levels matched (default: those ``model.pt`` records, see ``matching_network``)."""
     paths = [image for path in images for image in resolve_images(path)]
     if len(paths) < 2:
         raise InputError(f"ranking templates needs at least two images, got {len(paths)}")
@@ -323,7 +288,7 @@ def rank_templates_files(checkpoint: str | Path, images: Sequence[str | Path], o
     check_output(out_csv, kind="file", inputs=[_checkpoint_input(checkpoint), *images, *paths])
     dims = load_image(paths[0], spacing_mm=spacing_mm).ndim - 1
     device = pick_device(device)
-    network, preprocessing, levels = load_network(checkpoint, dims, arch, device, levels)
+    network, preprocessing, levels = matching_network(checkpoint, dims, arch, device, levels)
     prepare = image_preparer(preprocessing, paths[0], dims, spacing_mm, network=network)
     matcher = OneShotMatcher(network, levels=levels, device=device)
     values = rank_templates(matcher, [prepare(p) for p in paths], n_points=n_points)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from monai.networks.layers import Pool
 
-from medssl.matching.oneshot import peak_positions
+from medssl.correspondence import peak_positions
 
 #: heat below this is treated as this when decoding (log of the map)
 _DECODE_FLOOR = 1e-6

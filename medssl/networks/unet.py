@@ -14,6 +14,7 @@ from monai.networks.nets.basic_unet import Down, TwoConv, UpCat
 from torch import nn
 
 from medssl.errors import InputError
+from medssl.registry import look_up
 
 #: channel widths ``(c_0, ..., c_L, c_out)``: encoder level ``l`` has ``c_l`` channels at stride ``2**l``, the
 #: decoder mirrors the encoder and its last (stride 1) level has ``c_out`` channels (MONAI ``BasicUNet`` layout)
@@ -63,19 +64,15 @@ class UNet(nn.Module):
         if spatial_dims not in (2, 3):
             raise InputError(f"network spatial_dims must be 2 or 3, got {spatial_dims!r}")
         if channels is None:
-            if size not in SIZES:
-                raise InputError(f"unknown network size '{size}'; choose one of: {', '.join(SIZES)}")
-            channels = SIZES[size]
+            channels = look_up(size, SIZES, what="network size")
         channels = tuple(int(c) for c in channels)
         if len(channels) < 3 or min(channels) < 1:
             raise InputError(f"network channels must be >= 3 positive widths (c_0, ..., c_L, c_out), got {channels}")
-        if norm not in NORMS:
-            raise InputError(f"unknown network norm '{norm}'; choose one of: {', '.join(NORMS)}")
+        norm_args = look_up(norm, NORMS, what="network norm")
         self.spatial_dims, self.in_channels, self.size = spatial_dims, int(in_channels), size
         self.channels, self.dropout, self.norm = channels, float(dropout), norm
         depth = len(channels) - 2
         self.depth = depth
-        norm_args = NORMS[norm]
         self.conv_0 = TwoConv(spatial_dims, in_channels, channels[0], ACTIVATION, norm_args, True, dropout)
         for level in range(1, depth + 1):
             down = Down(spatial_dims, channels[level - 1], channels[level], ACTIVATION, norm_args, True, dropout)

@@ -10,9 +10,7 @@ from torch import nn
 from medssl.data.batch import PairBatch
 from medssl.errors import InputError
 from medssl.registry import Registry
-
-#: which pair of views an objective needs from the view sampler (see ``medssl.transforms``)
-VIEW_PRESETS = ("symmetric", "weak_strong", "raw_patch")
+from medssl.transforms.views import VIEW_PRESETS
 
 
 class Objective(nn.Module):
@@ -41,16 +39,16 @@ class Objective(nn.Module):
 
 def resolve_decoder_levels(levels: Sequence[int], count: int, setting: str) -> list[int]:
     """Sorted distinct indices into a ``count``-level ``feature_info`` of the decoder ``levels``: ``1 .. count-1`` or
-    negative from the finest (``-1`` = stride 1); anything else is an ``InputError`` naming the config key
-    ``setting``."""
+    negative from the finest (``-1`` = stride 1); anything else is an ``InputError`` naming the parameter
+    ``setting`` (the config layer adds its section)."""
     if not isinstance(levels, (list, tuple)):
-        raise InputError(f"config key '{setting}' must be a list of decoder levels, got {levels!r}")
+        raise InputError(f"must be a list of decoder levels, got {levels!r}", path=setting)
     resolved = []
     for level in levels:
         index = level + count if isinstance(level, int) and level < 0 else level
         if isinstance(level, bool) or not isinstance(level, int) or not 1 <= index < count:
-            raise InputError(f"config key '{setting}' must list decoder levels: 1..{count - 1} or -1..-{count - 1} "
-                             f"(0 is the bottleneck), got {level!r}")
+            raise InputError(f"must list decoder levels: 1..{count - 1} or -1..-{count - 1} (0 is the bottleneck), "
+                             f"got {level!r}", path=setting)
         resolved.append(index)
     return sorted(set(resolved))
 

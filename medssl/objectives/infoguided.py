@@ -50,7 +50,7 @@ class InfoGuided(Objective):
     ):
         super().__init__()
         if window < 1 or anchors < 1 or emb_dim < 1 or temperature <= 0:
-            raise InputError("objective.infoguided needs window >= 1, anchors >= 1, emb_dim >= 1 and temperature > 0;"
+            raise InputError("needs window >= 1, anchors >= 1, emb_dim >= 1 and temperature > 0;"
                              f" got {window}, {anchors}, {emb_dim}, {temperature}")
         info = network.feature_info
         self.levels = [i for i, level in enumerate(info) if level.stride > 1 or include_stride1]

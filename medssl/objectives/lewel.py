@@ -129,25 +129,22 @@ class LEWEL(Objective):
         info = network.feature_info
         if decoder_levels is None:
             decoder_levels = [i for i in range(1, len(info)) if info[i].stride in (4, 1)]
-        self.levels = [0, *resolve_decoder_levels(decoder_levels, len(info), "objective.lewel.decoder_levels")]
+        self.levels = [0, *resolve_decoder_levels(decoder_levels, len(info), "decoder_levels")]
         self.level_weights = [1.0] + [float(decoder_weight)] * (len(self.levels) - 1)
         self.strides = [info[level].stride for level in self.levels]
         if proj_dim % groups:
-            raise InputError(
-                f"config key 'objective.lewel.proj_dim' ({proj_dim}) must be divisible by 'groups' ({groups})"
-            )
+            raise InputError(f"({proj_dim}) must be divisible by 'groups' ({groups})", path="proj_dim")
         for level in self.levels:
             if info[level].channels % groups:
-                raise InputError(
-                    f"config key 'objective.lewel.groups' ({groups}) must divide the {info[level].channels} channels "
-                    f"of network level '{info[level].name}'; choose groups among the divisors of {info[level].channels}"
-                )
+                raise InputError(f"({groups}) must divide the {info[level].channels} channels of network level "
+                                 f"'{info[level].name}'; choose groups among the divisors of {info[level].channels}",
+                                 path="groups")
         if not 0.0 <= alpha <= 1.0:
-            raise InputError(f"config key 'objective.lewel.alpha' must be in [0, 1], got {alpha}")
+            raise InputError(f"must be in [0, 1], got {alpha}", path="alpha")
         if temperature <= 0:
-            raise InputError(f"config key 'objective.lewel.temperature' must be > 0, got {temperature}")
+            raise InputError(f"must be > 0, got {temperature}", path="temperature")
         if max_tokens < 1:
-            raise InputError(f"config key 'objective.lewel.max_tokens' must be >= 1, got {max_tokens}")
+            raise InputError(f"must be >= 1, got {max_tokens}", path="max_tokens")
         self.max_tokens = int(max_tokens)
         self.alpha, self.base_momentum = alpha, base_momentum
         self.online = nn.ModuleList(

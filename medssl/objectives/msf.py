@@ -18,10 +18,11 @@ from torch import nn
 
 from medssl.correspondence import cells_of, match_views, matched_cells
 from medssl.data.batch import PairBatch, ViewBatch
-from medssl.engine.distributed import concat_across_ranks
+from medssl.dist import concat_across_ranks
 from medssl.errors import InputError
 from medssl.networks.heads import global_mlp
 from medssl.objectives.base import OBJECTIVES, Objective, resolve_decoder_levels
+from medssl.registry import look_up
 from medssl.objectives.lewel import layer_norm_mlp
 from medssl.objectives.momentum import cosine_momentum, make_teacher, update_momentum
 from medssl.transforms.infomap import sample_anchors
@@ -118,12 +119,8 @@ class MSF(Objective):
     ):
         super().__init__()
         if k < 1 or k > bank_size:
-            raise InputError(f"config key 'objective.msf.k' must be in [1, bank_size={bank_size}], got {k}")
-        if momentum_schedule not in ("constant", "cosine"):
-            raise InputError(
-                "config key 'objective.msf.momentum_schedule' must be 'constant' or 'cosine', "
-                f"got {momentum_schedule!r}"
-            )
+            raise InputError(f"must be in [1, bank_size={bank_size}], got {k}", path="k")
+        look_up(momentum_schedule, ("constant", "cosine"), what="momentum schedule", path="momentum_schedule")
         self.k, self.momentum, self.momentum_schedule = k, momentum, momentum_schedule
         self.dense, self.dense_pairs, self.dense_weight = dense, dense_pairs, dense_weight
         info = network.feature_info
@@ -131,14 +128,11 @@ class MSF(Objective):
         self.predictor = layer_norm_mlp(proj_dim, hidden_dim, proj_dim)
         self.bank = MemoryBank(bank_size, proj_dim, "objective.msf.bank_size")
         levels = list(range(1, len(info))) if dense_levels is None else dense_levels
-        self.dense_levels = resolve_decoder_levels(levels, len(info), "objective.msf.dense_levels") if dense else []
+        self.dense_levels = resolve_decoder_levels(levels, len(info), "dense_levels") if dense else []
         self.dense_strides = [info[level].stride for level in self.dense_levels]
         if dense and (dense_pairs < 1 or k > dense_bank_size or not self.dense_levels):
-            raise InputError(
-                f"config keys 'objective.msf.dense_pairs' ({dense_pairs}) must be >= 1, "
-                f"'objective.msf.dense_bank_size' ({dense_bank_size}) >= k ({k}) and 'objective.msf.dense_levels' "
-                "non-empty (or dense: false)"
-            )
+            raise InputError(f"dense_pairs ({dense_pairs}) must be >= 1, dense_bank_size ({dense_bank_size}) >= k ({k}) "
+                             "and dense_levels non-empty (or dense: false)")
         # BatchNorm over the sampled pixels; one projector, predictor and bank per dense level
         self.dense_projectors = nn.ModuleList(
             global_mlp(info[i].channels, hidden_dim, proj_dim) for i in self.dense_levels

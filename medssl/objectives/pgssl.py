@@ -24,6 +24,7 @@ from medssl.data.batch import PairBatch
 from medssl.errors import InputError
 from medssl.networks.heads import global_mlp, token_mlp
 from medssl.objectives.base import OBJECTIVES, Objective, resolve_decoder_levels
+from medssl.registry import look_up
 from medssl.objectives.losses import (
     hard_uncertainty_weights,
     heteroscedastic_loss,
@@ -121,14 +122,12 @@ class PGSSL(Objective):
         contrast_dim: int = 16,
     ):
         super().__init__()
-        if uncertainty not in UNCERTAINTY_MODES:
-            raise InputError(f"objective.pgssl.uncertainty must be one of {', '.join(UNCERTAINTY_MODES)}, got "
-                             f"'{uncertainty}'")
+        look_up(uncertainty, UNCERTAINTY_MODES, what="uncertainty mode", path="uncertainty")
         if mc_samples < 2 or not 0 < dropout < 1 or not 0 <= hard_fraction < 1 or max_pixels < 2:
-            raise InputError("objective.pgssl needs mc_samples >= 2, 0 < dropout < 1, 0 <= hard_fraction < 1 and "
+            raise InputError("needs mc_samples >= 2, 0 < dropout < 1, 0 <= hard_fraction < 1 and "
                              f"max_pixels >= 2; got {mc_samples}, {dropout}, {hard_fraction}, {max_pixels}")
         if contrast_anchors < 2 or contrast_window < 1 or contrast_dim < 1 or contrast_temperature <= 0:
-            raise InputError("objective.pgssl needs contrast_anchors >= 2, contrast_window >= 1, contrast_dim >= 1 and "
+            raise InputError("needs contrast_anchors >= 2, contrast_window >= 1, contrast_dim >= 1 and "
                              f"contrast_temperature > 0; got {contrast_anchors}, {contrast_window}, {contrast_dim}, "
                              f"{contrast_temperature}")
         info = network.feature_info
@@ -138,7 +137,7 @@ class PGSSL(Objective):
         self.pixel_weight, self.base_momentum = float(pixel_weight), float(base_momentum)
         self.max_pixels, self.match_radius_mm = int(max_pixels), match_radius_mm
         levels = list(range(1, len(info))) if contrast_levels is None else contrast_levels
-        self.contrast_levels = resolve_decoder_levels(levels, len(info), "objective.pgssl.contrast_levels")
+        self.contrast_levels = resolve_decoder_levels(levels, len(info), "contrast_levels")
         self.contrast_strides = [info[i].stride for i in self.contrast_levels]
         self.contrast_weight, self.contrast_temperature = float(contrast_weight), float(contrast_temperature)
         self.contrast_anchors, self.contrast_window = int(contrast_anchors), int(contrast_window)

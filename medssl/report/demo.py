@@ -24,40 +24,42 @@ import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
+from monai.data import MetaTensor
 
-from medssl.config import shipped_config
+from medssl.config import shipped_config, to_dict
+from medssl.data.demo import write_demo_dataset
+from medssl.data.demo_anatomy import CSF, GREY, WHITE
+from medssl.data.landmarks import read_landmarks
+from medssl.data.readers import image_key, load_image, load_label
+from medssl.dist import pick_device
+from medssl.engine.finetune import finetune
+from medssl.engine.finetune_config import finetune_config_from_dict, read_finetune_config
 from medssl.engine.monitor import clock
+from medssl.engine.predict import predict_seg_files
+from medssl.engine.pretrain import pretrain, save_initial_model
+from medssl.engine.pretrain_config import read_pretrain_config
 from medssl.errors import InputError
+from medssl.matching.figures import save_landmark_figure
+from medssl.matching.oneshot import OneShotMatcher
+from medssl.matching.run import detect_landmarks_files, image_preparer, matching_network, template_rows
+from medssl.metrics.landmarks import landmark_scores
+from medssl.metrics.report import evaluate_segmentation_files
+from medssl.objectives import OBJECTIVES
 from medssl.outputs import write_atomic
-
-if TYPE_CHECKING:
-    from monai.data import MetaTensor
-
-    from medssl.report.markdown import Row
+from medssl.report.figures import save_curves_figure, save_segmentation_figure, save_similarity_figure
+from medssl.report.markdown import DemoResults, Row, write_report
+from medssl.report.plan import NCC, PRETRAINED, RANDOM_INIT, DemoSize, Split, slug
+from medssl.report.provenance import commands, describe
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OUT = Path("medssl_demo")
 MARKER = ".medssl-demo"  # written first: a folder holding it is a demo output that a new demo may replace
 ENTRIES = ("data", "runs", "landmarks", "segmentation", "figures", "report.md", MARKER)  # what a demo writes
-PRETRAINED, RANDOM_INIT, NCC = "pretrained", "random init", "NCC"
 
-
-@dataclass(frozen=True)
-class DemoSize:
-    """How big the demo is: ``subjects`` in the population, of which the last ``test`` are the test set and the
-    ``val`` before them validate fine-tuning (the others are the training pool); ``labeled`` pool subjects for
-    segmentation transfer; config overrides for pretraining and for fine-tuning."""
-
-    subjects: int
-    test: int
-    val: int
-    labeled: int
-    pretrain: tuple[str, ...] = ()
-    finetune: tuple[str, ...] = ()
 
 
 #: (spatial_dims, quick) -> size; the default 2D demo runs the shipped configs unchanged
@@ -109,29 +111,9 @@ def prepare_output(out: Path) -> None:
     write_atomic(out / MARKER, "written by medssl demo; a new demo into this folder replaces its files\n")
 
 
-@dataclass(frozen=True)
-class Split:
-    """The demo population under ``root`` split by subject: datalist items (paths relative to ``root``)."""
-
-    root: Path
-    pool: list[dict[str, str]]
-    validation: list[dict[str, str]]
-    test: list[dict[str, str]]
-
-    @property
-    def template(self) -> Path:
-        return self.root / self.pool[0]["image"]
-
-    @property
-    def test_images(self) -> list[Path]:
-        return [self.root / item["image"] for item in self.test]
-
-
 def make_dataset(root: Path, spatial_dims: int, size: DemoSize, seed: int, variability: str = "realistic") -> Split:
     """Write the population and its split: ``split.json`` (training = pool, validation, test), ``pool.json`` (the
     pretraining images) and ``test.json`` (the images every model is scored on)."""
-    from medssl.data.demo import write_demo_dataset
-
     write_demo_dataset(root, spatial_dims=spatial_dims, n_subjects=size.subjects, seed=seed, variability=variability)
     items = json.loads((root / "datalist.json").read_text(encoding="utf-8"))["training"]
     n_pool = size.subjects - size.test - size.val
@@ -155,13 +137,6 @@ def run_demo(out: str | Path = DEFAULT_OUT, spatial_dims: int = 2, quick: bool =
     ``cuda``; ``seed`` and ``variability`` (``realistic`` or ``low``) draw the population. A previous demo in
     ``out`` is replaced (``prepare_output``).
     """
-    import medssl.objectives  # noqa: F401  (fills the registry)
-    from medssl.data.demo_anatomy import CSF, GREY, WHITE
-    from medssl.matching.run import pick_device
-    from medssl.objectives.base import OBJECTIVES
-    from medssl.report.figures import save_curves_figure
-    from medssl.report.markdown import DemoResults, write_report
-    from medssl.report.provenance import commands, describe
 
     if (spatial_dims, quick) not in PRESETS:
         raise InputError(f"--dim must be 2 or 3, got {spatial_dims}", path="--dim")
@@ -174,7 +149,7 @@ def run_demo(out: str | Path = DEFAULT_OUT, spatial_dims: int = 2, quick: bool =
     if min(size.test, size.val, size.labeled) < 1 or size.subjects - size.test - size.val < size.labeled:
         raise InputError(f"a demo needs test, val, labeled >= 1 and subjects - test - val >= labeled; got subjects "
                          f"{size.subjects}, test {size.test}, val {size.val}, labeled {size.labeled}")
-    out, device = Path(out), pick_device(device)
+    out, device = Path(out), pick_device(device).type
     prepare_output(out)
     runs, figures = out / "runs", out / "figures"
     class_names = {CSF: "CSF", GREY: "grey matter", WHITE: "white matter"}
@@ -217,8 +192,6 @@ def pretrain_stage(runs: Path, split: Split, spatial_dims: int, method: str, ove
                    device: str) -> tuple[Any, dict[str, Path]]:
     """Pretrain on the pool; returns the config and ``{label: checkpoint}`` for the pretrained network and the
     random initialisation it started from."""
-    from medssl.engine.pretrain import pretrain, save_initial_model
-    from medssl.engine.pretrain_config import read_pretrain_config
 
     config = read_pretrain_config(shipped_config(f"{method}_{spatial_dims}d"),
                                   [f"train.device={device}", *overrides])
@@ -229,10 +202,6 @@ def pretrain_stage(runs: Path, split: Split, spatial_dims: int, method: str, ove
 
 def landmarks_stage(out: Path, split: Split, checkpoints: dict[str, Path], device: str) -> list[Row]:
     """One-shot detection in the test images with each checkpoint and with NCC; rows of scores."""
-    from medssl.data.landmarks import read_landmarks
-    from medssl.matching.run import detect_landmarks_files
-    from medssl.metrics.landmarks import landmark_scores
-    from medssl.report.markdown import Row
 
     truth_csv = split.root / "landmarks.csv"
     truth = read_landmarks(truth_csv)
@@ -251,14 +220,12 @@ def similarity_maps(split: Split, spatial_dims: int, checkpoints: dict[str, Path
                     device: str) -> tuple[str, MetaTensor, MetaTensor, dict[str, np.ndarray]]:
     """The template's first landmark, the prepared template and first test image, and the landmark's similarity map
     ``(*S)`` in that image per checkpoint. (Run before the timed detection, it also warms up the matcher.)"""
-    from medssl.matching.oneshot import OneShotMatcher
-    from medssl.matching.run import image_preparer, load_network, template_rows
 
     template_mm = template_rows(split.template, split.root / "landmarks.csv")
     landmark = sorted(template_mm)[0]
     maps: dict[str, np.ndarray] = {}
     for label, checkpoint in checkpoints.items():
-        network, preprocessing, levels = load_network(checkpoint, spatial_dims, device=device)
+        network, preprocessing, levels = matching_network(checkpoint, spatial_dims, device=device)
         prepare = image_preparer(preprocessing, split.template, spatial_dims)  # the same grid for every checkpoint
         template, query = prepare(split.template), prepare(split.test_images[0])
         matcher = OneShotMatcher(network, levels=levels, device=device)
@@ -272,10 +239,6 @@ def landmark_figures(figures: Path, split: Split,
                      rows: list[Row]) -> dict[str, Path]:
     """The ``similarity_maps`` figure with each network's prediction, and the first row's (pretrained) landmarks in
     the first test image against the truth."""
-    from medssl.data.landmarks import read_landmarks
-    from medssl.data.readers import image_key
-    from medssl.matching.figures import save_landmark_figure
-    from medssl.report.figures import save_similarity_figure
 
     landmark, template, query, maps = similarity
     key = image_key(split.test_images[0])
@@ -298,19 +261,10 @@ def segmentation_stage(runs: Path, out: Path, split: Split, checkpoints: dict[st
                        size: DemoSize, device: str) -> list[Row]:
     """``finetune seg`` from each checkpoint with ``size.labeled`` pool subjects, then predict and score the test
     images; rows of scores (``source``: the fine-tuning run)."""
-    from medssl.config import to_dict
-    from medssl.engine.finetune import finetune
-    from medssl.engine.finetune_config import finetune_config_from_dict, read_finetune_config
-    from medssl.engine.finetune_data import PREPROCESSING_KEYS
-    from medssl.engine.predict import predict_seg_files
-    from medssl.engine.pretrain import preprocessing_options
-    from medssl.metrics.report import evaluate_segmentation_files
-    from medssl.report.markdown import Row
 
     base = read_finetune_config(shipped_config(f"finetune_seg_{pretrain_config.spatial_dims}d"),
                                 [f"train.device={device}", *size.finetune])
-    prepared_like = preprocessing_options(pretrain_config)
-    data = {**to_dict(base.data), **{key: prepared_like[key] for key in PREPROCESSING_KEYS}}
+    data = {**to_dict(base.data), **pretrain_config.preprocessing.to_dict()}
     config = finetune_config_from_dict({**to_dict(base), "data": data, "network": dict(pretrain_config.network)})
     rows = []
     for label, checkpoint in checkpoints.items():
@@ -324,8 +278,6 @@ def segmentation_stage(runs: Path, out: Path, split: Split, checkpoints: dict[st
 def segmentation_figure(path: Path, split: Split, predictions: Path, labels: Sequence[str],
                         class_names: dict[int, str]) -> Path:
     """The first test image, its true labels and each model's prediction (``predictions/<slug of label>/``)."""
-    from medssl.data.readers import image_key, load_image, load_label
-    from medssl.report.figures import save_segmentation_figure
 
     image_path, label_path = split.test_images[0], split.root / split.test[0]["label"]
     image = load_image(image_path)
@@ -334,8 +286,3 @@ def segmentation_figure(path: Path, split: Split, predictions: Path, labels: Seq
         found = [p for p in (predictions / slug(label)).iterdir() if image_key(p) == image_key(image_path)]
         predicted[label] = load_label(found[0], like=image)
     return save_segmentation_figure(path, image, load_label(label_path, like=image), predicted, class_names)
-
-
-def slug(label: str) -> str:
-    """A file name for a row label: ``pretrained (infoguided)`` -> ``pretrained_infoguided``."""
-    return "_".join("".join(c if c.isalnum() else " " for c in label.lower()).split())

@@ -4,33 +4,27 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import monai
 import numpy as np
+import torch
 
+from medssl import __version__
 from medssl.data.demo import population_variability
-from medssl.report.demo import NCC, DemoSize, Split, slug
-
-if TYPE_CHECKING:
-    from medssl.report.markdown import Row
-
+from medssl.data.landmarks import read_landmarks
+from medssl.data.readers import image_key, load_image
+from medssl.engine.finetune_config import read_finetune_config
+from medssl.report.figures import read_metric
+from medssl.report.markdown import Row
+from medssl.report.plan import NCC, DemoSize, Split, slug
 
 def describe(split: Split, config: Any, size: DemoSize, checkpoints: dict[str, Path], seg_rows: list[Row], device: str,
              seed: int) -> dict[str, dict[str, str]]:
     """The report's "What ran" items: machine, dataset, pretraining, one-shot landmarks, segmentation transfer."""
-    import platform
-
-    import monai
-    import torch
-
-    from medssl import __version__
-    from medssl.data.landmarks import read_landmarks
-    from medssl.data.readers import image_key, load_image
-    from medssl.engine.finetune_config import read_finetune_config
-    from medssl.report.figures import read_metric
-
-    if device == "cuda":
+    if torch.device(device).type == "cuda":
         machine = f"CUDA GPU {torch.cuda.get_device_name(0)} (mixed precision: train.amp {config.train.amp})"
     else:
         machine = f"CPU ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"

@@ -1,24 +1,30 @@
-"""Scan preprocessing for pretraining (MONAI): orientation to RAS, optional resampling to ``spacing_mm``, intensity
-normalisation to [0, 1] by modality preset, and a cache of the decoded scans (memory, optionally disk).
+"""The one preprocessing of every path (pretraining, fine-tuning, prediction, one-shot matching): ``Preprocessing``,
+a typed spec (modality, spacing, intensity window, pixel size of 2D files) recorded in ``model.pt`` and built into one
+MONAI dictionary-transform chain: orientation to RAS, resampling to ``spacing_mm`` (labels by nearest neighbour;
+a grid already at that spacing is left bit-exact), intensities to [0, 1] by modality preset. Also the cache of the
+decoded scans a pretraining run samples views from (memory, optionally disk).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Orientation, ScaleIntensityRange, ScaleIntensityRangePercentiles, Spacing
+from monai.transforms import (Compose, Orientationd, ScaleIntensityRanged, ScaleIntensityRangePercentilesd,
+                              Spacingd)
 
+from medssl.data import keys
 from medssl.data.geometry import spacing_mm as affine_spacing_mm
-from medssl.data.readers import image_key, load_image
+from medssl.data.readers import image_key, load_image, load_label
 from medssl.errors import InputError
 from medssl.outputs import atomic_writer
-from medssl.registry import did_you_mean
+from medssl.registry import look_up
 from medssl.transforms.infomap import information_map
 
 log = logging.getLogger(__name__)
@@ -29,53 +35,110 @@ INTENSITY_PRESETS: dict[str, dict[str, tuple[float, float]]] = {
     "mr": {"percentiles": (0.5, 99.5)},
     "xray": {"percentiles": (0.5, 99.5)},
 }
-_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # world axis names of RAS
 
 
-def check_modality(modality: object) -> None:
-    """``InputError`` naming the config key unless ``modality`` is one of ``INTENSITY_PRESETS``."""
-    if modality not in INTENSITY_PRESETS:
-        raise InputError(f"config key 'data.modality': unknown modality '{modality}'"
-                         f"{did_you_mean(str(modality), list(INTENSITY_PRESETS))}; "
-                         f"choose one of: {', '.join(INTENSITY_PRESETS)}")
+def _spacing(value: float | Sequence[float] | None, what: str) -> float | tuple[float, ...] | None:
+    """``value`` as one positive number or a tuple of them (None stays None); ``InputError`` naming ``what``."""
+    if value is None:
+        return None
+    values = [value] if np.isscalar(value) else list(value)
+    try:
+        numbers = [float(v) for v in values]
+    except (TypeError, ValueError):
+        numbers = []
+    if not numbers or not all(np.isfinite(v) and v > 0 for v in numbers):
+        raise InputError(f"{what} must be one positive number or one per axis, got {value!r}", path=what)
+    return numbers[0] if np.isscalar(value) else tuple(numbers)
 
 
-def normalise_intensity(image: torch.Tensor, modality: str = "mr",
-                        window: Sequence[float] | None = None) -> torch.Tensor:
-    """Map intensities to [0, 1] (clipped): ``window`` (absolute low, high) if given, else the modality preset."""
-    check_modality(modality)
-    preset = INTENSITY_PRESETS[modality]
-    window = window if window is not None else preset.get("window")
-    if window is not None:
-        low, high = float(window[0]), float(window[1])
-        if not high > low:
-            raise InputError(f"intensity_window must be (low, high) with high > low, got {tuple(window)}")
-        return ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)(image)
-    lower, upper = preset["percentiles"]
-    return ScaleIntensityRangePercentiles(lower=lower, upper=upper, b_min=0.0, b_max=1.0, clip=True,
-                                          channel_wise=True)(image)
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a file becomes what the network sees, in one place: ``modality`` picks the intensity preset
+    (``INTENSITY_PRESETS``) unless ``intensity_window`` (absolute low, high) is given; ``spacing_mm`` is the working
+    grid (one value for every axis, one per axis, or None to keep each file's); ``file_spacing_mm`` is the pixel
+    size of 2D files without geometry (PNG/JPEG/TIFF; None: 1 mm). ``model.pt`` records ``to_dict()``."""
 
+    modality: str = "mr"
+    spacing_mm: float | tuple[float, ...] | None = None
+    intensity_window: tuple[float, float] | None = None
+    file_spacing_mm: float | tuple[float, ...] | None = None
 
-def preprocess_image(path: str | Path, *, spatial_dims: int, modality: str = "mr",
-                     spacing_mm: float | Sequence[float] | None = None,
-                     intensity_window: Sequence[float] | None = None,
-                     file_spacing_mm: float | Sequence[float] | None = None) -> MetaTensor:
-    """Read one scan and return it RAS-oriented, resampled to ``spacing_mm`` (None keeps the file's), in [0, 1].
+    def __post_init__(self) -> None:
+        look_up(self.modality, INTENSITY_PRESETS, what="modality", path="modality")
+        object.__setattr__(self, "spacing_mm", _spacing(self.spacing_mm, "spacing_mm"))
+        object.__setattr__(self, "file_spacing_mm", _spacing(self.file_spacing_mm, "file_spacing_mm"))
+        if self.intensity_window is not None:
+            window = tuple(float(v) for v in self.intensity_window)
+            if len(window) != 2 or not window[1] > window[0]:
+                raise InputError(f"intensity_window must be (low, high) with high > low, got "
+                                 f"{tuple(self.intensity_window)}", path="intensity_window")
+            object.__setattr__(self, "intensity_window", window)
 
-    ``file_spacing_mm`` is the pixel size of 2D files without geometry (PNG/JPEG/TIFF; default 1 mm).
-    """
-    image = load_image(path, spacing_mm=file_spacing_mm)
-    dims = image.ndim - 1
-    if dims != spatial_dims:
-        raise InputError(f"expected a {spatial_dims}D image (spatial_dims={spatial_dims}), got a {dims}D one of "
-                         f"shape {tuple(image.shape[1:])}; use spatial_dims={dims} or other images", path=path)
-    image = Orientation(axcodes="RAS"[:dims], labels=_LABELS)(image)
-    if spacing_mm is not None:
-        target = [float(spacing_mm)] * dims if isinstance(spacing_mm, (int, float)) else [float(s) for s in spacing_mm]
-        if len(target) != dims or not all(s > 0 for s in target):
-            raise InputError(f"spacing_mm must be one positive number or {dims} of them, got {spacing_mm}")
-        image = Spacing(pixdim=target, mode="bilinear")(image)
-    return normalise_intensity(image, modality, intensity_window)
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None) -> "Preprocessing":
+        """The spec from a mapping holding (some of) its fields and maybe more (a config's ``data`` section, the
+        ``preprocessing`` of ``model.pt``); absent or null entries take the defaults."""
+        options = options or {}
+        return cls(**{f.name: options[f.name] for f in fields(cls) if options.get(f.name) is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (lists, not tuples) for ``model.pt`` and YAML."""
+        return {f.name: (list(v) if isinstance(v, tuple) else v)
+                for f in fields(self) for v in [getattr(self, f.name)]}
+
+    def grid(self, spatial_dims: int) -> list[float] | None:
+        """``spacing_mm`` as one value per axis (None: each file keeps its own)."""
+        if self.spacing_mm is None:
+            return None
+        target = [float(self.spacing_mm)] * spatial_dims if np.isscalar(self.spacing_mm) else list(self.spacing_mm)
+        if len(target) != spatial_dims:
+            raise InputError(f"spacing_mm must be one positive number or {spatial_dims} of them, got "
+                             f"{self.spacing_mm}")
+        return target
+
+    def transform(self, spatial_dims: int, with_label: bool = False) -> Compose:
+        """The MONAI dictionary-transform chain over ``image`` (and ``label``)."""
+        names = [keys.IMAGE] + ([keys.LABEL] if with_label else [])
+        chain: list[Any] = [Orientationd(keys=names, axcodes="RAS"[:spatial_dims], labels=_LABELS)]
+        target = self.grid(spatial_dims)
+        if target is not None:
+            chain.append(Spacingd(keys=names, pixdim=target, mode=["bilinear", "nearest"][: len(names)]))
+        preset = INTENSITY_PRESETS[self.modality]
+        window = self.intensity_window if self.intensity_window is not None else preset.get("window")
+        if window is not None:
+            chain.append(ScaleIntensityRanged(keys=keys.IMAGE, a_min=window[0], a_max=window[1], b_min=0.0,
+                                              b_max=1.0, clip=True))
+        else:
+            lower, upper = preset["percentiles"]
+            chain.append(ScaleIntensityRangePercentilesd(keys=keys.IMAGE, lower=lower, upper=upper, b_min=0.0,
+                                                         b_max=1.0, clip=True, channel_wise=True))
+        return Compose(chain)
+
+    def __call__(self, image: MetaTensor, label: MetaTensor | None = None) -> tuple[MetaTensor, MetaTensor | None]:
+        """``image`` ``(C, *S)`` (and its ``label`` ``(1, *S)``, returned as int64) as the network sees them."""
+        dims = image.ndim - 1
+        data = self.transform(dims, with_label=label is not None)(
+            {keys.IMAGE: image, **({keys.LABEL: label} if label is not None else {})})
+        if label is not None:
+            label = MetaTensor(data[keys.LABEL].as_tensor().round().long(), affine=data[keys.LABEL].affine)
+        return data[keys.IMAGE], label
+
+    def load(self, path: str | Path, spatial_dims: int) -> MetaTensor:
+        """Read ``path`` as it is (its own grid; 2D files at ``file_spacing_mm``), refusing another dimensionality."""
+        image = load_image(path, spacing_mm=self.file_spacing_mm)
+        dims = image.ndim - 1
+        if dims != spatial_dims:
+            raise InputError(f"expected a {spatial_dims}D image (spatial_dims={spatial_dims}), got a {dims}D one of "
+                             f"shape {tuple(image.shape[1:])}; use spatial_dims={dims} or other images", path=path)
+        return image
+
+    def read(self, path: str | Path, spatial_dims: int,
+             label_path: str | Path | None = None) -> tuple[MetaTensor, MetaTensor | None]:
+        """Read and prepare ``path`` (and its label map, which must share the image's grid)."""
+        raw = self.load(path, spatial_dims)
+        label = load_label(label_path, like=raw) if label_path is not None else None
+        return self(raw, label)
 
 
 @dataclass
@@ -109,8 +172,9 @@ class ScanCache:
             raise InputError("no images to sample views from; pass a folder, a datalist or image files")
         self.paths = [Path(p) for p in images]
         self.device = torch.device(device)
-        self.options = dict(spatial_dims=spatial_dims, modality=modality, spacing_mm=spacing_mm,
-                            intensity_window=intensity_window, file_spacing_mm=file_spacing_mm)
+        self.spatial_dims = spatial_dims
+        self.preprocessing = Preprocessing(modality=modality, spacing_mm=spacing_mm,
+                                           intensity_window=intensity_window, file_spacing_mm=file_spacing_mm)
         self.info_radius_mm, self.info_bins = info_radius_mm, info_bins
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self._scans: dict[int, Scan] = {}
@@ -134,7 +198,8 @@ class ScanCache:
         if self.cache_dir is None:
             return None
         stat = path.stat()
-        text = repr((str(path.absolute()), stat.st_size, stat.st_mtime_ns, sorted(self.options.items()),
+        options = {"spatial_dims": self.spatial_dims, **self.preprocessing.to_dict()}
+        text = repr((str(path.absolute()), stat.st_size, stat.st_mtime_ns, sorted(options.items()),
                      self.info_radius_mm, self.info_bins))
         return self.cache_dir / f"{image_key(path)}-{hashlib.sha1(text.encode()).hexdigest()[:16]}.pt"
 
@@ -144,7 +209,7 @@ class ScanCache:
         if stored is not None and stored.is_file():
             content = torch.load(stored, map_location=self.device, weights_only=True)
             return Scan(content["image"], content["affine"], image_key(path), content.get("info"))
-        image = preprocess_image(path, **self.options)
+        image = self.preprocessing.read(path, self.spatial_dims)[0]
         affine = torch.as_tensor(image.affine, dtype=torch.float64)
         scan = Scan(image.as_tensor().float().to(self.device), affine.to(self.device), image_key(path))
         if self.info_radius_mm is not None:

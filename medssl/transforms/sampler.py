@@ -2,7 +2,7 @@
 
 Per sample: pick a scan, draw an anchor voxel (uniform, or with probability proportional to ``IIE ** alpha`` when
 ``info_guided``), place both views so that they contain the anchor (so they overlap), render them on ``device`` with
-``grid_sample`` and augment their intensities. Presets (``medssl.objectives.base.VIEW_PRESETS``):
+``grid_sample`` and augment their intensities. Presets (``medssl.transforms.views.VIEW_PRESETS``):
 
 - ``symmetric``: both views get the full geometric and intensity augmentation.
 - ``weak_strong`` (MSF): view ``a`` (target) weak = crop, zoom and flips only; view ``b`` (query) strong = full.
@@ -28,13 +28,13 @@ import torch
 
 from medssl.data.batch import PairBatch, ViewBatch
 from medssl.errors import InputError
-from medssl.objectives.base import VIEW_PRESETS
-from medssl.registry import did_you_mean
+from medssl.registry import look_up
 from medssl.transforms.infomap import (CATEGORY_NAMES, anchor_weights, info_categories, percentile_thresholds,
                                        sample_anchors)
 from medssl.transforms.intensity import INFO_BRIGHTNESS, INFO_CONTRAST, IntensityAugmentation, augment_intensity
 from medssl.transforms.preprocess import ScanCache
-from medssl.transforms.views import random_orientation, render_views, smooth_displacement_mm, view_to_source
+from medssl.transforms.views import (VIEW_PRESETS, random_orientation, render_views, smooth_displacement_mm,
+                                     view_to_source)
 
 log = logging.getLogger(__name__)
 _ELASTIC_CONTROL_POINTS = 5
@@ -94,9 +94,7 @@ class ViewPairSampler:
                  info_percentiles: Sequence[float] = (20.0, 80.0),
                  info_brightness: Sequence[Sequence[float]] = INFO_BRIGHTNESS,
                  info_contrast: Sequence[Sequence[float]] = INFO_CONTRAST):
-        if preset not in VIEW_PRESETS:
-            raise InputError(f"unknown view preset '{preset}'{did_you_mean(preset, VIEW_PRESETS)}; "
-                             f"choose one of: {', '.join(VIEW_PRESETS)}")
+        look_up(preset, VIEW_PRESETS, what="view preset")
         self.patch_size = tuple(int(p) for p in patch_size)
         if spatial_dims not in (2, 3) or len(self.patch_size) != spatial_dims or min(self.patch_size) < 1:
             raise InputError(f"data.patch_size must list {spatial_dims} positive sizes for spatial_dims="

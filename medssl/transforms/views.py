@@ -19,6 +19,9 @@ import torch.nn.functional as F
 
 from medssl.data.geometry import coordinate_grid, voxel_to_world
 
+#: which pair of views an objective asks the view sampler for (``medssl.transforms.sampler``)
+VIEW_PRESETS = ("symmetric", "weak_strong", "raw_patch")
+
 
 def rotation_matrix(angles_rad: torch.Tensor, spatial_dims: int) -> torch.Tensor:
     """Rotations ``(B, D, D)`` from ``D(D-1)/2`` angles per sample ``(B, P)``: one per axis plane, composed in

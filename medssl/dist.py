@@ -1,4 +1,4 @@
-"""``torchrun`` support: process group set-up (gloo on CPU, nccl on CUDA) and the few collectives the loop needs.
+"""Devices and ``torchrun`` support: process group set-up (gloo on CPU, nccl on CUDA) and the few collectives the loop needs.
 
 Without ``torchrun`` (no ``WORLD_SIZE`` in the environment) everything degrades to a single process and the
 collectives are identities, so the loop has one code path.
@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from medssl.errors import InputError
+from medssl.registry import look_up
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -38,10 +39,18 @@ class Context:
         return self.world_size > 1
 
 
-def pick_device(preference: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error the user can fix."""
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def pick_device(preference: str | torch.device, *, option: str = "--device") -> torch.device:
+    """``auto`` -> CUDA when a GPU is visible, else CPU; an unknown name, or ``cuda`` without a GPU, is an
+    ``InputError`` naming ``option`` (the CLI flag or config key that chose it). A ``torch.device`` is returned
+    as it is (a device already chosen)."""
+    if isinstance(preference, torch.device):
+        return preference
+    look_up(preference, DEVICES, what="device", path=option)
     if preference == "cuda" and not torch.cuda.is_available():
-        raise InputError("train.device=cuda but no CUDA GPU is visible; use train.device=auto or cpu")
+        raise InputError("no CUDA GPU is visible; use auto or cpu", path=option)
     if preference == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda")
@@ -49,7 +58,7 @@ def pick_device(preference: str) -> torch.device:
 
 def setup(device_preference: str) -> Context:
     """Join the ``torchrun`` process group if there is one; returns this process's ``Context``."""
-    device = pick_device(device_preference)
+    device = pick_device(device_preference, option="train.device")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Context(rank=0, world_size=1, device=device)
