@@ -9,7 +9,7 @@ from medssl.errors import InputError
 from medssl.matching.run import matching_network
 from medssl.networks import build_network, load_network, read_model_file, save_model
 from medssl.networks.model_file import MODEL_FORMAT
-from medssl.networks.task import TaskUNet
+from medssl.networks.task import TaskHead, TaskUNet
 from medssl.outputs import save_atomic
 
 
@@ -75,10 +75,10 @@ def test_load_network_gives_every_start(tmp_path):
     assert isinstance(start.network, TaskUNet) and start.preprocessing == {"modality": "ct"} and start.task is None
     assert torch.equal(start.network.conv_0.conv_0.conv.weight, backbone.conv_0.conv_0.conv.weight)
     tuned = TaskUNet(2, 3, channels=[4, 8, 4]).eval()
-    save_model(tuned, tmp_path / "tuned.pt", spatial_dims=2, preprocessing={}, task={"kind": "seg"})
+    save_model(tuned, tmp_path / "tuned.pt", spatial_dims=2, preprocessing={}, task={"kind": "seg", "classes": [0, 1, 2]})
     whole = load_network(tmp_path / "tuned.pt")
     x = torch.randn(1, 1, 8, 8)
-    assert whole.task == {"kind": "seg"} and torch.equal(whole.network(x), tuned(x))
+    assert whole.task == TaskHead("seg", classes=(0, 1, 2)) and torch.equal(whole.network(x), tuned(x))
     first, second = (load_network("none", 2, architecture={"channels": [4, 8, 4]}, seed=5).network for _ in "ab")
     other = load_network("NONE", 2, architecture={"channels": [4, 8, 4]}, seed=6).network
     assert torch.equal(first(x), second(x)) and not torch.equal(first(x), other(x))

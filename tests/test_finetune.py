@@ -189,7 +189,7 @@ def test_layerwise_learning_rates_and_frozen_encoder():
     network = TaskUNet(2, 3, channels=[4, 8, 8])
     config = read_finetune_config(CONFIGS / "finetune_seg_2d.yaml",
                                   ["train.encoder_lr_scale=0", "train.decoder_lr_scale=0.1", "train.lr=0.01"])
-    optimizer, frozen = engine.build_optimizer(network, config.train)
+    optimizer, frozen = engine.layerwise_optimizer(network, config.train)
     in_optimizer = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
     for module in network.parts()["encoder"]:
         assert module in frozen

@@ -122,9 +122,9 @@ def test_context_size_sets_view_a_and_matching_copes_with_two_sizes(scans):
 def test_bad_context_size_raises_input_error(scans):
     paths, dims = scans
     for context in ([8] * (dims + 1), [8] * (dims - 1) + [0], [8.0] * dims, [True] * dims, 8):
-        with pytest.raises(InputError, match="data.context_size must list"):
+        with pytest.raises(InputError, match="context_size: must list"):
             _sampler(paths, dims, preset="raw_patch", context_size=context)
-    with pytest.raises(InputError, match="data.context_size applies to the raw_patch"):
+    with pytest.raises(InputError, match="context_size: applies to the raw_patch"):
         _sampler(paths, dims, preset="symmetric", context_size=[8] * dims)
 
 

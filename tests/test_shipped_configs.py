@@ -3,6 +3,7 @@ with the shipped names listed when neither matches, and inside a built wheel."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -59,3 +60,21 @@ def test_a_built_wheel_holds_the_configs(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("medssl-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"medssl/configs/{path.name}" for path in shipped_configs().values()} <= names
+    # installed from the wheel (not editable), outside a checkout: a shipped config runs by name
+    installed, work = tmp_path / "installed", tmp_path / "work"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(installed), str(wheel)],
+                   check=True, capture_output=True)
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(installed)}
+    where = subprocess.run([sys.executable, "-c", "import medssl; print(medssl.__file__)"], cwd=work, env=env,
+                           check=True, capture_output=True, text=True).stdout
+    assert Path(where.strip()).is_relative_to(installed)
+    steps = [["data", "demo", "--dim", "2", "--subjects", "2", "--out", "demo"],
+             ["pretrain", "infoguided_2d", "--data", "demo/images", "--out", "run", "train.steps=1",
+              "train.batch_size=1", "train.warmup_steps=0", "train.device=cpu", "data.patch_size=[32,32]",
+              "network.channels=[4,8,8]"]]
+    for args in steps:
+        done = subprocess.run([sys.executable, "-m", "medssl", *args], cwd=work, env=env, capture_output=True,
+                              text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert (work / "run" / "model.pt").is_file()

@@ -21,14 +21,15 @@ from torch import nn
 
 from medssl.config import save_config, to_dict
 from medssl.dist import pick_device
-from medssl.engine.finetune_config import FinetuneConfig, finetune_config_from_dict, read_finetune_config
+from medssl.engine.finetune_config import (FinetuneConfig, FinetuneTrainConfig, finetune_config_from_dict,
+                                          read_finetune_config)
 from medssl.engine.finetune_data import PatchSampler, prepare_data
 from medssl.engine.memory import check_memory, raise_if_out_of_memory
 from medssl.engine.monitor import VALIDATION_PREFIX, Monitor
 from medssl.engine.predict import Predictor, score_cases
 from medssl.engine.runner import (CHECKPOINT, OptimizerStep, check_finite, new_run, resumed_run, save_checkpoint,
                                   seed_run)
-from medssl.engine.schedule import build_scheduler, parameter_groups
+from medssl.engine.schedule import build_optimizer, build_scheduler, parameter_groups
 from medssl.errors import InputError, TrainingError
 from medssl.networks import UNet
 from medssl.networks.heatmaps import adaptive_wing_loss, foreground_weights, gaussian_heatmaps, masked_mean
@@ -105,7 +106,7 @@ def _check_preprocessing(config: FinetuneConfig, pretrained: dict[str, Any]) -> 
                         key, getattr(config.data, key), pretrained[key], key, pretrained[key])
 
 
-def build_optimizer(network: TaskUNet, train) -> tuple[torch.optim.Optimizer, list[nn.Module]]:
+def layerwise_optimizer(network: TaskUNet, train: FinetuneTrainConfig) -> tuple[torch.optim.Optimizer, list[nn.Module]]:
     """AdamW with layer-wise learning rates (``lr * encoder_lr_scale``, ``lr * decoder_lr_scale``, ``lr`` for the
     head); a part with scale 0 is frozen and returned (its modules stay in eval mode)."""
     scales = {"encoder": train.encoder_lr_scale, "decoder": train.decoder_lr_scale, "head": 1.0}
@@ -120,7 +121,7 @@ def build_optimizer(network: TaskUNet, train) -> tuple[torch.optim.Optimizer, li
         for group in parameter_groups(modules, train.weight_decay):
             if group["params"]:
                 groups.append({**group, "lr": train.lr * scales[part]})
-    return torch.optim.AdamW(groups, lr=train.lr), frozen
+    return build_optimizer(groups, name="adamw", lr=train.lr), frozen
 
 
 def task_loss(config: FinetuneConfig) -> Callable[[torch.Tensor, Any], torch.Tensor]:
@@ -157,7 +158,7 @@ def _train(config: FinetuneConfig, run: Path, resume_state: dict[str, Any] | Non
         save_config(config, run / "config.yaml")
     write_atomic(run / SPLIT_FILE, json.dumps(record, indent=2) + "\n")
     network = network.to(device)
-    optimizer, frozen = build_optimizer(network, train)
+    optimizer, frozen = layerwise_optimizer(network, train)
     scheduler = build_scheduler(optimizer, steps=train.steps, warmup_steps=train.warmup_steps,
                                 min_lr_ratio=train.min_lr_ratio)
     updater = OptimizerStep(optimizer, scheduler, parameters=network.parameters(), grad_clip=train.grad_clip,
@@ -197,7 +198,7 @@ def _train(config: FinetuneConfig, run: Path, resume_state: dict[str, Any] | Non
                 if _better(state["last"], state["best"], higher_is_better):
                     state.update(best=state["last"], best_step=step + 1)
                     save_model(network, run / "model.pt", spatial_dims=config.spatial_dims,
-                               preprocessing=preprocessing, task=data.task,
+                               preprocessing=preprocessing, task=data.task.to_dict(),
                                validation={"step": step + 1, **scores})
                     log.debug("step %d: best validation %s so far (%.4g): model.pt written", step + 1, metric,
                               state["best"])

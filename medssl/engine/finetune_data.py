@@ -25,6 +25,7 @@ from medssl.data.landmarks import check_landmarks_in_image, read_landmarks
 from medssl.data.readers import image_key, load_label
 from medssl.engine.finetune_config import FinetuneConfig
 from medssl.errors import InputError
+from medssl.networks.task import TaskHead
 from medssl.transforms.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -182,16 +183,16 @@ class TaskData:
 
     train: list[Case]
     validation: list[Case]
-    task: dict[str, Any]
+    task: TaskHead
     anchors: list[int] = field(default_factory=list)  # indices of true-labeled cases among pseudo-labeled ones
 
     @property
     def num_classes(self) -> int | None:
-        return len(self.task["classes"]) if self.task["kind"] == "seg" else None
+        return len(self.task.classes) if self.task.kind == "seg" else None
 
     @property
     def head_channels(self) -> int:
-        return self.num_classes or len(self.task["names"])
+        return self.task.channels
 
 
 def _sections(path: Path) -> dict[str, list[Item]]:
@@ -233,12 +234,12 @@ def prepare_data(config: FinetuneConfig) -> tuple[TaskData, dict[str, Any]]:
             if int(case.label.max()) >= classes:
                 raise InputError(f"label {int(case.label.max())} found but seg.num_classes={classes} (labels must be "
                                  f"0 .. {classes - 1})", path=item[keys.LABEL])
-        task: dict[str, Any] = {"kind": "seg", "classes": list(range(classes))}
+        task = TaskHead("seg", classes=tuple(range(classes)))
         record: dict[str, Any] = {}
     else:
         train = [load_case(item[keys.IMAGE], landmarks=table[_key(item)], **load) for item in chosen]
         val = [load_case(item[keys.IMAGE], landmarks=table[_key(item)], **load) for item in held]
-        task = {"kind": "landmarks", "names": names, "sigma_mm": config.landmarks.sigma_mm}
+        task = TaskHead("landmarks", names=tuple(names), sigma_mm=config.landmarks.sigma_mm)
         record = {"missing_landmarks": _missing(train, names), "csv_images_not_found": not_found}
     anchors: list[int] = []
     if data.pseudo is not None:

@@ -30,7 +30,7 @@ from medssl.metrics.landmarks import landmark_scores
 from medssl.metrics.segmentation import segmentation_scores
 from medssl.networks.heatmaps import decode_heatmaps
 from medssl.networks.model_file import load_network
-from medssl.networks.task import TaskUNet
+from medssl.networks.task import TaskHead, TaskUNet
 from medssl.outputs import check_output
 from medssl.transforms.preprocess import Preprocessing
 
@@ -42,11 +42,11 @@ _SAVE_AS = {".nii.gz": ".nii.gz", ".nii": ".nii", ".nrrd": ".nrrd", ".mha": ".mh
 
 
 class Predictor:
-    """A task network with what it needs to predict: windows of ``patch_size``, the ``task`` description
-    (``{"kind": "seg", "classes": [...]}`` or ``{"kind": "landmarks", "names": [...], "sigma_mm": s}``), and mixed
+    """A task network with what it needs to predict: windows of ``patch_size``, the ``task`` its head predicts
+    (``TaskHead``: segmentation classes or landmark names), and mixed
     precision ``amp`` (``bf16``/``fp16``, CUDA only)."""
 
-    def __init__(self, network: TaskUNet, *, patch_size: Sequence[int], task: dict[str, Any],
+    def __init__(self, network: TaskUNet, *, patch_size: Sequence[int], task: TaskHead,
                  device: str | torch.device = "cpu", amp: str = "off"):
         self.network, self.task, self.device = network, task, torch.device(device)
         self.inferer = SlidingWindowInferer(roi_size=[int(p) for p in patch_size], sw_batch_size=4, overlap=0.25,
@@ -81,13 +81,13 @@ class Predictor:
 def score_cases(predictor: Predictor, cases: Sequence[Case]) -> dict:
     """Validation scores of prepared ``cases`` (on the working grid): ``segmentation_scores`` (Dice, HD95) or
     ``landmark_scores`` (MRE, SDR) against the cases' true labels / landmarks."""
-    if predictor.task["kind"] == "seg":
+    if predictor.task.kind == "seg":
         pairs = []
         for case in cases:
             labels = predictor.probabilities(case.image).argmax(dim=0, keepdim=True)  # (1, *S)
             pairs.append((MetaTensor(labels.as_tensor(), affine=case.image.affine), case.label))
         return segmentation_scores(pairs)
-    names = predictor.task["names"]
+    names = predictor.task.names
     predicted, truth = {}, {}
     for case in cases:
         points, _ = predictor.landmarks(case.image)
@@ -101,7 +101,7 @@ def load_predictor(model: str | Path, device: str = "auto") -> tuple[Predictor, 
     torch_device = pick_device(device)
     loaded = load_network(model, device=torch_device)
     task = loaded.task
-    if not isinstance(task, dict) or task.get("kind") not in ("seg", "landmarks"):
+    if task is None:
         raise InputError("not a fine-tuned model (it has no task head); pass a run folder of 'medssl finetune'",
                          path=model)
     predictor = Predictor(loaded.network, patch_size=loaded.preprocessing["patch_size"], task=task,
@@ -137,9 +137,9 @@ def predict_seg_files(model: str | Path, images: Sequence[str | Path], out_dir: 
     paths = _inputs(images)
     check_output(out_dir, kind="folder", inputs=[model, *images, *paths])
     predictor, preprocessing = load_predictor(model, device)
-    if predictor.task["kind"] != "seg":
+    if predictor.task.kind != "seg":
         raise InputError("this is a landmark model; use 'medssl predict landmarks'", path=model)
-    dtype = np.uint8 if len(predictor.task["classes"]) <= 256 else np.int32
+    dtype = np.uint8 if len(predictor.task.classes) <= 256 else np.int32
     written = []
     for path in paths:
         raw, image = _read(path, preprocessing, predictor.network)
@@ -158,10 +158,10 @@ def predict_landmarks_files(model: str | Path, images: Sequence[str | Path], out
     paths = _inputs(images)
     check_output(out_csv, kind="file", inputs=[model, *images, *paths])
     predictor, preprocessing = load_predictor(model, device)
-    if predictor.task["kind"] != "landmarks":
+    if predictor.task.kind != "landmarks":
         raise InputError("this is a segmentation model; use 'medssl predict seg'", path=model)
     dims = predictor.network.spatial_dims
-    names = predictor.task["names"]
+    names = list(predictor.task.names)
     predictions, scores = {}, {}
     for path in paths:
         points, peaks = predictor.landmarks(_read(path, preprocessing, predictor.network)[1])

@@ -113,7 +113,7 @@ def build_sampler(config: PretrainConfig, objectives: dict[str, nn.Module], *, d
     if not config.data.get("path"):
         raise InputError("no training data: pass --data PATH (a folder, datalist JSON or image) or set data.path")
     first = next(iter(objectives.values()))
-    return ViewPairSampler(
+    return build_section("data", lambda: ViewPairSampler(
         resolve_images(config.data["path"]),
         spatial_dims=config.spatial_dims,
         preset=first.views,
@@ -121,7 +121,7 @@ def build_sampler(config: PretrainConfig, objectives: dict[str, nn.Module], *, d
         device=str(device),
         seed=config.seed + rank,
         **options,
-    )
+    ))
 
 
 def _check_channels(sampler: Any, network: nn.Module) -> None:

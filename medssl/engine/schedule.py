@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule (linear warm-up, then cosine) for the pretraining loop.
+"""Optimizer and learning-rate schedule (linear warm-up, then cosine) of both training loops.
 
 The EMA momentum schedule belongs to the objectives (``medssl.objectives.momentum.cosine_momentum``); the loop
 hands them ``progress`` in ``on_step_end``.
@@ -24,10 +24,14 @@ def parameter_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[
 
 
 def build_optimizer(
-    modules: Iterable[nn.Module], *, name: str, lr: float, weight_decay: float, momentum: float = 0.9
+    params: Iterable[nn.Module] | Iterable[dict], *, name: str, lr: float, weight_decay: float = 0.0,
+    momentum: float = 0.9
 ) -> torch.optim.Optimizer:
-    """``adamw`` or ``sgd`` (with ``momentum``) over the trainable parameters of ``modules``."""
-    groups = parameter_groups(modules, weight_decay)
+    """``adamw`` or ``sgd`` (with ``momentum``) over ``params``: modules (their trainable parameters, in the two
+    ``parameter_groups`` with ``weight_decay``) or parameter groups as given (each may set its own ``lr``)."""
+    groups = list(params)
+    if not groups or not isinstance(groups[0], dict):
+        groups = parameter_groups(groups, weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     if name == "sgd":

@@ -21,11 +21,11 @@ from medssl.data.inputs import resolve_images
 from medssl.data.landmarks import read_landmarks
 from medssl.data.readers import image_key
 from medssl.engine.monitor import VALIDATION_PREFIX
-from medssl.rng import capture_rng, restore_rng
 from medssl.errors import InputError
 from medssl.matching.oneshot import OneShotMatcher
 from medssl.matching.run import Detector, image_preparer, load_templates, template_rows
 from medssl.metrics.landmarks import check_sdr_radii, landmark_scores
+from medssl.rng import capture_rng, restore_rng
 
 log = logging.getLogger(__name__)
 

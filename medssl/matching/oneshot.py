@@ -39,6 +39,7 @@ from medssl.data.geometry import voxel_to_world, world_to_voxel
 from medssl.data.readers import check_image_shape
 from medssl.errors import InputError
 from medssl.matching.consistency import robust_spline
+from medssl.registry import look_up
 from medssl.transforms.preprocess import Preprocessing
 
 
@@ -205,10 +206,9 @@ class OneShotMatcher:
                  roi_size: int | Sequence[int] | None = None, candidates: int = 4, search: str = "global",
                  consistency: str | None = None, support: int = DEFAULT_SUPPORT_POINTS,
                  smoothing: float | None = None, device: str | torch.device = "cpu"):
-        for value, choices, what in ((combine, COMBINE_MODES, "combine mode"), (search, SEARCH_MODES, "search"),
-                                     (consistency or "none", CONSISTENCY_MODES, "consistency check")):
-            if value not in choices:
-                raise InputError(f"unknown {what} '{value}'; choose one of: {', '.join(choices)}")
+        look_up(combine, COMBINE_MODES, what="combine mode", path="combine")
+        look_up(search, SEARCH_MODES, what="search", path="--search")
+        look_up(consistency or "none", CONSISTENCY_MODES, what="consistency check", path="--consistency")
         self.device = torch.device(device)
         self.network = network.to(self.device).eval()
         self.levels = None if levels is None else check_levels(levels, len(network.feature_info))

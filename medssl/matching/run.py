@@ -29,8 +29,8 @@ from medssl.matching.oneshot import Matches, OneShotMatcher, check_levels, prepa
 from medssl.matching.selection import rank_templates
 from medssl.networks.model_file import is_random_init, load_network
 from medssl.outputs import atomic_writer, check_output
-from medssl.transforms.preprocess import Preprocessing
 from medssl.registry import did_you_mean, look_up
+from medssl.transforms.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from medssl.errors import InputError
-from medssl.networks.task import TaskUNet
+from medssl.networks.task import TaskHead, TaskUNet
 from medssl.networks.unet import UNet
 from medssl.outputs import save_atomic
 from medssl.rng import seeded
@@ -100,9 +100,9 @@ class LoadedNetwork:
     source: str
 
     @property
-    def task(self) -> dict[str, Any] | None:
-        """The fine-tuned task head of the file (None: a pretrained backbone or random init)."""
-        return None if self.payload is None else self.payload.get("task")
+    def task(self) -> TaskHead | None:
+        """The fine-tuned head of the file (None: a pretrained backbone or random init)."""
+        return None if self.payload is None else TaskHead.from_dict(self.payload.get("task"))
 
     @property
     def levels(self) -> tuple[list[int] | None, list[str]]:

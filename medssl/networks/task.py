@@ -7,7 +7,8 @@ norm=..., act=...)`` and a pretrained ``UNet`` state dict loads into it with onl
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping
 
 import torch
 from monai.networks.layers import Conv
@@ -19,6 +20,36 @@ from medssl.networks.unet import UNet
 HEAD = "final_conv"
 #: the network's parts, in the order the optimizer groups them (layer-wise learning rates)
 PARTS = ("encoder", "decoder", "head")
+
+
+@dataclass(frozen=True)
+class TaskHead:
+    """What a fine-tuned head predicts, as ``model.pt`` records it (``to_dict``): ``seg`` (one channel per class of
+    ``classes``) or ``landmarks`` (one Gaussian heatmap of ``sigma_mm`` per name of ``names``)."""
+
+    kind: Literal["seg", "landmarks"]
+    classes: tuple[int, ...] = ()
+    names: tuple[str, ...] = ()
+    sigma_mm: float | None = None
+
+    @property
+    def channels(self) -> int:
+        """The head's output channels."""
+        return len(self.classes) if self.kind == "seg" else len(self.names)
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.kind == "seg":
+            return {"kind": "seg", "classes": list(self.classes)}
+        return {"kind": "landmarks", "names": list(self.names), "sigma_mm": self.sigma_mm}
+
+    @classmethod
+    def from_dict(cls, task: Any) -> "TaskHead | None":
+        """The head a ``model.pt`` payload's ``task`` entry describes (None when it describes none)."""
+        if not isinstance(task, Mapping) or task.get("kind") not in ("seg", "landmarks"):
+            return None
+        if task["kind"] == "seg":
+            return cls("seg", classes=tuple(int(c) for c in task.get("classes", ())))
+        return cls("landmarks", names=tuple(str(n) for n in task.get("names", ())), sigma_mm=task.get("sigma_mm"))
 
 
 class TaskUNet(UNet):

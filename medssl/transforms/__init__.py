@@ -1,1 +1,2 @@
-"""transforms"""
+"""Scan preprocessing (``Preprocessing``, ``ScanCache``), information maps, intensity augmentation, and the view
+sampler that renders pairs of views with known correspondence for the objectives."""

@@ -58,7 +58,7 @@ class GeometryAugmentation:
 def _pair(value: Sequence[float], name: str) -> tuple[float, float]:
     values = tuple(float(v) for v in value)
     if len(values) != 2 or values[0] > values[1]:
-        raise InputError(f"data.{name} must be a range [low, high] with low <= high, got {list(value)}")
+        raise InputError(f"must be a range [low, high] with low <= high, got {list(value)}", path=name)
     return values[0], values[1]
 
 
@@ -94,21 +94,21 @@ class ViewPairSampler:
                  info_percentiles: Sequence[float] = (20.0, 80.0),
                  info_brightness: Sequence[Sequence[float]] = INFO_BRIGHTNESS,
                  info_contrast: Sequence[Sequence[float]] = INFO_CONTRAST):
-        look_up(preset, VIEW_PRESETS, what="view preset")
+        look_up(preset, VIEW_PRESETS, what="view preset", path="preset")
         self.patch_size = tuple(int(p) for p in patch_size)
         if spatial_dims not in (2, 3) or len(self.patch_size) != spatial_dims or min(self.patch_size) < 1:
-            raise InputError(f"data.patch_size must list {spatial_dims} positive sizes for spatial_dims="
-                             f"{spatial_dims}, got {list(patch_size)}")
+            raise InputError(f"must list {spatial_dims} positive sizes for spatial_dims={spatial_dims}, got "
+                             f"{list(patch_size)}", path="patch_size")
         context = self.patch_size if context_size is None else context_size
         if not isinstance(context, Sequence) or len(context) != spatial_dims or not all(
                 isinstance(c, Integral) and not isinstance(c, bool) and c > 0 for c in context):
-            raise InputError(f"data.context_size must list {spatial_dims} positive integers for spatial_dims="
-                             f"{spatial_dims} (or be null = patch_size), got {context_size!r}")
+            raise InputError(f"must list {spatial_dims} positive integers for spatial_dims={spatial_dims} (or be "
+                             f"null = patch_size), got {context_size!r}", path="context_size")
         context = tuple(int(c) for c in context)
         if context_size is not None and preset != "raw_patch":
-            raise InputError(f"data.context_size applies to the raw_patch view preset only, not '{preset}'")
+            raise InputError(f"applies to the raw_patch view preset only, not '{preset}'", path="context_size")
         if not 0 <= max_shift <= 1 or not 0 <= flip_prob <= 1 or not 0 <= blur_prob <= 1:
-            raise InputError("data.max_shift, data.flip_prob and data.blur_prob must lie in [0, 1]")
+            raise InputError("max_shift, flip_prob and blur_prob must lie in [0, 1]")
         self.spatial_dims, self.preset, self.info_guided = spatial_dims, preset, bool(info_guided)
         self.device = torch.device(device)
         self.scans = ScanCache(images, spatial_dims=spatial_dims, device=self.device, modality=modality,
@@ -138,7 +138,7 @@ class ViewPairSampler:
         ranges = [[_pair(r, name) for r in value] for value, name in
                   ((info_brightness, "info_brightness"), (info_contrast, "info_contrast"))]
         if any(len(r) != 3 for r in ranges):
-            raise InputError("data.info_brightness and data.info_contrast need three ranges (low, medium, high)")
+            raise InputError("info_brightness and info_contrast need three ranges (low, medium, high)")
         self.info_brightness, self.info_contrast = (torch.tensor(r, device=self.device) for r in ranges)  # (3, 2)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(int(seed))
