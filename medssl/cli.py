@@ -102,6 +102,18 @@ def _evaluate_landmarks(args: argparse.Namespace) -> None:
     evaluate_landmarks_files(args.pred, args.truth, sdr_radii_mm=args.sdr, json_path=args.json)
 
 
+def _segment_oneshot(args: argparse.Namespace) -> None:
+    from medssl.matching.propagate import propagate_labels_files
+
+    propagate_labels_files(args.checkpoint, args.template, args.template_label, args.images, args.out,
+                           method=args.method, arch=args.arch, spacing_mm=args.spacing, device=args.device,
+                           levels=_levels(args))
+    if args.truth is not None:
+        from medssl.metrics.report import evaluate_segmentation_files
+
+        evaluate_segmentation_files(args.out, args.truth)
+
+
 def _evaluate_seg(args: argparse.Namespace) -> None:
     from medssl.metrics.report import evaluate_segmentation_files
 
@@ -143,6 +155,17 @@ def _predict_landmarks(args: argparse.Namespace) -> None:
     predict_landmarks_files(args.model, args.images, args.out, device=args.device)
 
 
+def _threads(text: str) -> int:
+    """``--threads``: a whole number >= 1 (argparse reports anything else as a usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of threads, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1 thread, got {value}")
+    return value
+
+
 # ----------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (also used to render the docs)."""
@@ -153,11 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"medssl {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--threads", type=_threads, default=None, metavar="N",
+                        help="CPU threads of torch (default: torch's choice, one per core, or OMP_NUM_THREADS); use 1 "
+                             "for each of several jobs sharing a small machine")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_demo(commands)
     _add_data(commands)
     _add_pretrain(commands)
     _add_landmarks(commands)
+    _add_segment(commands)
     _add_finetune(commands)
     _add_predict(commands)
     _add_evaluate(commands)
@@ -452,6 +479,39 @@ def _predict_inputs(p: argparse.ArgumentParser) -> None:
 
 
 # medssl evaluate ...
+# medssl segment ...
+def _add_segment(commands: _Subparsers) -> None:
+    sub = _group(commands, "segment", "one-shot segmentation from one labeled template")
+    _add_segment_oneshot(sub)
+
+
+def _add_segment_oneshot(sub: _Subparsers) -> None:
+    p = _command(
+        sub, "oneshot", "carry a labeled template's label map to new images, no training (dense feature "
+        "correspondence, or the registration baseline)",
+        "medssl segment oneshot --checkpoint runs/infoguided_2d --template demo2d/images/subject_000.png "
+        "--template-label demo2d/labels/subject_000.png --images demo2d/images --out seg/ --truth demo2d/datalist.json",
+        _segment_oneshot,
+    )
+    _checkpoint_option(p, "--arch", note="; needed by --method embedding")
+    p.add_argument("--template", type=Path, required=True, metavar="IMG", help="the labeled template image")
+    p.add_argument("--template-label", type=Path, required=True, metavar="LBL",
+                   help="the template's label map (integer labels on the template's grid)")
+    _images_option(p, "images to segment")
+    _out_option(p, "folder for the label maps (each input's name, format and geometry)", metavar="DIR",
+                required=True)
+    p.add_argument("--method", choices=("embedding", "registration"), default="embedding",
+                   help="embedding: a robust spline through matched support points, then a vote of the template "
+                        "labels by feature similarity (default); registration: affine + B-spline registration, "
+                        "labels warped by nearest neighbour")
+    _arch_option(p)
+    _spacing_option(p)
+    p.add_argument("--truth", type=Path, default=None, metavar="DATALIST",
+                   help="true label maps (a folder or a datalist JSON): Dice and HD95 are reported after predicting")
+    _device_option(p)
+    _levels_option(p)
+
+
 def _add_evaluate(commands: _Subparsers) -> None:
     sub = _group(commands, "evaluate", "score predictions against ground truth")
     _add_evaluate_landmarks(sub)
@@ -494,6 +554,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)  # the command owns this process
     from medssl.errors import MedsslError
 
     try:

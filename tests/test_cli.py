@@ -39,3 +39,35 @@ def test_usage_error_exits_2(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["data", "demo"])  # --out missing
     assert stop.value.code == 2
+
+
+def test_threads_option_sets_torch_threads_and_refuses_nonsense(tmp_path, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert main(["--threads", "1", "data", "demo", "--dim", "2", "--subjects", "2", "--out",
+                     str(tmp_path / "d")]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    for bad in ("0", "two"):
+        with pytest.raises(SystemExit) as stop:
+            main(["--threads", bad, "data", "demo", "--out", str(tmp_path / "e")])
+        assert stop.value.code == 2 and "--threads" in capsys.readouterr().err
+
+
+def test_a_busy_cpu_is_reported_with_what_to_do(monkeypatch, caplog):
+    import logging
+    import os
+
+    import torch
+
+    from medssl.engine.runner import log_cpu_threads
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+    with caplog.at_level(logging.INFO, logger="medssl.engine.runner"):
+        log_cpu_threads(torch.device("cpu"))
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("torch thread(s)" in m and "--threads" in m for m in messages)
+    assert any(r.levelno == logging.WARNING and "already busy" in r.getMessage() for r in caplog.records)

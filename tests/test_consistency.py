@@ -49,3 +49,14 @@ def test_identity_is_exact_and_too_few_points_are_refused():
         robust_affine(source[:3], source[:3])
     with pytest.raises(ValueError, match="must both be"):
         robust_affine(source, source[:5])
+
+
+def test_the_fitted_map_evaluates_anywhere():
+    rng = np.random.default_rng(3)
+    source = rng.uniform(0, 50, (60, 2))
+    target = source @ np.array([[1.1, 0.1], [-0.05, 0.9]]) + [4.0, -2.0]  # an affine
+    for fit in (robust_affine(source, target), robust_spline(source, target, smoothing=1.0)):
+        np.testing.assert_allclose(fit.transform(source), fit.predicted, atol=1e-6)
+        elsewhere = rng.uniform(0, 50, (5, 2))  # points the fit never saw
+        np.testing.assert_allclose(fit.transform(elsewhere), elsewhere @ np.array([[1.1, 0.1], [-0.05, 0.9]])
+                                   + [4.0, -2.0], atol=1e-3)

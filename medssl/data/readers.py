@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from monai.data import ImageReader, ITKReader, MetaTensor, NibabelReader, PILReader
-from monai.transforms import EnsureChannelFirst
+from monai.transforms import EnsureChannelFirst, ResampleToMatch
 
 from medssl.data.geometry import spacing_mm as affine_spacing_mm
 from medssl.errors import InputError
@@ -43,6 +43,17 @@ def image_extension(path: str | Path) -> str | None:
     """The supported extension ``path`` ends with (lower case, e.g. ``".nii.gz"``), or None."""
     name = Path(path).name.lower()
     return next((ext for ext in SUPPORTED_EXTENSIONS if name.endswith(ext) and len(name) > len(ext)), None)
+
+
+#: output format of a label map per input format (others, e.g. DICOM: NIfTI)
+_LABEL_FORMATS = {".nii.gz": ".nii.gz", ".nii": ".nii", ".nrrd": ".nrrd", ".mha": ".mha", ".mhd": ".mhd",
+                  ".png": ".png", ".jpg": ".png", ".jpeg": ".png", ".tif": ".png", ".tiff": ".png"}
+
+
+def label_file_name(path: str | Path) -> str:
+    """The file name of the label map predicted for the image ``path``: ``<name><ext>`` in the input's format where
+    it holds integer labels losslessly (JPEG/TIFF inputs get PNG), else ``.nii.gz``."""
+    return f"{image_key(path)}{_LABEL_FORMATS.get(image_extension(path) or '', '.nii.gz')}"
 
 
 def image_key(path: str | Path) -> str:
@@ -306,3 +317,13 @@ def save_image(array: np.ndarray | torch.Tensor, affine: np.ndarray | torch.Tens
             _write_itk(data, affine_np, staged)
     log.debug("wrote %s", path)
     return path
+
+
+def save_label_map(probabilities: MetaTensor, like: MetaTensor, path: str | Path) -> Path:
+    """Class probabilities ``(K, *S)`` on any grid -> the arg-max label map on ``like``'s grid (its shape and
+    affine; the probabilities are resampled linearly first), written to ``path``; returns the path."""
+    resampled = ResampleToMatch(mode="bilinear", padding_mode="border")(
+        probabilities, img_dst=MetaTensor(like.as_tensor(), affine=like.affine))  # (K, *S_like)
+    dtype = np.uint8 if probabilities.shape[0] <= 256 else np.int32
+    labels = resampled.as_tensor().argmax(dim=0).cpu().numpy().astype(dtype)  # (*S_like)
+    return save_image(labels, like.affine, path)

@@ -27,8 +27,8 @@ from medssl.engine.finetune_data import PatchSampler, prepare_data
 from medssl.engine.memory import check_memory, raise_if_out_of_memory
 from medssl.engine.monitor import VALIDATION_PREFIX, Monitor
 from medssl.engine.predict import Predictor, score_cases
-from medssl.engine.runner import (CHECKPOINT, OptimizerStep, check_finite, new_run, resumed_run, save_checkpoint,
-                                  seed_run)
+from medssl.engine.runner import (CHECKPOINT, OptimizerStep, check_finite, log_cpu_threads, new_run, resumed_run,
+                                  save_checkpoint, seed_run)
 from medssl.engine.schedule import build_optimizer, build_scheduler, parameter_groups
 from medssl.errors import InputError, TrainingError
 from medssl.networks import UNet
@@ -145,6 +145,7 @@ def task_loss(config: FinetuneConfig) -> Callable[[torch.Tensor, Any], torch.Ten
 def _train(config: FinetuneConfig, run: Path, resume_state: dict[str, Any] | None) -> Path:
     train, device = config.train, pick_device(config.train.device, option="train.device")
     seed_run(config.seed, train.deterministic, device)
+    log_cpu_threads(device)
     data, record = prepare_data(config)
     network, pretrained = build_task_network(config, data.head_channels)
     _check_preprocessing(config, pretrained)
@@ -162,7 +163,7 @@ def _train(config: FinetuneConfig, run: Path, resume_state: dict[str, Any] | Non
     scheduler = build_scheduler(optimizer, steps=train.steps, warmup_steps=train.warmup_steps,
                                 min_lr_ratio=train.min_lr_ratio)
     updater = OptimizerStep(optimizer, scheduler, parameters=network.parameters(), grad_clip=train.grad_clip,
-                            amp=train.amp, device=device)
+                            amp=train.amp, device=device, cpu_amp=train.cpu_amp)
     metric, higher_is_better = SELECTION[config.task]
     state: dict[str, Any] = {"step": 0, "best": None, "best_step": 0, "last": math.nan}
     if resume_state is not None:

@@ -16,12 +16,11 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
-from monai.transforms import ResampleToMatch
 
 from medssl.data.geometry import voxel_to_world
 from medssl.data.inputs import resolve_images
 from medssl.data.landmarks import write_landmarks
-from medssl.data.readers import check_image_shape, image_extension, image_key, save_image
+from medssl.data.readers import check_image_shape, image_key, label_file_name, save_label_map
 from medssl.dist import pick_device
 from medssl.engine.finetune_data import Case
 from medssl.engine.runner import AMP_DTYPES
@@ -36,9 +35,6 @@ from medssl.transforms.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
 
-#: output format of a label map per input format (others, e.g. DICOM: NIfTI)
-_SAVE_AS = {".nii.gz": ".nii.gz", ".nii": ".nii", ".nrrd": ".nrrd", ".mha": ".mha", ".mhd": ".mhd", ".png": ".png",
-            ".jpg": ".png", ".jpeg": ".png", ".tif": ".png", ".tiff": ".png"}
 
 
 class Predictor:
@@ -139,15 +135,10 @@ def predict_seg_files(model: str | Path, images: Sequence[str | Path], out_dir: 
     predictor, preprocessing = load_predictor(model, device)
     if predictor.task.kind != "seg":
         raise InputError("this is a landmark model; use 'medssl predict landmarks'", path=model)
-    dtype = np.uint8 if len(predictor.task.classes) <= 256 else np.int32
     written = []
     for path in paths:
         raw, image = _read(path, preprocessing, predictor.network)
-        probabilities = ResampleToMatch(mode="bilinear", padding_mode="border")(
-            predictor.probabilities(image), img_dst=MetaTensor(raw.as_tensor(), affine=raw.affine))  # (K, *S_in)
-        labels = probabilities.as_tensor().argmax(dim=0).numpy().astype(dtype)  # (*S_in)
-        target = Path(out_dir) / f"{image_key(path)}{_SAVE_AS.get(image_extension(path) or '', '.nii.gz')}"
-        written.append(save_image(labels, raw.affine, target))
+        written.append(save_label_map(predictor.probabilities(image), raw, Path(out_dir) / label_file_name(path)))
     log.info("%d label map(s) -> %s", len(written), out_dir)
     return written
 

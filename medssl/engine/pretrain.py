@@ -23,8 +23,8 @@ from medssl.data.readers import check_image_shape
 from medssl.engine.memory import check_memory, raise_if_out_of_memory
 from medssl.engine.monitor import Monitor
 from medssl.engine.pretrain_config import PretrainConfig, pretrain_config_from_dict, read_pretrain_config
-from medssl.engine.runner import (CHECKPOINT, OptimizerStep, check_finite, new_run, resumed_run, save_checkpoint,
-                                  seed_run)
+from medssl.engine.runner import (CHECKPOINT, OptimizerStep, check_finite, log_cpu_threads, new_run, resumed_run,
+                                  save_checkpoint, seed_run)
 from medssl.engine.schedule import build_optimizer, build_scheduler
 from medssl.engine.validation import LandmarkValidator
 from medssl.errors import InputError
@@ -173,6 +173,8 @@ def _train(config: PretrainConfig, run: Path, resume_state: dict[str, Any] | Non
     train, device = config.train, context.device
     validator = _validator(config, device) if context.is_main else None  # before seeding: leaves RNGs alone
     seed_run(config.seed, train.deterministic, device)
+    if context.is_main:
+        log_cpu_threads(device)
     network = network_from_config(config).to(device)
     divisor = getattr(network, "min_size_divisor", 1)
     for key in ("patch_size", "context_size"):  # the sampler checks their form
@@ -201,7 +203,7 @@ def _train(config: PretrainConfig, run: Path, resume_state: dict[str, Any] | Non
         optimizer, steps=train.steps, warmup_steps=train.warmup_steps, min_lr_ratio=train.min_lr_ratio
     )
     updater = OptimizerStep(optimizer, scheduler, parameters=step_module.parameters(), grad_clip=train.grad_clip,
-                            amp=train.amp, device=device)
+                            amp=train.amp, device=device, cpu_amp=train.cpu_amp)
     start_step = 0
     if resume_state is not None:
         start_step = _load_checkpoint(resume_state, run / CHECKPOINT, step_module, updater, sampler, context)

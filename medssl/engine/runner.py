@@ -28,7 +28,7 @@ from medssl.outputs import check_output, save_atomic, temporaries
 log = logging.getLogger(__name__)
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
-#: mixed-precision dtypes by config name (``off``: float32); used on CUDA only
+#: mixed-precision dtypes by config name (``off``: float32); on CUDA, and on CPU with ``train.cpu_amp``
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -44,7 +44,8 @@ class TrainConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # the cosine decays to lr * min_lr_ratio
     grad_clip: float | None = 1.0  # max global gradient norm; null disables clipping
-    amp: Literal["off", "bf16", "fp16"] = "bf16"  # mixed precision on CUDA; CPU always runs float32
+    amp: Literal["off", "bf16", "fp16"] = "bf16"  # mixed precision on CUDA (on CPU only with cpu_amp)
+    cpu_amp: bool = False  # also autocast on CPU (the CUDA code path, e.g. to test it; rarely faster on a CPU)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     deterministic: bool = True  # deterministic kernels (CPU runs are bit-exact given the seed)
     log_every: int = 10
@@ -62,6 +63,21 @@ def check_train_config(train: TrainConfig, positive: Sequence[str] = ()) -> None
         raise InputError(f"config key 'train.warmup_steps' must be in [0, train.steps), got {train.warmup_steps}")
 
 
+def log_cpu_threads(device: torch.device) -> None:
+    """On CPU: log torch's thread count and how to set it, and warn when the machine already looks busy (a second
+    CPU job with as many threads makes both 10-20x slower)."""
+    if device.type != "cpu":
+        return
+    threads, cores = torch.get_num_threads(), os.cpu_count() or 1
+    log.info("CPU: %d torch thread(s) on %d core(s) (set with 'medssl --threads N' or OMP_NUM_THREADS)", threads,
+             cores)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load >= cores:
+        log.warning("the CPU is already busy (load %.1f on %d cores): if another torch job runs, give each job "
+                    "'medssl --threads %d' or wait for it; sharing cores slows both several-fold", load, cores,
+                    max(1, cores // 2))
+
+
 def seed_run(seed: int, deterministic: bool, device: torch.device) -> None:
     """Seed every global generator (``monai.utils.set_determinism``) and set torch's determinism flags (warn, not
     fail, where an op has no deterministic kernel). Callers that must not leave this behind wrap the run in
@@ -75,14 +91,15 @@ def seed_run(seed: int, deterministic: bool, device: torch.device) -> None:
 class OptimizerStep:
     """One optimiser update with mixed precision: ``autocast()`` around the forward pass, then ``step(loss)``:
     zero the gradients, scaled backward, unscale and clip (``grad_clip``; None: no clipping), step, scaler update,
-    schedule step. Mixed precision (``amp`` ``bf16``/``fp16``) runs on CUDA only; fp16 uses a gradient scaler."""
+    schedule step. Mixed precision (``amp`` ``bf16``/``fp16``) runs on CUDA, and on CPU only with ``cpu_amp``; fp16
+    uses a gradient scaler."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, scheduler: Any, *, parameters: Iterable[nn.Parameter],
-                 grad_clip: float | None, amp: str, device: torch.device):
+                 grad_clip: float | None, amp: str, device: torch.device, cpu_amp: bool = False):
         self.optimizer, self.scheduler, self.grad_clip = optimizer, scheduler, grad_clip
         self.parameters = [p for p in parameters if p.requires_grad]
         self.device_type = device.type
-        self.amp_dtype = AMP_DTYPES.get(amp) if device.type == "cuda" else None
+        self.amp_dtype = AMP_DTYPES.get(amp) if device.type == "cuda" or cpu_amp else None
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
 
     def autocast(self) -> contextlib.AbstractContextManager:

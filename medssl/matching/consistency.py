@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
+from scipy.interpolate import RBFInterpolator
 
 #: residuals beyond this many robust standard deviations are outliers
 OUTLIER_CUTOFF = 3.0
@@ -29,13 +31,15 @@ _SPLINE_ROUNDS = 3
 @dataclass(frozen=True)
 class Deformation:
     """A robust fit of ``P`` point pairs: where it puts every source point (``predicted`` ``(P, D)`` mm), each
-    target's distance from that (``residuals_mm``), the robust residual scale (``scale_mm``) and the ``inliers``
-    ``(P,)`` (residual within ``OUTLIER_CUTOFF`` scales)."""
+    target's distance from that (``residuals_mm``), the robust residual scale (``scale_mm``), the ``inliers``
+    ``(P,)`` (residual within ``OUTLIER_CUTOFF`` scales) and the fitted map itself (``transform``: points ``(M, D)``
+    mm anywhere -> ``(M, D)`` mm)."""
 
     predicted: np.ndarray
     residuals_mm: np.ndarray
     scale_mm: float
     inliers: np.ndarray
+    transform: Callable[[np.ndarray], np.ndarray]
 
 
 def _subsets(count: int, size: int, rng: np.random.Generator) -> list[tuple[int, ...]]:
@@ -85,7 +89,12 @@ def robust_affine(source: np.ndarray, target: np.ndarray, *, min_scale_mm: float
     predicted = homogeneous @ best
     residuals = np.linalg.norm(predicted - target, axis=1)
     scale = _robust_scale(residuals, min_scale_mm)
-    return Deformation(predicted, residuals, scale, residuals <= OUTLIER_CUTOFF * scale)
+
+    def transform(points: np.ndarray) -> np.ndarray:
+        points = np.asarray(points, dtype=np.float64)
+        return np.concatenate([points, np.ones((len(points), 1))], axis=1) @ best
+
+    return Deformation(predicted, residuals, scale, residuals <= OUTLIER_CUTOFF * scale, transform)
 
 
 def robust_spline(source: np.ndarray, target: np.ndarray, *, smoothing: float, min_scale_mm: float = 0.0,
@@ -93,8 +102,6 @@ def robust_spline(source: np.ndarray, target: np.ndarray, *, smoothing: float, m
     """A smoothing thin-plate spline (affine part + bending, ``smoothing`` as in SciPy's ``RBFInterpolator``) from
     ``source`` to ``target`` (``(P, D)`` mm), fitted on the inliers of ``robust_affine`` and refitted on its own
     inliers (within ``OUTLIER_CUTOFF`` robust scales, at least ``min_scale_mm``) a few times."""
-    from scipy.interpolate import RBFInterpolator
-
     source, target = _check_pairs(source, target)
     fit = robust_affine(source, target, min_scale_mm=min_scale_mm, seed=seed)
     kernel = SPLINE_KERNEL[source.shape[1]]
@@ -102,9 +109,19 @@ def robust_spline(source: np.ndarray, target: np.ndarray, *, smoothing: float, m
         inliers = fit.inliers
         if inliers.sum() < source.shape[1] + 2:  # too few to fit: keep the fit so far
             break
-        predicted = RBFInterpolator(source[inliers], target[inliers], kernel=kernel, degree=1,
-                                    smoothing=smoothing)(source)
+        spline = RBFInterpolator(source[inliers], target[inliers], kernel=kernel, degree=1, smoothing=smoothing)
+        predicted = spline(source)
         residuals = np.linalg.norm(predicted - target, axis=1)
         scale = _robust_scale(residuals[inliers], min_scale_mm)
-        fit = Deformation(predicted, residuals, scale, residuals <= OUTLIER_CUTOFF * scale)
+        fit = Deformation(predicted, residuals, scale, residuals <= OUTLIER_CUTOFF * scale, _chunked(spline))
     return fit
+
+
+def _chunked(spline: RBFInterpolator, chunk: int = 32768) -> Callable[[np.ndarray], np.ndarray]:
+    """``spline`` evaluated a chunk of points at a time (its kernel matrix is points x centres)."""
+    def transform(points: np.ndarray) -> np.ndarray:
+        points = np.asarray(points, dtype=np.float64)
+        return np.concatenate([spline(points[start:start + chunk]) for start in range(0, len(points), chunk)]) \
+            if len(points) else np.zeros_like(points)
+
+    return transform

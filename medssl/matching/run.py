@@ -99,7 +99,7 @@ def image_preparer(preprocessing: dict[str, Any], first_image: Path, spatial_dim
     return functools.partial(prepare_image, spatial_dims=spatial_dims, **spec.to_dict(), **_network_fit(network))
 
 
-def _checkpoint_input(checkpoint: str | Path | None, method: str = "embedding") -> str | Path | None:
+def checkpoint_input(checkpoint: str | Path | None, method: str = "embedding") -> str | Path | None:
     """The checkpoint as an input path for ``check_output`` (None when unused or ``none``)."""
     if method != "embedding" or checkpoint is None or is_random_init(checkpoint):
         return None
@@ -213,7 +213,7 @@ def detect_landmarks_files(checkpoint: str | Path | None, templates: Sequence[Pa
     queries = [image for path in images for image in resolve_images(path)]
     if not queries:
         raise InputError("no images to detect landmarks in; pass --images PATH")
-    inputs = [_checkpoint_input(checkpoint, method), *templates, *template_landmarks, *images, *queries, truth]
+    inputs = [checkpoint_input(checkpoint, method), *templates, *template_landmarks, *images, *queries, truth]
     check_output(out_csv, kind="file", inputs=inputs)
     if figure_dir is not None:
         check_output(figure_dir, kind="folder", inputs=[*inputs, out_csv])
@@ -285,7 +285,7 @@ def rank_templates_files(checkpoint: str | Path, images: Sequence[str | Path], o
         raise InputError(f"ranking templates needs at least two images, got {len(paths)}")
     if n_points < 1:
         raise InputError(f"the number of salient points must be >= 1, got {n_points}", path="--points")
-    check_output(out_csv, kind="file", inputs=[_checkpoint_input(checkpoint), *images, *paths])
+    check_output(out_csv, kind="file", inputs=[checkpoint_input(checkpoint), *images, *paths])
     dims = load_image(paths[0], spacing_mm=spacing_mm).ndim - 1
     device = pick_device(device)
     network, preprocessing, levels = matching_network(checkpoint, dims, arch, device, levels)
