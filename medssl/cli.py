@@ -411,8 +411,16 @@ def _add_finetune_seg(sub: _Subparsers) -> None:
         sub, "seg", "segmentation transfer: U-Net + segmentation head, DiceCE loss, best validation Dice kept",
         "medssl finetune seg configs/finetune_seg_2d.yaml --checkpoint runs/pgssl_2d --data demo2d/datalist.json "
         "--labeled 3 --out runs/seg2d_n3\n  medssl finetune seg configs/finetune_seg_2d.yaml --checkpoint none "
-        "--data demo2d/datalist.json --labeled 3 --out runs/seg2d_n3_none train.steps=50",
+        "--data demo2d/datalist.json --labeled 3 --out runs/seg2d_n3_none train.steps=50\n  medssl finetune seg "
+        "configs/finetune_seg_2d.yaml --checkpoint runs/pgssl_2d --data demo2d/datalist.json --labeled 1 --pseudo "
+        "seg_oneshot/ --out runs/seg2d_tpl",
+        task_options=_finetune_seg_options,
     )
+
+
+def _finetune_seg_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pseudo", type=Path, default=None, metavar="DIR",
+                   help="label maps of the unlabeled training images, e.g. from 'medssl segment oneshot' (stage 2)")
 
 
 def _add_finetune_landmarks(sub: _Subparsers) -> None:

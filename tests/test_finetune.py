@@ -17,7 +17,7 @@ import yaml
 from medssl.cli import main
 from medssl.data.demo import write_demo_dataset
 from medssl.data.landmarks import read_landmarks, read_scores
-from medssl.data.readers import load_image, load_label
+from medssl.data.readers import load_image, load_label, save_image
 from medssl.engine import finetune as engine
 from medssl.engine.finetune_config import read_finetune_config
 from medssl.engine.finetune_data import PatchSampler, load_case, split_items
@@ -297,6 +297,29 @@ def test_landmarks_3d_pseudo_labels_train_on_the_unlabeled_pool(demo3d, tmp_path
     assert main(["predict", "landmarks", "--model", str(run), "--images", str(demo3d / "images" / "subject_000.nii.gz"),
                  "--out", str(out)]) == 0
     assert out.read_text().splitlines()[0] == "image,name,x,y,z,score"
+
+
+def test_segmentation_pseudo_label_maps_train_on_the_unlabeled_pool(demo2d, tmp_path, capsys):
+    """Stage 2 for segmentation: one labeled image plus label maps of the same names (e.g. from segment oneshot)."""
+    pseudo = tmp_path / "oneshot"
+    pseudo.mkdir()
+    for path in sorted((demo2d / "labels").iterdir()):  # stage-1 "predictions": the true maps, one class dropped
+        label = load_label(path)
+        save_image(np.where(label.as_tensor()[0].numpy() == 1, 0, label.as_tensor()[0].numpy()).astype(np.uint8),
+                   label.affine, pseudo / path.name)
+    run = tmp_path / "run"
+    args = ["finetune", "seg", str(CONFIGS / "finetune_seg_2d.yaml"), "--checkpoint", "none", "--data",
+            str(demo2d / "datalist.json"), "--labeled", "1", "--pseudo", str(pseudo), "--out", str(run), *TINY_2D]
+    assert main(args) == 0
+    split = json.loads((run / "split.json").read_text())
+    assert len(split["labeled"]) == 1 and split["pseudo"] and not set(split["pseudo"]) & set(split["validation"])
+    assert sorted(split["pseudo"] + split["labeled"] + split["validation"]) == sorted(
+        path.name.split(".")[0] for path in (demo2d / "images").iterdir())  # the whole pool
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    save_image(np.ones((4, 4), dtype=np.uint8), np.eye(3), empty / "other.png")
+    assert main([*args[:-len(TINY_2D) - 4], "--pseudo", str(empty), "--out", str(tmp_path / "run2"), *TINY_2D]) == 2
+    assert "no unlabeled training image has a label map" in _one_error_line(capsys)
 
 
 # --------------------------------------------------------------------------------------------------- bad inputs

@@ -49,14 +49,14 @@ def config(demo: Path, methods: list[str], validation: bool = False) -> dict:
 
 
 def count_combined(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Record how many per-level cosine maps every ``OneShotMatcher._combine`` call combines."""
-    counts, original = [], OneShotMatcher._combine
+    """Record how many per-level cosine maps every ``OneShotMatcher.combine_levels`` call combines."""
+    counts, original = [], OneShotMatcher.combine_levels
 
     def combine(self, cosines):
         counts.append(len(cosines))
         return original(self, cosines)
 
-    monkeypatch.setattr(OneShotMatcher, "_combine", combine)
+    monkeypatch.setattr(OneShotMatcher, "combine_levels", combine)
     return counts
 
 

@@ -56,7 +56,8 @@ def finetune(config: FinetuneConfig | str | Path, *, checkpoint: str | Path | No
     ``checkpoints/last.pt``).
 
     The arguments set the config's ``checkpoint``, ``data.path``, ``data.labeled``, ``data.landmarks`` and
-    ``data.pseudo``; ``out`` is the run folder (default ``runs/finetune_<task>_<D>d_<time>``); ``resume``
+    ``data.pseudo`` (pseudo-labels of the unlabeled pool: a landmark CSV, or for ``seg`` a folder of label maps named
+    after the images); ``out`` is the run folder (default ``runs/finetune_<task>_<D>d_<time>``); ``resume``
     continues the run in that folder from its last checkpoint (same config except ``RESUME_MAY_CHANGE``).
     The run is deterministic from ``config.seed``: it seeds the global generators (``monai.utils.set_determinism``)
     and sets torch's determinism flags, and puts both back as they were when it returns or fails.

@@ -41,7 +41,7 @@ class FinetuneDataConfig:
     path: str | None = None  # datalist JSON (or, for landmarks, any image PATH); --data sets it
     labeled: int | None = None  # train on this many labeled images (seeded choice); null: all of them
     landmarks: str | None = None  # landmark CSV (task landmarks); --landmarks sets it
-    pseudo: str | None = None  # pseudo-label CSV for the unlabeled pool (task landmarks); --pseudo sets it
+    pseudo: str | None = None  # pseudo-labels of the unlabeled pool: a landmark CSV or a label-map folder (seg)
     val_fraction: float = 0.2  # held out from the training entries when the datalist has no validation entries
     split_seed: int = 0  # seed of the held-out and labeled choices (independent of the training seed)
     modality: str = "mr"
@@ -130,8 +130,8 @@ def validate(config: FinetuneConfig) -> FinetuneConfig:
         check_kwargs(DiceCELoss, seg.loss, "seg.loss", reserved=("to_onehot_y", "softmax", "sigmoid"))
         if seg.num_classes is not None and seg.num_classes < 2:
             raise InputError(f"config key 'seg.num_classes' must be >= 2 (background + 1), got {seg.num_classes}")
-        if data.landmarks is not None or data.pseudo is not None:
-            raise InputError("data.landmarks / data.pseudo (--landmarks, --pseudo) are for 'finetune landmarks'")
+        if data.landmarks is not None:
+            raise InputError("data.landmarks (--landmarks) is for 'finetune landmarks'")
         return replace(config, seg=seg)
     heads = config.landmarks or LandmarkConfig()
     if heads.sigma_mm <= 0:

@@ -20,7 +20,7 @@ from monai.transforms import (
 
 from medssl.data import keys
 from medssl.data.geometry import coordinate_grid
-from medssl.data.inputs import read_datalist, resolve_items
+from medssl.data.inputs import read_datalist, resolve_images, resolve_items
 from medssl.data.landmarks import check_landmarks_in_image, read_landmarks
 from medssl.data.readers import image_key, load_label
 from medssl.engine.finetune_config import FinetuneConfig
@@ -243,7 +243,8 @@ def prepare_data(config: FinetuneConfig) -> tuple[TaskData, dict[str, Any]]:
         record = {"missing_landmarks": _missing(train, names), "csv_images_not_found": not_found}
     anchors: list[int] = []
     if data.pseudo is not None:
-        pseudo = _pseudo_cases(Path(data.pseudo), unlabeled, load)
+        pseudo = (_pseudo_label_maps(Path(data.pseudo), unlabeled, load, len(task.classes)) if config.task == "seg"
+                  else _pseudo_cases(Path(data.pseudo), unlabeled, load))
         anchors, train = list(range(len(train))), train + pseudo
         record["pseudo"] = [case.key for case in pseudo]
     record = {"labeled": [c.key for c in train if c.truth], "validation": [c.key for c in val],
@@ -301,3 +302,20 @@ def _pseudo_cases(csv_path: Path, pool: list[dict], load: dict[str, Any]) -> lis
         raise InputError("no unlabeled training image has rows in the pseudo-label CSV", path=csv_path)
     options = {**load, "csv_path": csv_path}
     return [load_case(item[keys.IMAGE], landmarks=table[_key(item)], truth=False, **options) for item in chosen]
+
+
+def _pseudo_label_maps(folder: Path, pool: list[dict], load: dict[str, Any], classes: int) -> list[Case]:
+    """Cases of the unlabeled training images with the label maps of the same name in ``folder`` (e.g. written by
+    ``medssl segment oneshot``; on each image's grid)."""
+    maps = {image_key(path): path for path in resolve_images(folder)}
+    chosen = [item for item in pool if _key(item) in maps]
+    if not chosen:
+        raise InputError("no unlabeled training image has a label map of the same name in this folder", path=folder)
+    cases = []
+    for item in chosen:
+        case = load_case(item[keys.IMAGE], maps[_key(item)], truth=False, **load)
+        if int(case.label.max()) >= classes:
+            raise InputError(f"pseudo-label {int(case.label.max())} found but the task has {classes} classes (labels "
+                             f"0 .. {classes - 1})", path=maps[_key(item)])
+        cases.append(case)
+    return cases

@@ -269,7 +269,7 @@ class OneShotMatcher:
             points = np.concatenate([landmarks, template.to_world(support_points(image, self.support))])
         return Reference(self.template_vectors(template, points), points, landmarks=len(landmarks))
 
-    def _combine(self, cosines: Sequence[torch.Tensor]) -> torch.Tensor:
+    def combine_levels(self, cosines: Sequence[torch.Tensor]) -> torch.Tensor:
         """Per-level cosine maps (same shape) -> combined score: geometric mean of the clamped cosines (product
         mode, same arg-max as CC2D's product) or their mean (SAM)."""
         if self.combine == "product":
@@ -291,7 +291,7 @@ class OneShotMatcher:
 
     def similarity(self, query: Embedding, vectors: Sequence[torch.Tensor]) -> torch.Tensor:
         """Combined similarity maps ``(L, *S)`` of the template ``vectors`` over the query's grid."""
-        combined = self._combine(self._level_maps(query, vectors))
+        combined = self.combine_levels(self._level_maps(query, vectors))
         return combined[(slice(None), *[slice(0, s) for s in query.shape])]  # (L, *S)
 
     def _searched_maps(self, query: Embedding, templates: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
@@ -300,11 +300,11 @@ class OneShotMatcher:
         per_template = [self._level_maps(query, vectors) for vectors in templates]  # [T][levels] (L, *P)
         crop = (slice(None), *[slice(0, s) for s in query.shape])
         if self.search == "global" or len(per_template[0]) == 1:
-            return torch.stack([self._combine(maps) for maps in per_template]).mean(dim=0)[crop]
+            return torch.stack([self.combine_levels(maps) for maps in per_template]).mean(dim=0)[crop]
         strides = [query.padded_shape[0] // level.shape[1] for level in query.features]
         allowed = None
         for count in range(1, len(strides) + 1):
-            maps = torch.stack([self._combine(levels[:count]) for levels in per_template]).mean(dim=0)[crop]
+            maps = torch.stack([self.combine_levels(levels[:count]) for levels in per_template]).mean(dim=0)[crop]
             if allowed is not None:
                 maps = torch.where(allowed, maps, torch.full_like(maps, -torch.inf))
             if count < len(strides):  # the next level searches within two cells of this level around its answer
@@ -328,7 +328,7 @@ class OneShotMatcher:
                                         align_corners=False)  # (1, C_l, L*K, 1[, 1])
                 field = F.normalize(sampled.reshape(level.shape[0], count, candidates), dim=0)  # (C_l, L, K)
                 cosines.append(torch.einsum("lc,clk->lk", vector, field))  # (L, K)
-            per_template.append(self._combine(cosines))
+            per_template.append(self.combine_levels(cosines))
         return torch.stack(per_template).mean(dim=0)  # (L, K)
 
     def refine(self, query: Embedding, templates: Sequence[Sequence[torch.Tensor]], starts: torch.Tensor,
@@ -353,7 +353,7 @@ class OneShotMatcher:
             step /= steps
         return best[:, 0].double().cpu().numpy(), scores.double().cpu().numpy()
 
-    def _support_matches(self, query: Embedding, vectors: Sequence[torch.Tensor]) -> np.ndarray:
+    def match_points(self, query: Embedding, vectors: Sequence[torch.Tensor]) -> np.ndarray:
         """Voxels ``(N, D)`` of the best match of every support vector: the best local maxima of its combined map on
         a grid of stride ``_SUPPORT_STRIDE`` (the spline averages many matches: a coarser search is enough and 2^D
         times cheaper), then ``refine`` on the feature field; a chunk of maps at a time."""
@@ -364,7 +364,7 @@ class OneShotMatcher:
         found = []
         for start in range(0, vectors[0].shape[0], chunk):
             part = [vector[start:start + chunk] for vector in vectors]
-            maps = self._combine(self._level_maps(query, part, stride))[crop]
+            maps = self.combine_levels(self._level_maps(query, part, stride))[crop]
             starts = (candidate_peaks(maps, self.candidates).float() + 0.5) * stride - 0.5  # full-grid voxels
             found.append(self.refine(query, [part], starts, radius_voxels=float(stride), steps=2)[0])
         return np.concatenate(found) if found else np.zeros((0, query.spatial_dims))
@@ -392,7 +392,7 @@ class OneShotMatcher:
         smoothing = self.smoothing if self.smoothing is not None else SPLINE_SMOOTHING[query.spatial_dims]
         answers = []
         for reference in references:
-            support = query.to_world(self._support_matches(query, reference.support_vectors))  # (N, D)
+            support = query.to_world(self.match_points(query, reference.support_vectors))  # (N, D)
             fit = robust_spline(reference.points_mm, np.concatenate([own, support]), smoothing=smoothing,
                                 min_scale_mm=float(spacing.max()))
             answer = fit.predicted[:len(own)]

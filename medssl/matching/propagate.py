@@ -37,12 +37,11 @@ from monai.data import MetaTensor
 from medssl.data.geometry import spacing_mm as affine_spacing_mm
 from medssl.data.inputs import resolve_images
 from medssl.data.readers import image_key, label_file_name, load_image, save_label_map
-from medssl.dist import pick_device
 from medssl.errors import InputError
 from medssl.matching.baselines import register, to_sitk
 from medssl.matching.consistency import robust_spline
 from medssl.matching.oneshot import SPLINE_SMOOTHING, Embedding, OneShotMatcher, support_points
-from medssl.matching.run import checkpoint_input, image_preparer, matching_network
+from medssl.matching.run import checkpoint_input, image_preparer, method_matcher
 from medssl.outputs import check_output
 from medssl.registry import look_up
 from medssl.transforms.preprocess import Preprocessing
@@ -138,14 +137,14 @@ def propagate_labels(matcher: OneShotMatcher, template: MetaTensor, template_lab
     # 1. where: support matches -> a robust spline query mm -> template mm
     support_mm = template_embedding.to_world(support_points(template, matcher.support))  # (P, D)
     vectors = matcher.template_vectors(template_embedding, support_mm)
-    matched_mm = query_embedding.to_world(matcher._support_matches(query_embedding, vectors))  # (P, D)
+    matched_mm = query_embedding.to_world(matcher.match_points(query_embedding, vectors))  # (P, D)
     spacing = np.asarray(affine_spacing_mm(query_embedding.affine.numpy()))
     fit = robust_spline(matched_mm, support_mm, smoothing=SPLINE_SMOOTHING[dims], min_scale_mm=float(spacing.max()))
     query_voxels = _voxel_grid(query_embedding.shape, stride, device)  # (N, D)
     pulled_mm = fit.transform(query_embedding.to_world(query_voxels.double().cpu().numpy()))  # (N, D)
     centres = torch.as_tensor(template_embedding.to_voxel(pulled_mm), dtype=torch.float32, device=device)
 
-    # 2. what: a softmax vote of the template labels within `window` voxels of each position
+    # 2. refined: a softmax vote within `window` voxels of each position, by feature similarity
     offsets = torch.as_tensor(list(itertools.product(range(-window, window + 1), repeat=dims)), device=device)  # (M, D)
     shape_t = torch.as_tensor(template_embedding.shape, device=device)
     dense_t = _dense(template_embedding)  # per level (C_l, N_t): every template voxel, unit length
@@ -159,7 +158,7 @@ def propagate_labels(matcher: OneShotMatcher, template: MetaTensor, template_lab
         candidates = torch.minimum(candidates.clamp(min=0), shape_t - 1)
         index = (candidates * strides_t).sum(dim=-1)  # (n, M) flat template voxel
         cosines = [torch.einsum("nc,cnm->nm", q, t[:, index]) for q, t in zip(query_vectors, dense_t)]
-        weights = torch.softmax(matcher._combine(cosines) / temperature, dim=1)  # (n, M)
+        weights = torch.softmax(matcher.combine_levels(cosines) / temperature, dim=1)  # (n, M)
         if vote == "labels":
             votes.append(torch.zeros(len(here), classes, device=device).scatter_add_(1, flat_labels[index], weights))
         else:  # the weighted mean template position
@@ -241,15 +240,7 @@ def propagate_labels_files(checkpoint: str | Path | None, template: str | Path, 
     check_output(out_dir, kind="folder", inputs=[checkpoint_input(checkpoint, method), template, template_label,
                                                  *images, *queries])
     dims = load_image(template, spacing_mm=spacing_mm).ndim - 1
-    matcher, preprocessing = None, {}
-    if method == "embedding":
-        if checkpoint is None:
-            raise InputError("the embedding method needs --checkpoint (a run, its model.pt, or 'none')")
-        device = pick_device(device)
-        network, preprocessing, levels = matching_network(checkpoint, dims, arch, device, levels)
-        matcher = OneShotMatcher(network, levels=levels, device=device)
-    elif levels is not None:
-        log.warning("--levels ignored: --method registration uses no network")
+    matcher, preprocessing = method_matcher(method, checkpoint, dims, arch=arch, device=device, levels=levels)
     prepare = image_preparer(preprocessing, template, dims, spacing_mm,
                              network=None if matcher is None else matcher.network)
     spec = Preprocessing.from_options(prepare.keywords)

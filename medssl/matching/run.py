@@ -81,6 +81,23 @@ def matching_network(checkpoint: str | Path, spatial_dims: int, arch: str | None
     return loaded.network, loaded.preprocessing, chosen
 
 
+def method_matcher(method: str, checkpoint: str | Path | None, spatial_dims: int, *, arch: str | None = None,
+                   device: str | torch.device = "auto", levels: Sequence[int] | None = None,
+                   **options: Any) -> tuple[OneShotMatcher | None, dict[str, Any]]:
+    """For ``method`` ``embedding``: the ``OneShotMatcher`` (``options``: its keyword arguments) on the network of
+    ``checkpoint`` (``matching_network``) and the model's preprocessing; for the other methods ``(None, {})`` (and a
+    warning when ``levels`` was given, as they use no network)."""
+    if method != "embedding":
+        if levels is not None:
+            log.warning("--levels ignored: --method %s uses no network", method)
+        return None, {}
+    if checkpoint is None:
+        raise InputError("the embedding method needs --checkpoint (a run, its model.pt, or 'none')")
+    device = pick_device(device)
+    network, preprocessing, levels = matching_network(checkpoint, spatial_dims, arch, device, levels)
+    return OneShotMatcher(network, levels=levels, device=device, **options), preprocessing
+
+
 def image_preparer(preprocessing: dict[str, Any], first_image: Path, spatial_dims: int,
                    file_spacing_mm: float | Sequence[float] | None = None,
                    network: Any = None) -> Callable[[Path], MetaTensor]:
@@ -223,15 +240,8 @@ def detect_landmarks_files(checkpoint: str | Path | None, templates: Sequence[Pa
         log.warning("template(s) %s are also among the images: their own landmarks come back (error ~0) and count "
                     "in the scores against %s", ", ".join(also_queries), truth)
     dims = load_image(templates[0], spacing_mm=spacing_mm).ndim - 1
-    matcher, preprocessing = None, {}
-    if method == "embedding":
-        if checkpoint is None:
-            raise InputError("the embedding method needs --checkpoint (a run, its model.pt, or 'none')")
-        device = pick_device(device)
-        network, preprocessing, levels = matching_network(checkpoint, dims, arch, device, levels)
-        matcher = OneShotMatcher(network, levels=levels, search=search, consistency=consistency, device=device)
-    elif levels is not None:
-        log.warning("--levels ignored: --method %s uses no network", method)
+    matcher, preprocessing = method_matcher(method, checkpoint, dims, arch=arch, device=device, levels=levels,
+                                            search=search, consistency=consistency)
     prepare = image_preparer(preprocessing, templates[0], dims, spacing_mm,
                              network=None if matcher is None else matcher.network)
     log.info("one-shot landmarks (%s): %d template(s), %d image(s), grid %s mm", method, len(templates),
