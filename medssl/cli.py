@@ -509,9 +509,9 @@ def _add_segment_oneshot(sub: _Subparsers) -> None:
     _out_option(p, "folder for the label maps (each input's name, format and geometry)", metavar="DIR",
                 required=True)
     p.add_argument("--method", choices=("embedding", "registration"), default="embedding",
-                   help="embedding: a robust spline through matched support points, then a vote of the template "
-                        "labels by feature similarity (default); registration: affine + B-spline registration, "
-                        "labels warped by nearest neighbour")
+                   help="embedding: a robust spline through matched support points, each voxel's template position "
+                        "then refined by a feature-similarity vote, labels read there (default); registration: "
+                        "affine + B-spline registration, labels warped by nearest neighbour")
     _arch_option(p)
     _spacing_option(p)
     p.add_argument("--truth", type=Path, default=None, metavar="DATALIST",
