@@ -149,7 +149,9 @@ def render(work: Path, out: Path) -> Path:
                   f"{', '.join(map(str, results['seeds']))}", "",
                   f"Realistic demo population, {results['subjects']} subjects (seed 0): template subject_000, "
                   f"{results['subjects'] - 1} queries. Random init: the network each seed's runs start from, "
-                  "matched on all levels; pretrained runs match on the levels their objectives trained.", "",
+                  "matched on all levels; pretrained runs match on the levels their objectives trained. Every run is "
+                  "matched with each landmark's own best match (`--consistency none`): the tables compare "
+                  "features, not matchers.", "",
                   table(results), ""]
     out.write_text("\n".join(parts), encoding="utf-8")
     return out

@@ -89,12 +89,13 @@ def summary(errors: np.ndarray, seconds: float, scores: np.ndarray | None = None
             return float("nan")
         return float(spearmanr(values, errors).statistic)
 
-    return {"mre": float(errors.mean()), "median": float(np.median(errors)), "sdr2": float((errors < 2).mean()),
+    return {"n": int(errors.size), "mre": float(errors.mean()), "median": float(np.median(errors)),
+            "sdr2": float((errors < 2).mean()),
             "sdr4": float((errors < 4).mean()), "rho_score": rho(scores), "rho_residual": rho(residuals),
             "seconds": seconds}
 
 
-def baselines(data: Path, templates: list[str], queries: list[str], dims: int) -> dict[str, dict]:
+def baselines(data: Path, templates: list[str], queries: list[str]) -> dict[str, dict]:
     """NCC and registration from the first template on ``queries``."""
     images = {image_key(path): path for path in resolve_images(data / "images")}
     truth = read_landmarks(data / "landmarks.csv")
@@ -145,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     for run in args.runs:
         rows, split = score_run(run, data, args.dim, None if split is None else split[0])  # the first run ranks
         per_run.append(rows)
-    reference = {} if args.skip_baselines else baselines(data, split[0], split[1], args.dim)
+    reference = {} if args.skip_baselines else baselines(data, split[0], split[1])
     text = (f"{args.dim}D, {len(args.runs)} run(s): {', '.join(run.name for run in args.runs)}; templates "
             f"{', '.join(split[0])}; {len(split[1])} queries (default consistency: "
             f"{DEFAULT_CONSISTENCY[args.dim]})\n\n" + table(per_run, reference))

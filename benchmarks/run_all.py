@@ -427,7 +427,7 @@ def _quiet(*names: str) -> Iterator[None]:
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> Path:
-    from medssl.matching.run import pick_device
+    from medssl.dist import pick_device
 
     budget = BUDGETS[(args.dim, args.quick)]
     args.labeled, args.seeds = args.labeled or budget.labeled, args.seeds or budget.seeds

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from medssl.data.landmarks import read_landmarks
+
 from benchmarks import bench_matcher
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -27,6 +29,8 @@ def test_toy_ablation_scores_every_variant_on_the_same_queries(tmp_path):
     assert list(rows) == [variant[0] for variant in bench_matcher.VARIANTS]
     for label, row in rows.items():
         assert 0 < row["mre"] < 200 and 0 <= row["sdr2"] <= row["sdr4"] <= 1, label
+    landmarks = len(read_landmarks(data / "landmarks.csv")["subject_000"])
+    assert {row["n"] for row in rows.values()} == {len(queries) * landmarks}  # every variant on the same queries
     assert rows["argmax"]["rho_residual"] != rows["argmax"]["rho_residual"]  # NaN: no consistency check
     text = bench_matcher.table([rows, rows], {})
     assert text.count("\n") == 1 + len(bench_matcher.VARIANTS) and "± 0.00" in text

@@ -92,6 +92,9 @@ def test_segment_oneshot_writes_each_inputs_geometry_and_scores(demo2d, tmp_path
         assert load_label(written, like=raw).shape == raw.shape  # same grid, or load_label refuses it
     scores = evaluate_segmentation_files(out, root / "datalist.json")
     assert scores["n_images"] == 3 and scores["mean_dice"] > 0.3  # the template itself is among them
+    truth = load_label(template_label)  # through the file path (prepare, propagate, back to the input grid):
+    itself = load_label(out / template_label.name, like=truth)  # the template onto itself is its own labels
+    assert segmentation_scores([(itself, truth)])["mean_dice"] > 0.95
 
 
 def test_segment_oneshot_refuses_bad_input(demo2d, tmp_path, capsys):

@@ -36,12 +36,12 @@ from monai.data import MetaTensor
 
 from medssl.data.geometry import spacing_mm as affine_spacing_mm
 from medssl.data.inputs import resolve_images
-from medssl.data.readers import image_key, label_file_name, load_image, save_label_map
+from medssl.data.readers import check_image_shape, image_key, label_file_name, load_image, save_label_map
 from medssl.errors import InputError
 from medssl.matching.baselines import register, to_sitk
 from medssl.matching.consistency import robust_spline
 from medssl.matching.oneshot import SPLINE_SMOOTHING, Embedding, OneShotMatcher, support_points
-from medssl.matching.run import checkpoint_input, image_preparer, method_matcher
+from medssl.matching.run import checkpoint_input, image_preparer, method_matcher, network_fit
 from medssl.outputs import check_output
 from medssl.registry import look_up
 from medssl.transforms.preprocess import Preprocessing
@@ -49,7 +49,7 @@ from medssl.transforms.preprocess import Preprocessing
 log = logging.getLogger(__name__)
 
 #: the vote's defaults per spatial dims: grid stride (voxels), search window (+- voxels of the template grid), and
-#: the softmax temperature; chosen on the seed-0 2D/3D benchmark populations (docs/oneshot.md)
+#: the softmax temperature; chosen on the seed-0 2D/3D benchmark populations (docs/segmentation.md)
 STRIDE, WINDOW, TEMPERATURE = {2: 2, 3: 2}, {2: 3, 3: 2}, 0.02
 VOTES = ("positions", "labels")
 _LINEAR = {2: "bilinear", 3: "trilinear"}
@@ -84,21 +84,9 @@ def _voxel_grid(shape: Sequence[int], stride: int, device: torch.device) -> torc
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(shape))
 
 
-def _sample(features: Sequence[torch.Tensor], voxels: torch.Tensor, padded_shape: Sequence[int]) -> list[torch.Tensor]:
-    """Unit feature vectors ``(N, C_l)`` per level at voxels ``(N, D)`` (bi/trilinear, border-clamped)."""
-    dims = voxels.shape[1]
-    sizes = torch.as_tensor(padded_shape, dtype=voxels.dtype, device=voxels.device)
-    grid = (2.0 * (voxels + 0.5) / sizes - 1.0).flip(-1).reshape(1, -1, *[1] * (dims - 1), dims)
-    sampled = []
-    for level in features:
-        values = F.grid_sample(level[None], grid, mode="bilinear", padding_mode="border", align_corners=False)
-        sampled.append(F.normalize(values.reshape(level.shape[0], -1).T, dim=1))  # (N, C_l)
-    return sampled
-
-
 def _dense(embedding: Embedding) -> list[torch.Tensor]:
     """Every level's unit features at every voxel of the image, flattened: ``(C_l, N)`` per level (the values
-    ``_sample`` gives at whole voxel indices)."""
+    ``OneShotMatcher.template_vectors`` samples at whole voxel indices)."""
     crop = tuple(slice(0, s) for s in embedding.shape)
     dense = []
     for level in embedding.features:
@@ -129,7 +117,7 @@ def propagate_labels(matcher: OneShotMatcher, template: MetaTensor, template_lab
     if stride < 1 or window < 0 or temperature <= 0:
         raise ValueError(f"need stride >= 1, window >= 0 and temperature > 0, got {stride}, {window}, {temperature}")
     device = matcher.device
-    labels = torch.as_tensor(template_label.as_tensor()).to(device)
+    labels = template_label.as_tensor().to(device)
     classes = int(classes or int(labels.max()) + 1)
     template_embedding = template_embedding or matcher.embed(template)
     query_embedding = query_embedding or matcher.embed(query)
@@ -141,7 +129,8 @@ def propagate_labels(matcher: OneShotMatcher, template: MetaTensor, template_lab
     spacing = np.asarray(affine_spacing_mm(query_embedding.affine.numpy()))
     fit = robust_spline(matched_mm, support_mm, smoothing=SPLINE_SMOOTHING[dims], min_scale_mm=float(spacing.max()))
     query_voxels = _voxel_grid(query_embedding.shape, stride, device)  # (N, D)
-    pulled_mm = fit.transform(query_embedding.to_world(query_voxels.double().cpu().numpy()))  # (N, D)
+    here_mm = query_embedding.to_world(query_voxels.double().cpu().numpy())  # (N, D) world mm of the cell centres
+    pulled_mm = fit.transform(here_mm)  # (N, D) their template positions
     centres = torch.as_tensor(template_embedding.to_voxel(pulled_mm), dtype=torch.float32, device=device)
 
     # 2. refined: a softmax vote within `window` voxels of each position, by feature similarity
@@ -152,15 +141,15 @@ def propagate_labels(matcher: OneShotMatcher, template: MetaTensor, template_lab
     flat_labels = labels.reshape(-1).long().clamp(0, classes - 1)  # (N_t,)
     votes = []
     for start in range(0, len(query_voxels), _CHUNK):
-        here = query_voxels[start:start + _CHUNK]
-        query_vectors = _sample(query_embedding.features, here, query_embedding.padded_shape)  # [(n, C_l)]
+        count = len(query_voxels[start:start + _CHUNK])
+        query_vectors = matcher.template_vectors(query_embedding, here_mm[start:start + _CHUNK])  # [(n, C_l)]
         candidates = centres[start:start + _CHUNK].round().long()[:, None] + offsets  # (n, M, D) template voxels
         candidates = torch.minimum(candidates.clamp(min=0), shape_t - 1)
         index = (candidates * strides_t).sum(dim=-1)  # (n, M) flat template voxel
         cosines = [torch.einsum("nc,cnm->nm", q, t[:, index]) for q, t in zip(query_vectors, dense_t)]
         weights = torch.softmax(matcher.combine_levels(cosines) / temperature, dim=1)  # (n, M)
         if vote == "labels":
-            votes.append(torch.zeros(len(here), classes, device=device).scatter_add_(1, flat_labels[index], weights))
+            votes.append(torch.zeros(count, classes, device=device).scatter_add_(1, flat_labels[index], weights))
         else:  # the weighted mean template position
             votes.append(torch.einsum("nm,nmd->nd", weights, candidates.float()))
     cells = _cells(query_embedding.shape, stride)
@@ -243,8 +232,9 @@ def propagate_labels_files(checkpoint: str | Path | None, template: str | Path, 
     matcher, preprocessing = method_matcher(method, checkpoint, dims, arch=arch, device=device, levels=levels)
     prepare = image_preparer(preprocessing, template, dims, spacing_mm,
                              network=None if matcher is None else matcher.network)
-    spec = Preprocessing.from_options(prepare.keywords)
-    template_image, label = prepare(template), spec.read(template, dims, label_path=template_label)[1]
+    spec, fit = Preprocessing.from_options(prepare.keywords), network_fit(None if matcher is None else matcher.network)
+    template_image, label = spec.read(template, dims, label_path=template_label)
+    check_image_shape(template_image, template, **fit)
     classes = int(label.max()) + 1
     log.info("one-shot segmentation (%s): template %s (%d classes), %d image(s), grid %s mm", method,
              image_key(template), classes, len(queries), tuple(round(s, 4) for s in prepare.keywords["spacing_mm"]))
@@ -252,7 +242,9 @@ def propagate_labels_files(checkpoint: str | Path | None, template: str | Path, 
     written, seconds = [], 0.0
     for path, name in zip(queries, names):
         started = time.perf_counter()
-        query = prepare(path)
+        raw = spec.load(path, dims)  # read once: prepared for matching, and the grid of the output
+        query = spec(raw)[0]
+        check_image_shape(query, path, **fit)
         if matcher is not None:
             probabilities = propagate_labels(matcher, template_image, label, query, classes=classes, stride=stride,
                                              window=window, temperature=temperature,
@@ -260,7 +252,7 @@ def propagate_labels_files(checkpoint: str | Path | None, template: str | Path, 
         else:
             probabilities = registration_labels(template_image, label, query, classes=classes)
         seconds += time.perf_counter() - started
-        written.append(save_label_map(probabilities, spec.load(path, dims), Path(out_dir) / name))
+        written.append(save_label_map(probabilities, raw, Path(out_dir) / name))
     log.info("%d image(s) segmented in %.1f s (%.2f s per image) -> %s", len(queries), seconds,
              seconds / len(queries), out_dir)
     return written

@@ -113,7 +113,7 @@ def image_preparer(preprocessing: dict[str, Any], first_image: Path, spatial_dim
     if grid is None:  # the first image's own grid, as oriented (RAS) for the network
         grid = affine_spacing_mm(spec.read(first_image, spatial_dims)[0].affine)
     spec = replace(spec, spacing_mm=tuple(float(s) for s in grid))
-    return functools.partial(prepare_image, spatial_dims=spatial_dims, **spec.to_dict(), **_network_fit(network))
+    return functools.partial(prepare_image, spatial_dims=spatial_dims, **spec.to_dict(), **network_fit(network))
 
 
 def checkpoint_input(checkpoint: str | Path | None, method: str = "embedding") -> str | Path | None:
@@ -123,7 +123,7 @@ def checkpoint_input(checkpoint: str | Path | None, method: str = "embedding") -
     return checkpoint
 
 
-def _network_fit(network: Any) -> dict[str, int]:
+def network_fit(network: Any) -> dict[str, int]:
     """``prepare_image``'s ``min_size`` and ``channels`` for ``network`` (nothing without one)."""
     if network is None:
         return {}
@@ -297,10 +297,8 @@ def rank_templates_files(checkpoint: str | Path, images: Sequence[str | Path], o
         raise InputError(f"the number of salient points must be >= 1, got {n_points}", path="--points")
     check_output(out_csv, kind="file", inputs=[checkpoint_input(checkpoint), *images, *paths])
     dims = load_image(paths[0], spacing_mm=spacing_mm).ndim - 1
-    device = pick_device(device)
-    network, preprocessing, levels = matching_network(checkpoint, dims, arch, device, levels)
-    prepare = image_preparer(preprocessing, paths[0], dims, spacing_mm, network=network)
-    matcher = OneShotMatcher(network, levels=levels, device=device)
+    matcher, preprocessing = method_matcher("embedding", checkpoint, dims, arch=arch, device=device, levels=levels)
+    prepare = image_preparer(preprocessing, paths[0], dims, spacing_mm, network=matcher.network)
     values = rank_templates(matcher, [prepare(p) for p in paths], n_points=n_points)
     order = np.argsort(-values, kind="stable")
     out_csv = Path(out_csv)
