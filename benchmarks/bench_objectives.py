@@ -61,7 +61,7 @@ def measure(method: str, spatial_dims: int, data: Path, device: torch.device, st
     network = network_from_config(config).to(device)
     objectives, weights = build_objectives(config, network)
     model = TrainStep(network, objectives, weights).to(device).train()
-    views = build_sampler(config, objectives, device=device, rank=0).sample(config.train.batch_size)
+    views = build_sampler(config, objectives, device=device).sample(config.train.batch_size)
     optimizer = build_optimizer([model], name=config.train.optimizer, lr=config.train.lr, weight_decay=0.0)
 
     def floor_step() -> None:

@@ -66,6 +66,15 @@ def _pretrain(args: argparse.Namespace) -> None:
     log.info("run folder: %s", run)
 
 
+def _prepare(args: argparse.Namespace) -> None:
+    from medssl.config import find_config
+    from medssl.engine.pretrain import prepare_data
+    from medssl.engine.pretrain_config import read_pretrain_config
+
+    config = read_pretrain_config(find_config(args.config), args.overrides)
+    prepare_data(config, data=args.data, out=args.out, workers=args.workers)
+
+
 def _levels(args: argparse.Namespace) -> list[int] | None:
     from medssl.matching.run import parse_levels
 
@@ -155,15 +164,17 @@ def _predict_landmarks(args: argparse.Namespace) -> None:
     predict_landmarks_files(args.model, args.images, args.out, device=args.device)
 
 
-def _threads(text: str) -> int:
-    """``--threads``: a whole number >= 1 (argparse reports anything else as a usage error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of threads, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected at least 1 thread, got {value}")
-    return value
+def _count(what: str) -> Callable[[str], int]:
+    """An argparse type: a whole number >= 1 of ``what`` (anything else is a usage error naming it)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number of {what}, got '{text}'") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"expected at least 1 of {what}, got {value}")
+        return value
+    return parse
 
 
 # ----------------------------------------------------------------------------------------------- parser
@@ -176,12 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"medssl {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    parser.add_argument("--threads", type=_threads, default=None, metavar="N",
+    parser.add_argument("--threads", type=_count("threads"), default=None, metavar="N",
                         help="CPU threads of torch (default: torch's choice, one per core, or OMP_NUM_THREADS); use 1 "
                              "for each of several jobs sharing a small machine")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_demo(commands)
     _add_data(commands)
+    _add_prepare(commands)
     _add_pretrain(commands)
     _add_landmarks(commands)
     _add_segment(commands)
@@ -317,6 +329,24 @@ def _add_data_demo(sub: _Subparsers) -> None:
     _variability_option(p)
     p.add_argument("--figures", action="store_true",
                    help="also write a QC figure (template and first subjects, landmarks, labels) to OUT/figures/")
+
+
+# medssl prepare ...
+def _add_prepare(commands: _Subparsers) -> None:
+    p = _command(
+        commands, "prepare", "preprocess a pretraining set once into a cache folder (resampled scans and information "
+        "maps as memory-mappable files), in parallel; pretraining with data.cache_dir=CACHE then starts at once",
+        "medssl prepare ct_scans --config infoguided_3d --out cache/ct --workers 8\n"
+        "  medssl pretrain infoguided_3d --data ct_scans data.cache_dir=cache/ct", _prepare,
+    )
+    p.add_argument("data", type=Path, metavar="DATA", help="images: a folder, a datalist JSON or one image")
+    p.add_argument("--config", type=Path, required=True, metavar="CONFIG",
+                   help="the pretraining YAML, or the name of a shipped config (its data section and objectives say "
+                        "how to prepare)")
+    _out_option(p, "cache folder (default: the config's data.cache_dir); up-to-date entries are kept", metavar="CACHE")
+    p.add_argument("--workers", type=_count("threads"), default=None, metavar="N",
+                   help="processes preparing scans in parallel (default: the CPU count, at most 8)")
+    _overrides_argument(p, "data.spacing_mm=2.0")
 
 
 # medssl pretrain ...

@@ -446,11 +446,11 @@ def test_metrics_seconds_continue_across_a_resume(data, tmp_path, monkeypatch):
             *TINY_PRETRAIN, "train.steps=4", "train.checkpoint_every=2", "train.log_every=1"]
     sample, calls = ViewPairSampler.sample, []
 
-    def interrupted(self, batch_size):
+    def interrupted(self, batch_size, **where):
         calls.append(batch_size)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return sample(self, batch_size)
+        return sample(self, batch_size, **where)
 
     monkeypatch.setattr(ViewPairSampler, "sample", interrupted)
     assert main(args) == 130

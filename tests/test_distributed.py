@@ -45,8 +45,9 @@ def test_two_process_msf_pretraining_writes_one_run_folder_with_a_shared_bank(tm
     run = tmp_path / "run"
     state = torch.load(run / CHECKPOINT, weights_only=False)
     assert state["step"] == 3 and len(state["ranks"]) == 2
-    generators = [r["sampler"]["generator"] for r in state["ranks"]]
-    assert not torch.equal(*generators), "each rank must draw its own views"
+    assert [r["sampler"]["step"] for r in state["ranks"]] == [0, 0]  # the loop names each step (rank r draws
+    # samples r * batch_size ... of the step's global batch: tests/test_prepared.py)
+    assert len(list((run / "prepared").glob("*.npy"))) == 2  # both ranks prepared into one folder, atomically
     # 3 steps x 2 samples x 2 processes entered the bank: both ranks' targets (concat_across_ranks), not rank 0's
     assert state["objectives"]["msf.bank.filled"].item() == 12
     rows = (run / "metrics.csv").read_text().splitlines()

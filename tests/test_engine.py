@@ -3,6 +3,8 @@ run folder contents, config checks, schedule."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import copy
 import csv
 import sys
@@ -77,27 +79,31 @@ class TinyObjective(Objective):
 
 
 class FakeSampler:
-    """Random-noise views with a private generator; its state is what a resumed run needs."""
+    """Random-noise views seeded by ``(seed, step, first)`` like the real sampler (the engine's protocol: ``sample``,
+    ``state_dict``, ``scans`` and ``device``)."""
 
     def __init__(self, images, *, spatial_dims, patch_size, preset="symmetric", info_guided=False, device="cpu",
-                 seed=0, noise: float = 1.0):
-        self.shape, self.noise = tuple(patch_size), noise
-        self.generator = torch.Generator().manual_seed(seed)
-        self.images = images
+                 seed=0, cache_dir=None, noise: float = 1.0):
+        self.shape, self.noise, self.seed = tuple(patch_size), noise, seed
+        self.images, self.device, self.step = images, torch.device(device), 0
+        self.scans = SimpleNamespace(paths=[], channels=[], shapes=[])
 
-    def _view(self, batch_size):
-        image = self.noise * torch.randn((batch_size, 1, *self.shape), generator=self.generator)
+    def _view(self, batch_size, generator):
+        image = self.noise * torch.randn((batch_size, 1, *self.shape), generator=generator)
         coords = torch.zeros((batch_size, len(self.shape), *self.shape))
         return ViewBatch(image, coords, torch.ones((batch_size, 1, *self.shape), dtype=torch.bool))
 
-    def sample(self, batch_size):
-        return PairBatch(self._view(batch_size), self._view(batch_size))
+    def sample(self, batch_size, step=None, first=0):
+        if step is None:
+            step, self.step = self.step, self.step + 1
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 1_009 + first)
+        return PairBatch(self._view(batch_size, generator), self._view(batch_size, generator))
 
     def state_dict(self):
-        return {"generator": self.generator.get_state()}
+        return {"step": self.step}
 
     def load_state_dict(self, state):
-        self.generator.set_state(state["generator"])
+        self.step = state["step"]
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from scipy.stats import chisquare
 from skimage.filters.rank import entropy as skimage_entropy
 from skimage.morphology import ball, disk
 
-from medssl.transforms.infomap import (entropy_footprint, info_categories, information_map, percentile_thresholds,
+from medssl.transforms.infomap import (entropy_footprint, info_categories, information_map, histogram_percentiles,
                                        sample_anchors, save_information_png)
 
 
@@ -44,12 +44,15 @@ def test_categories_honour_thresholds():
     assert info_categories(info, (1.0, 5.0)).tolist() == [0, 1, 1, 1, 1, 2]
 
 
-def test_percentile_thresholds_match_numpy():
-    maps = [torch.rand(10, 12), torch.rand(7, 5) * 3]
-    values = np.concatenate([m.flatten().numpy() for m in maps])
-    low, high = percentile_thresholds(maps, (20.0, 80.0))
-    assert low == pytest.approx(np.percentile(values, 20), abs=1e-5)
-    assert high == pytest.approx(np.percentile(values, 80), abs=1e-5)
+def test_histogram_percentiles_match_numpy_to_one_bin():
+    generator = torch.Generator().manual_seed(0)
+    values = torch.cat([torch.rand(4000, generator=generator) * 3, torch.rand(1000, generator=generator) * 8])
+    counts = torch.histc(values, bins=2048, min=0, max=8)
+    low, high = histogram_percentiles(counts, 8.0, (20.0, 80.0))
+    width = 8.0 / 2048
+    assert low == pytest.approx(np.percentile(values.numpy(), 20), abs=width)
+    assert high == pytest.approx(np.percentile(values.numpy(), 80), abs=width)
+    assert histogram_percentiles(torch.tensor([0.0, 4.0, 0.0, 0.0]), 4.0, (0.0, 100.0)) == (1.0, 2.0)
 
 
 @pytest.mark.parametrize("shape", [(5, 6), (3, 4, 2)])

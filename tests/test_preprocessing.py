@@ -13,7 +13,8 @@ from medssl.engine.predict import _read
 from medssl.errors import InputError
 from medssl.matching.run import image_preparer
 from medssl.networks.task import TaskUNet
-from medssl.transforms.preprocess import Preprocessing, ScanCache
+from medssl.transforms.prepared import PreparedScans
+from medssl.transforms.preprocess import Preprocessing
 
 
 def _scan(tmp_path, dims):
@@ -34,7 +35,7 @@ def test_every_path_prepares_a_file_alike(tmp_path, dims, options):
     recorded = {**spec.to_dict(), "patch_size": [16] * dims}  # what model.pt stores
     network = TaskUNet(dims, 2, channels=[4, 8, 4])
     prepared = {
-        "pretraining": ScanCache([path], spatial_dims=dims, **spec.to_dict())[0],
+        "pretraining": PreparedScans([path], spatial_dims=dims, preprocessing=spec)[0],
         "fine-tuning": load_case(path, spatial_dims=dims, preprocessing=spec).image,
         "prediction": _read(path, recorded, network)[1],
         "one-shot": image_preparer(recorded, path, dims)(path),

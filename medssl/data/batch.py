@@ -37,6 +37,20 @@ class ViewBatch:
         }
         return replace(self, **moved)
 
+    def pin_memory(self) -> "ViewBatch":
+        """A copy in page-locked memory (DataLoader ``pin_memory``: faster, asynchronous copies to a GPU)."""
+        return replace(self, **{f.name: v.pin_memory() for f in fields(self) for v in [getattr(self, f.name)]
+                                if isinstance(v, torch.Tensor)})
+
+
+def concat_views(views: list[ViewBatch]) -> ViewBatch:
+    """One batch of the samples of ``views`` in order (optional fields: present in all or none)."""
+    def joined(name: str) -> torch.Tensor | None:
+        values = [getattr(view, name) for view in views]
+        return None if any(v is None for v in values) else torch.cat(values)
+
+    return ViewBatch(*(joined(f.name) for f in fields(ViewBatch)))
+
 
 @dataclass
 class PairBatch:
@@ -48,3 +62,6 @@ class PairBatch:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "PairBatch":
         return PairBatch(self.a.to(device, non_blocking), self.b.to(device, non_blocking), list(self.subjects))
+
+    def pin_memory(self) -> "PairBatch":
+        return PairBatch(self.a.pin_memory(), self.b.pin_memory(), list(self.subjects))

@@ -33,13 +33,16 @@ from medssl.networks.model_file import save_model
 from medssl.objectives import OBJECTIVES
 from medssl.outputs import undone_on_failure
 from medssl.rng import capture_rng, restore_rng, seeded
-from medssl.transforms.preprocess import Preprocessing
+from medssl.transforms.pair_loader import LOADER_KEYS, check_loader_options, default_workers, pair_batches
 from medssl.transforms.sampler import ViewPairSampler
 
 log = logging.getLogger(__name__)
 
 #: config keys (or sections) that may differ between a run and its resumption (they do not change the trained weights)
-RESUME_MAY_CHANGE = ("data.path", "train.device", "train.log_every", "train.checkpoint_every", "validation")
+RESUME_MAY_CHANGE = ("data.path", "data.cache_dir", "data.cache_mb", "data.prepare_workers", "data.workers",
+                     "data.prefetch", "train.device", "train.log_every", "train.checkpoint_every", "validation")
+#: where a run prepares its scans when ``data.cache_dir`` is not set (set it to share one cache between runs)
+PREPARED_FOLDER = "prepared"
 #: sampler arguments the engine fills itself (from ``spatial_dims``, ``seed`` and the objectives)
 SAMPLER_RESERVED = ("images", "spatial_dims", "preset", "info_guided", "device", "seed")
 
@@ -105,13 +108,18 @@ def trained_levels(objectives: dict[str, nn.Module]) -> list[int] | None:
         return None
 
 
-def build_sampler(config: PretrainConfig, objectives: dict[str, nn.Module], *, device: torch.device, rank: int):
-    """The pair-of-views sampler over ``data.path``: preset from the first objective, information maps if any
-    objective needs them, a different stream per rank."""
-    options = {key: value for key, value in config.data.items() if key != "path"}
+def build_sampler(config: PretrainConfig, objectives: dict[str, nn.Module], *, device: torch.device,
+                  cache_dir: str | Path | None = None) -> ViewPairSampler:
+    """The pair-of-views sampler over ``data.path`` (rendering on ``device``): preset from the first objective,
+    information maps if any objective needs them, scans prepared into ``data.cache_dir`` or else ``cache_dir``
+    (None: a temporary folder). Every rank draws from the same seed; ``sample(first=...)`` picks its slice."""
+    options = {key: value for key, value in config.data.items() if key != "path" and key not in LOADER_KEYS}
     check_kwargs(ViewPairSampler, options, "data", reserved=SAMPLER_RESERVED)
+    check_loader_options(config.data.get("workers"), config.data.get("prefetch", 2))
     if not config.data.get("path"):
         raise InputError("no training data: pass --data PATH (a folder, datalist JSON or image) or set data.path")
+    if options.get("cache_dir") is None and cache_dir is not None:
+        options["cache_dir"] = str(cache_dir)
     first = next(iter(objectives.values()))
     return build_section("data", lambda: ViewPairSampler(
         resolve_images(config.data["path"]),
@@ -119,17 +127,18 @@ def build_sampler(config: PretrainConfig, objectives: dict[str, nn.Module], *, d
         preset=first.views,
         info_guided=any(getattr(o, "needs_info", False) for o in objectives.values()),
         device=str(device),
-        seed=config.seed + rank,
+        seed=config.seed,
         **options,
     ))
 
 
-def _check_channels(sampler: Any, network: nn.Module) -> None:
-    """Every scan the sampler read must have the network's input channels (a 4D series is refused by name)."""
-    scans, channels = getattr(sampler, "scans", None), getattr(network, "in_channels", None)
-    if scans is not None and channels is not None:
-        for index, path in enumerate(scans.paths):
-            check_image_shape(scans[index].image, path, channels=channels)
+def _check_channels(sampler: ViewPairSampler, network: nn.Module) -> None:
+    """Every prepared scan must have the network's input channels (a 4D series is refused by name)."""
+    channels = getattr(network, "in_channels", None)
+    if channels is not None:
+        scans = sampler.scans
+        for path, count, shape in zip(scans.paths, scans.channels, scans.shapes):
+            check_image_shape(torch.empty((count, *shape), device="meta"), path, channels=channels)
 
 
 def preprocessing_options(config: PretrainConfig) -> dict[str, Any]:
@@ -153,10 +162,7 @@ def pretrain(
     uninterrupted run. The run seeds the global generators (``monai.utils.set_determinism``) and sets torch's
     determinism flags; they stay so after it returns.
     """
-    if not isinstance(config, PretrainConfig):
-        config = read_pretrain_config(config)
-    if data is not None:
-        config = pretrain_config_from_dict({**to_dict(config), "data": {**config.data, "path": str(Path(data).resolve())}})
+    config = _with_data(config, data)
     context = dist.setup(config.train.device)
     try:
         run, resume_state = _run_folder(config, out, resume, context)
@@ -167,6 +173,34 @@ def pretrain(
         raise
     dist.teardown(context)
     return run
+
+
+def prepare_data(config: PretrainConfig | str | Path, data: str | Path | None = None,
+                 out: str | Path | None = None, workers: int | None = None) -> Path:
+    """Prepare the scans of ``config`` (``data`` replaces ``data.path``) into the cache folder ``out`` (default
+    ``data.cache_dir``) over ``workers`` processes, exactly as a pretraining run with that ``data.cache_dir`` would
+    (preprocessing and, for information-guided objectives, the maps); returns the folder. Entries already up to date
+    are kept; a run with ``data.cache_dir`` set to the folder then starts without preparing."""
+    config = _with_data(config, data)
+    folder = out if out is not None else config.data.get("cache_dir")
+    if folder is None:
+        raise InputError("say where to prepare the data: pass --out CACHE or set data.cache_dir")
+    config = pretrain_config_from_dict({**to_dict(config), "data": {**config.data, "cache_dir": str(Path(folder)),
+                                                                     "prepare_workers": workers}})
+    objectives, _ = build_objectives(config, network_from_config(config))
+    sampler = build_sampler(config, objectives, device=torch.device("cpu"))
+    log.info("%d scan(s) prepared in %s; pretrain with data.cache_dir=%s to use them", len(sampler.scans),
+             folder, folder)
+    return Path(folder)
+
+
+def _with_data(config: PretrainConfig | str | Path, data: str | Path | None) -> PretrainConfig:
+    """``config`` read (if a path) with ``data`` (if given) as ``data.path``."""
+    if not isinstance(config, PretrainConfig):
+        config = read_pretrain_config(config)
+    if data is not None:
+        config = pretrain_config_from_dict({**to_dict(config), "data": {**config.data, "path": str(Path(data).resolve())}})
+    return config
 
 
 def _train(config: PretrainConfig, run: Path, resume_state: dict[str, Any] | None, context: dist.Context) -> Path:
@@ -189,7 +223,10 @@ def _train(config: PretrainConfig, run: Path, resume_state: dict[str, Any] | Non
         log.warning("an objective of %s names no trained_levels: model.pt records none, so every feature level is "
                     "matched", "+".join(objectives))
     step_module = TrainStep(network, objectives, weights).to(device)
-    sampler = build_sampler(config, objectives, device=device, rank=context.rank)
+    workers = config.data.get("workers")
+    workers = default_workers(device) if workers is None else workers
+    sampler = build_sampler(config, objectives, device=torch.device("cpu") if workers else device,
+                            cache_dir=run / PREPARED_FOLDER)
     _check_channels(sampler, network)
     memory = dict(patch_size=config.data["patch_size"], batch_size=train.batch_size, device=device)
     estimate = check_memory(network, spatial_dims=config.spatial_dims, images_per_sample=2, **memory)
@@ -215,14 +252,20 @@ def _train(config: PretrainConfig, run: Path, resume_state: dict[str, Any] | Non
     monitor = Monitor(run, steps=train.steps, start_step=start_step, log_every=train.log_every) if context.is_main else None
     preprocessing = preprocessing_options(config)
     last_saved = start_step if resume_state is not None else None
+    batches = None
     log.info("pretraining %s for %d steps on %s x%d -> %s", config.name, train.steps, device, context.world_size, run)
     if levels is not None:
         log.info("trained feature levels %s (one-shot matching and validation compare these)",
                  ",".join(map(str, levels)))
     try:
         step_module.train()
-        for step in range(start_step, train.steps):
-            batch = sampler.sample(train.batch_size)
+        batches = pair_batches(sampler, start=start_step, stop=train.steps, batch_size=train.batch_size,
+                               first=context.rank * train.batch_size, workers=workers,
+                               prefetch=config.data.get("prefetch", 2), pin_memory=device.type == "cuda")
+        if workers:
+            log.info("view pairs rendered by %d DataLoader worker process(es)", workers)
+        for step, batch in zip(range(start_step, train.steps), batches):
+            batch = batch.to(device, non_blocking=True)
             with updater.autocast():
                 out = model(batch)
             names = list(out)
@@ -251,6 +294,8 @@ def _train(config: PretrainConfig, run: Path, resume_state: dict[str, Any] | Non
         raise_if_out_of_memory(error, run=run, estimate_bytes=estimate, kept=_kept(last_saved, run)[0], **memory)
         raise
     finally:
+        if batches is not None:
+            batches.close()  # stops DataLoader workers
         if monitor is not None:
             monitor.close()
     log.info("finished: %s", run / "model.pt")

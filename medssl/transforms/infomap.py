@@ -79,14 +79,37 @@ def info_categories(info: torch.Tensor, thresholds_bits: Sequence[float] = DEFAU
     return (info >= low).long() + (info >= high).long()
 
 
-def percentile_thresholds(infos: Sequence[torch.Tensor], percentiles: Sequence[float] = (20.0, 80.0),
-                          max_values: int = 1_000_000) -> tuple[float, float]:
-    """Dataset thresholds (bits): the given percentiles of all information values (evenly subsampled)."""
-    values = torch.cat([i.detach().flatten().float().cpu() for i in infos])
-    if values.numel() > max_values:
-        values = values[:: math.ceil(values.numel() / max_values)]
-    q = torch.quantile(values, torch.tensor([p / 100.0 for p in percentiles], dtype=torch.float32))
-    return float(q[0]), float(q[1])
+def histogram_percentiles(counts: torch.Tensor, max_bits: float,
+                          percentiles: Sequence[float] = (20.0, 80.0)) -> tuple[float, float]:
+    """Dataset thresholds (bits): the given percentiles of the information values counted in ``counts``, a
+    histogram of equal bins over ``[0, max_bits]`` (summed over the scans), linear within a bin (so exact to one bin
+    width; a run never holds every map at once)."""
+    counts = torch.as_tensor(counts, dtype=torch.float64).flatten()
+    total = float(counts.sum())
+    if total <= 0:
+        raise ValueError("the information histogram is empty")
+    width = max_bits / counts.numel()
+    cumulative = torch.cat([counts.new_zeros(1), counts.cumsum(0)]) / total  # (K+1,) at the bin edges
+    first = int(torch.nonzero(counts)[0]) + 1
+    values = []
+    for percentile in percentiles:
+        q = min(max(percentile / 100.0, 0.0), 1.0)
+        right = int(torch.searchsorted(cumulative, torch.tensor([q], dtype=torch.float64)))
+        right = min(max(right, first), counts.numel())  # the first bin that holds values, at the latest the last
+        below, inside = float(cumulative[right - 1]), float(cumulative[right] - cumulative[right - 1])
+        fraction = 0.0 if inside <= 0 else (q - below) / inside
+        values.append((right - 1 + min(max(fraction, 0.0), 1.0)) * width)
+    return values[0], values[1]
+
+
+def weights_of(info: torch.Tensor, alpha: float = 0.3, category_ratios: Sequence[float] | None = None,
+               thresholds_bits: Sequence[float] = DEFAULT_THRESHOLDS_BITS) -> torch.Tensor:
+    """The unnormalised anchor weight of each information value (any shape): ``IIE ** alpha``, or with
+    ``category_ratios = (low, medium, high)`` the ratio of the value's category."""
+    if category_ratios is None:
+        return info.float().clamp_min(0).pow(alpha)
+    ratios = torch.as_tensor(category_ratios, dtype=torch.float32, device=info.device)
+    return ratios[info_categories(info, thresholds_bits)]
 
 
 def anchor_weights(info: torch.Tensor, valid: torch.Tensor | None = None, alpha: float = 0.3,
@@ -99,11 +122,7 @@ def anchor_weights(info: torch.Tensor, valid: torch.Tensor | None = None, alpha:
     falls back to uniform over its valid voxels (or over all voxels when none is valid).
     """
     flat = info.reshape(info.shape[0], -1).float().clamp_min(0)  # (B, N)
-    if category_ratios is None:
-        weights = flat.pow(alpha)
-    else:
-        ratios = torch.as_tensor(category_ratios, dtype=torch.float32, device=info.device)
-        weights = ratios[info_categories(flat, thresholds_bits)]
+    weights = weights_of(flat, alpha, category_ratios, thresholds_bits)
     inside = torch.ones_like(flat, dtype=torch.bool) if valid is None else valid.reshape(flat.shape).bool()
     inside = inside | ~inside.any(dim=1, keepdim=True)  # no valid voxel: every voxel
     weights = weights * inside

@@ -1,33 +1,26 @@
 """The one preprocessing of every path (pretraining, fine-tuning, prediction, one-shot matching): ``Preprocessing``,
 a typed spec (modality, spacing, intensity window, pixel size of 2D files) recorded in ``model.pt`` and built into one
 MONAI dictionary-transform chain: orientation to RAS, resampling to ``spacing_mm`` (labels by nearest neighbour;
-a grid already at that spacing is left bit-exact), intensities to [0, 1] by modality preset. Also the cache of the
-decoded scans a pretraining run samples views from (memory, optionally disk).
+a grid already at that spacing is left bit-exact), intensities to [0, 1] by modality preset. Pretraining stores
+the prepared scans on disk (``medssl.transforms.prepared``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import torch
 from monai.data import MetaTensor
 from monai.transforms import (Compose, Orientationd, ScaleIntensityRanged, ScaleIntensityRangePercentilesd,
                               Spacingd)
 
 from medssl.data import keys
-from medssl.data.geometry import spacing_mm as affine_spacing_mm
-from medssl.data.readers import image_key, load_image, load_label
+from medssl.data.readers import load_image, load_label
 from medssl.errors import InputError
-from medssl.outputs import atomic_writer
 from medssl.registry import look_up
-from medssl.transforms.infomap import information_map
 
-log = logging.getLogger(__name__)
 
 #: intensity presets: CT is windowed (HU), MR and X-ray are clipped at percentiles; all map to [0, 1]
 INTENSITY_PRESETS: dict[str, dict[str, tuple[float, float]]] = {
@@ -139,85 +132,3 @@ class Preprocessing:
         raw = self.load(path, spatial_dims)
         label = load_label(label_path, like=raw) if label_path is not None else None
         return self(raw, label)
-
-
-@dataclass
-class Scan:
-    """One preprocessed scan on the sampling device: ``image (C, *S)`` in [0, 1], ``affine (D+1, D+1)`` float64
-    voxel -> world mm, ``info (1, *S)`` its information map in bits (or None)."""
-
-    image: torch.Tensor
-    affine: torch.Tensor
-    subject: str
-    info: torch.Tensor | None = None
-
-    @property
-    def spacing_mm(self) -> tuple[float, ...]:
-        return affine_spacing_mm(self.affine)
-
-
-class ScanCache:
-    """Preprocessed scans by index, decoded once and kept in memory (on ``device``); with ``cache_dir`` also
-    written to disk (``torch.save``), keyed by the file, its size and time, and the preprocessing options.
-
-    ``info_radius_mm`` (None: no maps) adds the information map of each scan, computed once at its resolution.
-    """
-
-    def __init__(self, images: Sequence[str | Path], *, spatial_dims: int, device: str | torch.device = "cpu",
-                 modality: str = "mr", spacing_mm: float | Sequence[float] | None = None,
-                 intensity_window: Sequence[float] | None = None,
-                 file_spacing_mm: float | Sequence[float] | None = None, info_radius_mm: float | None = None,
-                 info_bins: int = 256, cache_dir: str | Path | None = None):
-        if not images:
-            raise InputError("no images to sample views from; pass a folder, a datalist or image files")
-        self.paths = [Path(p) for p in images]
-        self.device = torch.device(device)
-        self.spatial_dims = spatial_dims
-        self.preprocessing = Preprocessing(modality=modality, spacing_mm=spacing_mm,
-                                           intensity_window=intensity_window, file_spacing_mm=file_spacing_mm)
-        self.info_radius_mm, self.info_bins = info_radius_mm, info_bins
-        self.cache_dir = None if cache_dir is None else Path(cache_dir)
-        self._scans: dict[int, Scan] = {}
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> Scan:
-        if index not in self._scans:
-            self._scans[index] = self._load(index)
-        return self._scans[index]
-
-    def load_all(self) -> None:
-        """Read and prepare every scan now, so that a bad file (unreadable, non-finite, constant, wrong
-        dimensionality) is refused before training starts rather than when it is first sampled."""
-        for index in range(len(self)):
-            self[index]
-        log.info("%d scan(s) read and checked", len(self))
-
-    def _disk_path(self, path: Path) -> Path | None:
-        if self.cache_dir is None:
-            return None
-        stat = path.stat()
-        options = {"spatial_dims": self.spatial_dims, **self.preprocessing.to_dict()}
-        text = repr((str(path.absolute()), stat.st_size, stat.st_mtime_ns, sorted(options.items()),
-                     self.info_radius_mm, self.info_bins))
-        return self.cache_dir / f"{image_key(path)}-{hashlib.sha1(text.encode()).hexdigest()[:16]}.pt"
-
-    def _load(self, index: int) -> Scan:
-        path = self.paths[index]
-        stored = self._disk_path(path)
-        if stored is not None and stored.is_file():
-            content = torch.load(stored, map_location=self.device, weights_only=True)
-            return Scan(content["image"], content["affine"], image_key(path), content.get("info"))
-        image = self.preprocessing.read(path, self.spatial_dims)[0]
-        affine = torch.as_tensor(image.affine, dtype=torch.float64)
-        scan = Scan(image.as_tensor().float().to(self.device), affine.to(self.device), image_key(path))
-        if self.info_radius_mm is not None:
-            grey = scan.image.mean(dim=0, keepdim=True)  # (1, *S)
-            scan.info = information_map(grey, scan.spacing_mm, self.info_radius_mm, self.info_bins)
-        if stored is not None:
-            with atomic_writer(stored) as handle:
-                torch.save({"image": scan.image.cpu(), "affine": scan.affine.cpu(),
-                            **({"info": scan.info.cpu()} if scan.info is not None else {})}, handle)
-        log.debug("preprocessed %s: shape %s, spacing %s mm", path, tuple(scan.image.shape[1:]), scan.spacing_mm)
-        return scan

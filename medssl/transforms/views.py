@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -93,35 +93,62 @@ def smooth_displacement_mm(count: int, patch_size: Sequence[int], magnitude_mm: 
     return F.interpolate(coarse * magnitude_mm, size=[int(p) for p in patch_size], mode=mode, align_corners=True)
 
 
-def render_views(source: torch.Tensor, source_affine: torch.Tensor, view_to_source_matrix: torch.Tensor,
-                 patch_size: Sequence[int], displacement_mm: torch.Tensor | None = None,
+def touched_box(grid: torch.Tensor, valid: torch.Tensor, source_shape: Sequence[int]) -> tuple[list[int], list[int]]:
+    """The box ``low <= i < high`` (tensor-axis voxel indices) of source voxels that bilinear sampling at the valid
+    points of ``grid`` ``(V, *P, D)`` (normalised, x-y[-z] order) reads, with one voxel of margin."""
+    size = torch.tensor(list(source_shape), dtype=torch.float64, device=grid.device)
+    points = grid[valid[:, 0]].double().flip(-1)  # (N, D) tensor-axis order
+    if points.numel() == 0:
+        return [0] * len(source_shape), [1] * len(source_shape)
+    index = (((points + 1.0) * size - 1.0) / 2.0).clamp(min=torch.zeros_like(size), max=size - 1)
+    low = (index.min(dim=0).values.floor() - 1).clamp_min(0)
+    high = torch.minimum(index.max(dim=0).values.floor() + 3, size)
+    return [int(v) for v in low.tolist()], [int(v) for v in high.tolist()]
+
+
+def render_views(source: torch.Tensor | Callable[[list[int], list[int]], torch.Tensor], source_affine: torch.Tensor,
+                 view_to_source_matrix: torch.Tensor, patch_size: Sequence[int],
+                 displacement_mm: torch.Tensor | None = None, *, source_shape: Sequence[int] | None = None,
+                 device: torch.device | str | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Resample ``V`` views of one scan: ``(image (V,C,*P), coords (V,D,*P), valid (V,1,*P), view_to_world)``.
 
-    ``source`` ``(C, *S)`` on the target device, ``source_affine`` ``(D+1, D+1)`` voxel -> world mm. Image values are
-    bilinear/trilinear; pixels whose centre lies outside the scan (beyond the outer voxel edges) are invalid and 0.
-    ``displacement_mm`` ``(V, D, *P)`` (elastic views, along the source axes in mm) makes ``view_to_world`` None and
-    the coordinates follow the deformed grid; otherwise coordinates are analytic (``view_to_world`` applied).
+    ``source``: the scan ``(C, *S)``, or ``read(low, high)`` giving its voxels ``low <= i < high`` as ``(C, *box)``
+    (then ``source_shape`` is required): only the box the views touch is read and resampled either way, so both
+    give the same values. ``source_affine`` ``(D+1, D+1)`` voxel -> world mm; ``device`` (default: the source's)
+    renders. Values are bilinear/trilinear; pixels whose centre lies outside the scan (beyond the outer voxel edges)
+    are invalid and 0. ``displacement_mm`` ``(V, D, *P)`` (elastic views, along the source axes in mm) makes
+    ``view_to_world`` None and the coordinates follow the deformed grid; otherwise coordinates are analytic.
     """
     dims = len(patch_size)
-    device = source.device
-    source_shape = tuple(source.shape[1:])
+    read = source if callable(source) else None
+    if read is None:
+        source_shape, device = tuple(source.shape[1:]), device or source.device
+    elif source_shape is None:
+        raise ValueError("render_views needs source_shape when the source is a reader")
+    device = torch.device(device or "cpu")
+    source_shape = tuple(int(n) for n in source_shape)
     affine = torch.as_tensor(source_affine, dtype=torch.float64, device=device)
     grid = sampling_grid(view_to_source_matrix.to(device), source_shape, patch_size)  # (V, *P, D)
+    size = torch.tensor(source_shape, dtype=torch.float64, device=device)
     if displacement_mm is not None:
         spacing = torch.linalg.norm(affine[:dims, :dims], dim=0)  # (D,)
-        size = torch.tensor(source_shape, dtype=torch.float64, device=device)
         scale = (2.0 / (spacing * size)).flip(0).float()  # mm -> normalised units, (x, y[, z]) order
         grid = grid + displacement_mm.flip(1).movedim(1, -1) * scale  # (V, *P, D)
     valid = (grid.abs() <= 1.0).all(dim=-1).unsqueeze(1)  # (V, 1, *P)
-    batch_source = source.unsqueeze(0).expand(grid.shape[0], *source.shape).float()  # (V, C, *S)
-    image = F.grid_sample(batch_source, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    low, high = touched_box(grid, valid, source_shape)
+    box = read(low, high) if read is not None else source[(slice(None), *map(slice, low, high))]
+    box = box.to(device).float()  # (C, *box)
+    start = torch.tensor(low, dtype=torch.float64, device=device).flip(0)
+    extent = torch.tensor(box.shape[1:], dtype=torch.float64, device=device).flip(0)
+    in_box = (((grid.double() + 1.0) * size.flip(0) - 2.0 * start) / extent - 1.0).float()  # the box's [-1, 1]
+    batch_source = box.unsqueeze(0).expand(grid.shape[0], *box.shape)  # (V, C, *box)
+    image = F.grid_sample(batch_source, in_box, mode="bilinear", padding_mode="border", align_corners=False)
     image = image * valid  # (V, C, *P)
     if displacement_mm is None:
         view_to_world = affine @ view_to_source_matrix.to(device)  # (V, D+1, D+1)
         coords = torch.stack([coordinate_grid(m, patch_size) for m in view_to_world])  # (V, D, *P)
         return image, coords, valid, view_to_world
-    size = torch.tensor(source_shape, dtype=torch.float64, device=device)
     source_index = ((grid.double().flip(-1) + 1.0) * size - 1.0) / 2.0  # (V, *P, D) tensor-axis order
     coords = voxel_to_world(affine, source_index).float().movedim(-1, 1)  # (V, D, *P)
     return image, coords.contiguous(), valid, None
