@@ -1,8 +1,9 @@
 """Cost of one training step per objective at the shipped configs' default size (``configs/<method>_<D>d.yaml``).
 
 For each registered objective and dimension: seconds per step (fastest of a few) (objective forward + backward + optimizer step +
-``on_step_end``), its ratio to the floor (the bare network's forward + backward on the same two views), and peak
-memory (CPU: the process's peak resident set, so every case runs in its own subprocess; CUDA: max allocated).
+``on_step_end``), its ratio to the floor (the bare network's forward + backward on the same two views) and to the
+teacher floor (the floor plus the forward of the objective's EMA teacher networks on both views, which a teacher
+method cannot avoid; equal to the floor for methods without a teacher), and peak memory (CPU: the process's peak resident set, so every case runs in its own subprocess; CUDA: max allocated).
 The batch comes from the real view sampler on a small demo population and is reused for every timed step, so
 view generation is not counted (``benchmarks.bench_views`` measures it).
 
@@ -64,9 +65,18 @@ def measure(method: str, spatial_dims: int, data: Path, device: torch.device, st
     views = build_sampler(config, objectives, device=device).sample(config.train.batch_size)
     optimizer = build_optimizer([model], name=config.train.optimizer, lr=config.train.lr, weight_decay=0.0)
 
+    teachers = [module for objective in objectives.values() for module in objective.modules()
+                if type(module) is type(network) and module is not network]  # EMA copies of the network
+
     def floor_step() -> None:
         network.zero_grad(set_to_none=True)
         (network(views.a.image).mean() + network(views.b.image).mean()).backward()
+
+    def teacher_floor_step() -> None:
+        floor_step()
+        with torch.no_grad():
+            for teacher in teachers:
+                teacher(views.a.image), teacher(views.b.image)
 
     def objective_step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -77,12 +87,15 @@ def measure(method: str, spatial_dims: int, data: Path, device: torch.device, st
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    timings = _timed({"floor": floor_step, "step": objective_step}, steps, device)
+    cases = {"floor": floor_step, "step": objective_step, **({"teacher_floor": teacher_floor_step} if teachers else {})}
+    timings = _timed(cases, steps, device)
     floor_s, step_s = timings["floor"], timings["step"]
+    teacher_floor_s = timings.get("teacher_floor", floor_s)
     peak_mib = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
     return {"method": method, "dims": spatial_dims, "patch": list(config.data["patch_size"]),
-            "batch": config.train.batch_size, "step_s": step_s, "floor_s": floor_s, "peak_mib": peak_mib}
+            "batch": config.train.batch_size, "step_s": step_s, "floor_s": floor_s, "teacher_floor_s": teacher_floor_s,
+            "teachers": len(teachers), "peak_mib": peak_mib}
 
 
 def measure_all(dims: Sequence[int] = (2, 3), device: str = "cpu", steps: int = 3, batch: int | None = None,
@@ -113,10 +126,13 @@ def measure_all(dims: Sequence[int] = (2, 3), device: str = "cpu", steps: int = 
 
 
 def format_rows(rows: list[dict]) -> str:
-    header = ["method", "D", "patch", "batch", "s/step", "floor s/step", "ratio", "peak MiB"]
+    header = ["method", "D", "patch", "batch", "s/step", "floor s/step", "ratio", "teacher floor s/step",
+              "ratio to teacher floor", "peak MiB"]
     return "\n".join(markdown_table(header, [
         [r["method"], str(r["dims"]), "x".join(map(str, r["patch"])), str(r["batch"]), f"{r['step_s']:.3f}",
-         f"{r['floor_s']:.3f}", f"{r['step_s'] / r['floor_s']:.1f}", f"{r['peak_mib']:.0f}"] for r in rows]))
+         f"{r['floor_s']:.3f}", f"{r['step_s'] / r['floor_s']:.1f}",
+         f"{r.get('teacher_floor_s', r['floor_s']):.3f}" + ("" if r.get("teachers") else " (no teacher)"),
+         f"{r['step_s'] / r.get('teacher_floor_s', r['floor_s']):.2f}", f"{r['peak_mib']:.0f}"] for r in rows]))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,7 @@
 """Pretraining at scale: peak memory of a fixed-length run on 24, 200 and 1000 demo scans, view pairs per second with
 0, 1 and 2 DataLoader workers, and the time to prepare the cache per scan.
 
-Run: ``python -m benchmarks.bench_scale --dim 2 [--sizes 24 200 1000] [--steps 20] [--distinct N]
+Run: ``python -m benchmarks.bench_scale --dim 2 [--sizes 24 200 1000] [--steps 20] [--distinct N] [--config NAME]
 [--work bench/scale] [--out docs/benchmarks/scale_2d.md]``; prints a Markdown table (``docs/benchmarks.md`` quotes
 it). Each set is the demo population of that many subjects (``medssl data demo``); with ``--distinct N`` only N
 subjects are generated and the rest of a set are hard links to them under other names (a scan is prepared and held
@@ -82,25 +82,26 @@ def pairs_per_second(config_name: str, data: Path, cache: Path, workers: int, ba
 
 
 def measure(dims: int, sizes: Sequence[int], steps: int, distinct: int | None, work: Path, workers: Sequence[int],
-            batches: int, prepare_workers: int) -> tuple[list[dict], list[dict]]:
-    """The memory rows (one per set size and cache budget) and the throughput rows (one per worker count)."""
-    config = f"infoguided_{dims}d"
+            batches: int, prepare_workers: int, config: str | None = None) -> tuple[list[dict], list[dict]]:
+    """The memory rows (one per set size and cache budget) and the throughput rows (one per worker count) for the
+    shipped ``config`` (default ``infoguided_<D>d``)."""
+    config = config or f"infoguided_{dims}d"
     memory = []
     for size in sizes:
         data = demo_set(work, dims, size, distinct or max(sizes))
-        cache = work / f"cache_{dims}d_{size}"
+        cache = work / f"cache_{config}_{size}"
         started = time.perf_counter()
         prepare_data(find_config(config), data=data, out=cache, workers=prepare_workers)
         prepare_s = (time.perf_counter() - started) / size
         for cache_mb in (DEFAULT_CACHE_MB, 0):
-            run = work / f"run_{dims}d_{size}_{cache_mb}"
+            run = work / f"run_{config}_{size}_{cache_mb}"
             subprocess.run(["rm", "-rf", str(run)], check=True)
             peak, seconds = peak_rss_mb(config, data, cache, run, steps, cache_mb)
             memory.append({"scans": size, "cache_mb": cache_mb, "peak_mb": peak, "run_s": seconds,
                            "prepare_s_per_scan": prepare_s})
             log.info("%d scans, cache_mb %s: peak %.0f MB, %.1f s", size, cache_mb, peak, seconds)
     speed = []
-    data, cache = work / f"set_{dims}d_{sizes[0]}", work / f"cache_{dims}d_{sizes[0]}"
+    data, cache = work / f"set_{dims}d_{sizes[0]}", work / f"cache_{config}_{sizes[0]}"
     for count in workers:
         rate = pairs_per_second(config, data, cache, count, batches)
         speed.append({"workers": count, "pairs_per_s": rate})
@@ -108,16 +109,16 @@ def measure(dims: int, sizes: Sequence[int], steps: int, distinct: int | None, w
     return memory, speed
 
 
-def format_tables(dims: int, memory: list[dict], speed: list[dict], steps: int) -> str:
+def format_tables(config: str, memory: list[dict], speed: list[dict], steps: int) -> str:
     base = {row["cache_mb"]: row["peak_mb"] for row in memory if row["scans"] == memory[0]["scans"]}
-    rows = [[row["scans"], row["cache_mb"], f"{row['peak_mb']:.0f}", f"{row['peak_mb'] / base[row['cache_mb']]:.2f}",
+    rows = [[str(row["scans"]), str(row["cache_mb"]), f"{row['peak_mb']:.0f}", f"{row['peak_mb'] / base[row['cache_mb']]:.2f}",
              f"{row['run_s']:.0f}", f"{row['prepare_s_per_scan']:.3f}"] for row in memory]
-    lines = [f"Peak resident memory of `medssl pretrain infoguided_{dims}d` ({steps} steps, prepared cache) by set "
+    lines = [f"Peak resident memory of `medssl pretrain {config}` ({steps} steps, prepared cache) by set "
              "size and in-memory budget:", "",
-             markdown_table(["scans", "data.cache_mb", "peak RSS (MB)", f"x {memory[0]['scans']}-scan run",
-                             "run (s)", "prepare (s/scan)"], rows), "",
+             *markdown_table(["scans", "data.cache_mb", "peak RSS (MB)", f"x {memory[0]['scans']}-scan run",
+                              "run (s)", "prepare (s/scan)"], rows), "",
              "View pairs per second of the same sampler by DataLoader workers (startup included):", "",
-             markdown_table(["workers", "pairs/s"], [[r["workers"], f"{r['pairs_per_s']:.1f}"] for r in speed])]
+             *markdown_table(["workers", "pairs/s"], [[str(r["workers"]), f"{r['pairs_per_s']:.1f}"] for r in speed])]
     return "\n".join(lines)
 
 
@@ -126,17 +127,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dim", type=int, choices=(2, 3), default=2)
     parser.add_argument("--sizes", type=int, nargs="+", default=[24, 200, 1000])
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--config", default=None, help="shipped pretraining config (default infoguided_<D>d)")
     parser.add_argument("--distinct", type=int, default=None, help="distinct demo subjects (default: the largest size)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--batches", type=int, default=20, help="batches per throughput measurement")
+    parser.add_argument("--batches", type=int, default=100, help="batches per throughput measurement")
     parser.add_argument("--prepare-workers", type=int, default=2)
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "scale")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     log_progress()
+    config = args.config or f"infoguided_{args.dim}d"
     memory, speed = measure(args.dim, args.sizes, args.steps, args.distinct, args.work, args.workers, args.batches,
-                            args.prepare_workers)
-    emit(format_tables(args.dim, memory, speed, args.steps), args.out)
+                            args.prepare_workers, config)
+    emit(format_tables(config, memory, speed, args.steps), args.out)
 
 
 if __name__ == "__main__":

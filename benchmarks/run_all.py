@@ -6,7 +6,7 @@ fine-tuning transfer (``bench_finetune``: segmentation Dice/HD95 and landmark MR
 with the best one-shot MRE, or ``--finetune-methods``} or ``none`` x seeds, and stage 2 on one-shot pseudo-labels).
 Speed suite: seconds per step and its ratio to the bare network's forward+backward, and peak memory, per objective
 (``bench_objectives``); view pairs per second (``bench_views``); one-shot seconds per image against registration
-(from the quality suite's timings). From the repository root, as every benchmark:
+(from the quality suite's timings); a pointer to the scale measurements (``bench_scale``, run on its own). From the repository root, as every benchmark:
 
     python -m benchmarks.run_all --dim 2                                   # full size: ~40 min on a 2-core CPU
     python -m benchmarks.run_all --dim 2 --quick --out /tmp/bench.md --work /tmp/bench_work   # toy size, minutes
@@ -355,14 +355,20 @@ def render(args: argparse.Namespace, budget: Budget, results: Results, command: 
         lines += ["## Speed", ""]
         if results.step_cost:
             lines += ["### Cost per pretraining step", "", "Objective forward + backward + optimizer step against the "
-                      "floor (the bare network's forward + backward on the same two views); one reused batch, so view "
-                      "generation is not counted (`bench_objectives`).", "",
+                      "floor (the bare network's forward + backward on the same two views) and the teacher floor (the floor "
+                      "plus the EMA teachers' forward on both views, what a teacher method cannot avoid); one reused "
+                      "batch, so view generation is not counted (`bench_objectives`).", "",
                       bench_objectives.format_rows(results.step_cost), ""]
             lines += image("Step / floor ratio per objective", step_cost_figure(results.step_cost, figures /
                                                                                 "step_ratio.png"))
         if results.views:
             lines += ["### View generation", "", "View pairs per second against one training step of the default "
                       "network (`bench_views`).", "", bench_views.format_rows(results.views), ""]
+        lines += ["### Scale", "", "Peak memory of a fixed-length pretraining run on 24, 200 and 1000 demo scans, "
+                  "view pairs per second with 0, 1 and 2 DataLoader workers, and the time to prepare the cache: "
+                  "recorded in [benchmarks/scale_2d.md](benchmarks/scale_2d.md) and "
+                  "[benchmarks/scale_3d.md](benchmarks/scale_3d.md) by `python -m benchmarks.bench_scale --dim D` "
+                  "(tens of minutes: not rerun here).", ""]
         lines += ["### One-shot seconds per image", ""]
         if results.oneshot:
             registration = next((r["seconds"] for r in results.oneshot if r["label"] == "registration"), None)

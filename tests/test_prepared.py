@@ -192,3 +192,7 @@ def test_bad_loader_and_cache_options_are_refused(tmp_path, capsys):
         assert main([*common, override]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+    assert main([*common, f"data.cache_dir={tmp_path / 'data'}"]) == 2  # the cache would sit among the scans
+    assert "holds an input" in capsys.readouterr().err and not list((tmp_path / "data").glob("*.npy"))
+    assert main(["prepare", str(tmp_path / "data"), "--config", "pgssl_2d", "--out", str(tmp_path)]) == 2
+    assert "holds an input" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from medssl.data.readers import save_image
 from medssl.errors import InputError
 from medssl.networks import UNet
 from medssl.objectives.infoguided import InfoGuided
+from medssl.transforms.infomap import info_categories
 from medssl.transforms.preprocess import Preprocessing
 from medssl.transforms.sampler import ViewPairSampler
 
@@ -163,7 +164,11 @@ def test_dataset_percentile_thresholds(scans):
     sampler.sample(1)
     values = np.concatenate([sampler.scans[i].info.flatten().numpy() for i in range(2)])
     expected = np.percentile(values, [30.0, 70.0])
-    assert sampler.state_dict()["thresholds_bits"] == pytest.approx(expected, abs=8 / 2048)  # one histogram bin
+    thresholds = sampler.state_dict()["thresholds_bits"]
+    assert thresholds == pytest.approx(expected, abs=8 / 2048)  # one histogram bin
+    exact = torch.bincount(info_categories(torch.from_numpy(values), thresholds), minlength=3) / values.size * 100
+    shares = sampler.category_shares()["positions"]  # from the stored histograms, exact as thresholds are bin edges
+    assert [shares[name] for name in ("low", "medium", "high")] == pytest.approx(exact.tolist(), abs=0.5)
 
 
 def test_category_shares_are_logged_and_a_missing_category_is_warned_about(scans, caplog):

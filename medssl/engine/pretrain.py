@@ -31,7 +31,7 @@ from medssl.errors import InputError
 from medssl.networks import UNet, build_network
 from medssl.networks.model_file import save_model
 from medssl.objectives import OBJECTIVES
-from medssl.outputs import undone_on_failure
+from medssl.outputs import check_output, undone_on_failure
 from medssl.rng import capture_rng, restore_rng, seeded
 from medssl.transforms.pair_loader import LOADER_KEYS, check_loader_options, default_workers, pair_batches
 from medssl.transforms.sampler import ViewPairSampler
@@ -120,9 +120,12 @@ def build_sampler(config: PretrainConfig, objectives: dict[str, nn.Module], *, d
         raise InputError("no training data: pass --data PATH (a folder, datalist JSON or image) or set data.path")
     if options.get("cache_dir") is None and cache_dir is not None:
         options["cache_dir"] = str(cache_dir)
+    images = resolve_images(config.data["path"])
+    if options.get("cache_dir") is not None:  # never beside the scans: refused if it holds one
+        check_output(options["cache_dir"], kind="folder", inputs=images)
     first = next(iter(objectives.values()))
     return build_section("data", lambda: ViewPairSampler(
-        resolve_images(config.data["path"]),
+        images,
         spatial_dims=config.spatial_dims,
         preset=first.views,
         info_guided=any(getattr(o, "needs_info", False) for o in objectives.values()),

@@ -1,9 +1,9 @@
 """Information maps (IGU-Aug, METHODS 2.3-2.5): local grey-level entropy in bits, its three categories, and
 anchor sampling with probability proportional to ``IIE ** alpha``.
 
-The entropy is computed with torch (quantise, one-hot, convolve with the window, ``-sum p log2 p``) so that it runs
-on the training device in 2D and 3D; it equals ``skimage.filters.rank.entropy`` with the same footprint (skimage runs
-on the CPU only and takes no physical spacing, hence our own implementation).
+The entropy is computed with torch (quantise, compare every voxel's window values pairwise, ``-sum p log2 p``) so
+that it runs on any device in 2D and 3D; it equals ``skimage.filters.rank.entropy`` with the same footprint (skimage
+runs on the CPU only and takes no physical spacing, hence our own implementation).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from medssl.outputs import save_figure
 #: ``ViewPairSampler`` defaults to the dataset's 20/80 percentiles instead (a 2 mm window rarely reaches 4.5 bits)
 DEFAULT_THRESHOLDS_BITS = (2.0, 4.5)
 CATEGORY_NAMES = ("low", "medium", "high")
-_BIN_CHUNK = 32  # one-hot planes convolved at once (bounds memory to 32 x the image)
+_SLAB_ELEMENTS = 1 << 25  # window values held at once by information_map (128 MB of int32)
 
 
 def entropy_footprint(spacing_mm: Sequence[float], radius_mm: float) -> torch.Tensor:
@@ -49,25 +49,37 @@ def information_map(image: torch.Tensor, spacing_mm: Sequence[float], radius_mm:
 
     ``image`` is ``(*S)``, ``(C, *S)`` or ``(B, C, *S)`` with ``D = len(spacing_mm)`` trailing spatial axes; the
     window is :func:`entropy_footprint`. Like skimage's rank filters, only window pixels inside the image count.
+    With ``F`` window offsets, each voxel's entropy is ``-sum_j log2(c_j / n) / n`` over its ``n`` neighbours inside
+    the image, ``c_j`` counting the neighbours on neighbour ``j``'s grey level: ``F^2`` comparisons per voxel, done
+    slab by slab along the first axis (memory ``~F x`` a slab), whatever the number of grey levels.
     """
     dims = len(spacing_mm)
     if image.ndim < dims:
         raise ValueError(f"image has {image.ndim} axes, fewer than the {dims} of spacing_mm")
     spatial = tuple(image.shape[-dims:])
     levels = quantise(image, bins).reshape(-1, *spatial)  # (N, *S)
-    footprint = entropy_footprint(spacing_mm, radius_mm).to(image.device, torch.float32)
-    padding = [k // 2 for k in footprint.shape]
-    conv = getattr(F, f"conv{dims}d")
-    inside = conv(torch.ones((1, 1, *spatial), device=image.device), footprint[None, None], padding=padding)
+    footprint = entropy_footprint(spacing_mm, radius_mm)
+    half = [k // 2 for k in footprint.shape]
+    offsets = (torch.nonzero(footprint) - torch.tensor(half)).tolist()  # (F, D)
+    padding = [h for h in reversed(half) for _ in range(2)]  # F.pad order: last axis first
     entropy = torch.zeros((levels.shape[0], *spatial), dtype=torch.float32, device=image.device)  # (N, *S)
+    plane = max(1, math.prod(spatial[1:]))
+    rows = max(1, _SLAB_ELEMENTS // (len(offsets) * plane))  # slab of the first axis kept in memory at once
     for sample in range(levels.shape[0]):
-        present = torch.unique(levels[sample])
-        for start in range(0, present.numel(), _BIN_CHUNK):
-            chunk = present[start:start + _BIN_CHUNK]
-            one_hot = (levels[sample] == chunk.reshape(-1, *[1] * dims)).float()[None]  # (1, K, *S)
-            kernel = footprint.expand(chunk.numel(), 1, *footprint.shape)  # (K, 1, *F): depthwise, fastest on CPU
-            probability = conv(one_hot, kernel, padding=padding, groups=chunk.numel())[0] / inside[0]  # (K, *S)
-            entropy[sample] -= (probability * torch.log2(probability.clamp_min(1e-12))).sum(dim=0)
+        padded = F.pad(levels[sample][None, None].to(torch.int32), padding, value=-1)[0, 0]  # outside = -1
+        for first in range(0, spatial[0], rows):
+            last = min(spatial[0], first + rows)
+            windows = [padded[tuple(slice(o + h + (first if axis == 0 else 0),
+                                          o + h + (last if axis == 0 else spatial[axis]))
+                                    for axis, (o, h) in enumerate(zip(offset, half)))] for offset in offsets]
+            neighbours = torch.stack(windows)  # (F, slab...): each voxel's window values
+            inside = neighbours >= 0
+            count = inside.sum(dim=0).clamp_min(1).float()  # n per voxel
+            total = torch.zeros_like(count)
+            for j in range(len(offsets)):
+                same = (neighbours == neighbours[j]).sum(dim=0).float()  # c_j (outside values never match inside)
+                total += torch.where(inside[j], torch.log2(same / count), torch.zeros_like(count))
+            entropy[sample, first:last] = -total / count
     return entropy.clamp_min(0).reshape(image.shape)
 
 
@@ -82,8 +94,9 @@ def info_categories(info: torch.Tensor, thresholds_bits: Sequence[float] = DEFAU
 def histogram_percentiles(counts: torch.Tensor, max_bits: float,
                           percentiles: Sequence[float] = (20.0, 80.0)) -> tuple[float, float]:
     """Dataset thresholds (bits): the given percentiles of the information values counted in ``counts``, a
-    histogram of equal bins over ``[0, max_bits]`` (summed over the scans), linear within a bin (so exact to one bin
-    width; a run never holds every map at once)."""
+    histogram of equal bins over ``[0, max_bits]`` (summed over the scans), each rounded to the nearer edge of its
+    bin (within one bin width; and the category of every counted value then follows from the histogram exactly,
+    which the category shares rely on). A run never holds every map at once, hence the histogram."""
     counts = torch.as_tensor(counts, dtype=torch.float64).flatten()
     total = float(counts.sum())
     if total <= 0:
@@ -98,7 +111,7 @@ def histogram_percentiles(counts: torch.Tensor, max_bits: float,
         right = min(max(right, first), counts.numel())  # the first bin that holds values, at the latest the last
         below, inside = float(cumulative[right - 1]), float(cumulative[right] - cumulative[right - 1])
         fraction = 0.0 if inside <= 0 else (q - below) / inside
-        values.append((right - 1 + min(max(fraction, 0.0), 1.0)) * width)
+        values.append((right - 1 + (fraction >= 0.5)) * width)  # the nearer edge of the bin holding the percentile
     return values[0], values[1]
 
 
