@@ -72,9 +72,13 @@ def test_workers_resume_and_ranks_do_not_change_the_batches(scans, tmp_path):
 
 def test_memory_mapped_boxes_give_the_batches_of_scans_held_in_memory(scans, tmp_path):
     paths, dims = scans
-    held = _sampler(paths, dims, tmp_path / "cache").sample(4, step=2)
+    holding = _sampler(paths, dims, tmp_path / "cache")
+    held = holding.sample(4, step=2)
     mapped = _sampler(paths, dims, tmp_path / "cache", cache_mb=0)
     assert _same(held, mapped.sample(4, step=2)) and mapped.scans._held_bytes == 0
+    holding.sample(8, step=3)
+    assert holding.scans._held_bytes > 0  # scans drawn again are held whole (and give the same boxes)
+    assert _same(holding.sample(4, step=2), held)
     whole = mapped.scans[0]
     low, high = [1] * dims, [5] * dims
     box = (slice(None), *(slice(1, 5),) * dims)
@@ -196,3 +200,20 @@ def test_bad_loader_and_cache_options_are_refused(tmp_path, capsys):
     assert "holds an input" in capsys.readouterr().err and not list((tmp_path / "data").glob("*.npy"))
     assert main(["prepare", str(tmp_path / "data"), "--config", "pgssl_2d", "--out", str(tmp_path)]) == 2
     assert "holds an input" in capsys.readouterr().err
+
+
+def test_a_scan_is_held_whole_from_its_second_use_within_the_budget(tmp_path):
+    paths = _write_scans(tmp_path, 2, 3)
+    scans = PreparedScans(paths, spatial_dims=2, folder=tmp_path / "cache", cache_mb=1)
+    low, high = [0, 0], [4, 4]
+    scans.use(0)
+    scans.region(0, low, high)
+    assert scans._held_bytes == 0  # drawn once: boxes only
+    scans.use(0)
+    first = scans.region(0, low, high)
+    size = 4 * 40 * 34  # one channel, float32
+    assert scans._held_bytes == size and torch.equal(first, scans[0].image[:, :4, :4])
+    scans.limit_cache(size / 2**20 * 1.5)  # room for one scan only
+    for index in (1, 2):
+        scans.use(index), scans.use(index), scans.region(index, low, high)
+    assert scans._held_bytes == size  # the budget holds

@@ -1,8 +1,8 @@
 """The prepared-data cache of pretraining: every scan preprocessed once (``Preprocessing``, plus its information map)
 and stored on disk as a memory-mappable ``.npy`` (channels, then the map) with a ``.json`` record (source file,
-its size and time, the spec, shape, affine, a histogram of the map). ``PreparedScans`` opens a cache lazily: whole
-scans are kept in memory up to ``cache_mb``, the rest are read box by box from the memory map, so the memory a run
-holds does not grow with the number of scans.
+its size and time, the spec, shape, affine, a histogram of the map). ``PreparedScans`` opens a cache lazily: scans
+used again are kept whole in memory up to ``cache_mb``, the rest are read box by box from the memory map, so the
+memory a run holds does not grow with the number of scans.
 
 Written here rather than with MONAI's ``PersistentDataset``: that pickles whole transformed items with
 ``torch.save`` and loads each one whole, while view rendering needs a few boxes of a scan at a time.
@@ -237,8 +237,9 @@ def _run_preparation(paths: list[Path], spec: PrepareSpec, folder: Path, workers
 
 class PreparedScans:
     """The prepared scans of a run, by index: opened lazily from the cache in ``folder`` (built or brought up to
-    date on construction by :func:`prepare_scans`; None: a temporary folder removed with this object). Whole scans
-    are kept in memory while they fit in ``cache_mb``; the others are read box by box from their memory maps.
+    date on construction by :func:`prepare_scans`; None: a temporary folder removed with this object). A scan used a
+    second time is kept whole in memory while it fits in ``cache_mb``; the others are read box by box from their
+    memory maps.
 
     ``info_radius_mm`` (None: no maps) adds each scan's information map, computed once at its resolution.
     """
@@ -263,6 +264,7 @@ class PreparedScans:
         self.cache_bytes = int(cache_mb * 2**20)
         self._held: dict[int, torch.Tensor] = {}
         self._held_bytes = 0
+        self._uses: dict[int, int] = {}  # samples drawn from each scan (:meth:`use`): held whole from the second
 
     @property
     def spatial_dims(self) -> int:
@@ -284,16 +286,25 @@ class PreparedScans:
         while self._held and self._held_bytes > self.cache_bytes:
             self._held_bytes -= self._held.pop(next(iter(self._held))).nbytes
 
+    def use(self, index: int) -> None:
+        """Count one use of scan ``index`` (a sample drawn from it, whatever boxes it reads): from the second use the
+        scan is read whole and kept in memory while the budget allows."""
+        self._uses[index] = self._uses.get(index, 0) + 1
+
     def _array_path(self, index: int) -> Path:
         return self.folder / f"{entry_stem(self.paths[index], self.spec)}.npy"
 
     def _whole(self, index: int) -> torch.Tensor | None:
-        """The whole stored array ``(C[+1], *S)`` if it is (or now fits) in memory, else None."""
+        """The whole stored array ``(C[+1], *S)`` if it is held in memory, else None. A scan is read whole (and held)
+        from its second use (:meth:`use`) while it fits in the budget: a scan drawn once costs only its boxes, and
+        under uniform sampling an evicting cache would only thrash, so held scans stay."""
         held = self._held.get(index)
         if held is None:
+            if self._uses.get(index, 0) < 2:
+                return None
             size = 4 * math.prod(self.records[index]["shape"])
             if self._held_bytes + size > self.cache_bytes:
-                return None  # filled, not evicted: under uniform sampling an evicting cache only thrashes
+                return None
             held = torch.from_numpy(np.load(self._array_path(index)))
             self._held[index], self._held_bytes = held, self._held_bytes + size
         return held
@@ -331,5 +342,5 @@ class PreparedScans:
 
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers under spawn: no held scans, no temporary owner
         state = dict(self.__dict__)
-        state.update(_held={}, _held_bytes=0, _temporary=None)
+        state.update(_held={}, _held_bytes=0, _uses={}, _temporary=None)
         return state

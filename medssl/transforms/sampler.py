@@ -295,6 +295,7 @@ class ViewPairSampler:
     def _pair(self, generator: torch.Generator) -> tuple[ViewBatch, ViewBatch, str]:
         """One sample's two views (batch of one each) and its subject."""
         index = int(torch.randint(len(self.scans), (1,), generator=generator, device=self.device))
+        self.scans.use(index)
         anchor, category = self._anchor(index, generator)
         spacing = torch.tensor(self.scans.spacing_mm(index), dtype=torch.float64, device=self.device)
         views = []
