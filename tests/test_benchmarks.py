@@ -48,8 +48,10 @@ def test_document_has_every_table_and_plot(toy):
     assert {line.split("|")[2].strip() for line in finetune} == {best, "none"}
     assert set(_rows(text, "**Stage 2 on one-shot pseudo-labels")) == {"init", best}  # header + its rows
     assert re.search(rf"\| {best} \| stage 2 \(1 template \+ one-shot pseudo-labels\) \| \d+\.\d\d \|", text)
-    assert "| method | D | patch | batch | s/step | floor s/step | ratio | peak MiB |" in text
+    assert ("| method | D | patch | batch | s/step | floor s/step | ratio | teacher floor s/step | ratio to teacher floor "
+            "| peak MiB |") in text
     assert set(_rows(text, "### Cost per pretraining step")) >= {*METHODS}
+    assert "### Scale" in text and "benchmarks/scale_3d.md" in text  # where bench_scale recorded its tables
     assert "| 2D 32x32 | symmetric |" in text
     assert float(_rows(text, "### One-shot seconds per image")["registration"][1]) == 1.0
     for stage in ("pretraining pgssl", "one-shot landmarks", "fine-tuning", "cost per step", "view generation"):

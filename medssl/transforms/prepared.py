@@ -316,7 +316,7 @@ class PreparedScans:
         if whole is not None:
             return whole[box].clone()
         mapped = np.load(self._array_path(index), mmap_mode="r")  # opened per read: no resident pages pile up
-        return torch.from_numpy(np.ascontiguousarray(mapped[box]))
+        return torch.from_numpy(np.array(mapped[box], dtype=np.float32))  # a copy: the map closes when dropped
 
     def info_at(self, index: int, voxels: torch.Tensor) -> torch.Tensor:
         """The information map at voxel indices ``(N, D)`` -> ``(N,)`` float32."""
