@@ -61,6 +61,35 @@ def oneshot_rows(data: Path, runs: dict[str, Path], work: Path, arch: str = "sma
     return rows
 
 
+def timing_rows(work: Path, spatial_dims: int, queries: int = 5, device: str = "cpu", skip: Sequence[str] = (),
+                variability: str = "realistic") -> list[dict]:
+    """Seconds per query image of one-shot matching on a demo population of ``queries + 1`` subjects (seed 0, in
+    ``work``): the embedding matcher (default settings) on the network of ``configs/infoguided_<D>d.yaml`` at its
+    random init (the time does not depend on the weights; its errors mean nothing), then NCC and registration
+    unless in ``skip``. Rows as ``score_row``, the embedding one labelled ``embedding``."""
+    from medssl.config import shipped_config
+    from medssl.data.demo import write_demo_dataset
+    from medssl.engine.pretrain import save_initial_model
+    from medssl.engine.pretrain_config import read_pretrain_config
+
+    data = work / f"data_{spatial_dims}d_{queries + 1}s_{variability}"
+    if not (data / "datalist.json").is_file():
+        write_demo_dataset(data, spatial_dims=spatial_dims, n_subjects=queries + 1, seed=0, variability=variability)
+    model = save_initial_model(read_pretrain_config(shipped_config(f"infoguided_{spatial_dims}d")),
+                               work / f"infoguided_{spatial_dims}d_init.pt")
+    cases = [("embedding", str(model), "embedding")]
+    cases += [(label, checkpoint, method) for label, checkpoint, method, key in BASELINES[1:] if key not in skip]
+    return [score_row(label, data, checkpoint, method, work, "small", device) for label, checkpoint, method in cases]
+
+
+def format_seconds(rows: list[dict]) -> str:
+    """Seconds per image and the ratio of registration's time to each method's (how many times faster)."""
+    registration = next((row["seconds"] for row in rows if row["label"] == "registration"), None)
+    return "\n".join(markdown_table(["method", "s / image", "registration s ÷ this"], [
+        [row["label"], f"{row['seconds']:.2f}", f"{registration / row['seconds']:.1f}" if registration else "n/a"]
+        for row in rows]))
+
+
 def format_rows(rows: list[dict]) -> str:
     radii = list(rows[0]["sdr"])
     header = ["method", "MRE ± std (mm)", "median (mm)", *(f"SDR {r} mm" for r in radii), "s / image"]

@@ -5,8 +5,9 @@ then one-shot landmarks (``bench_oneshot``: each run, random init, NCC, registra
 fine-tuning transfer (``bench_finetune``: segmentation Dice/HD95 and landmark MRE/SDR, N labeled x {the objective
 with the best one-shot MRE, or ``--finetune-methods``} or ``none`` x seeds, and stage 2 on one-shot pseudo-labels).
 Speed suite: seconds per step and its ratio to the bare network's forward+backward, and peak memory, per objective
-(``bench_objectives``); view pairs per second (``bench_views``); one-shot seconds per image against registration
-(from the quality suite's timings); a pointer to the scale measurements (``bench_scale``, run on its own). From the repository root, as every benchmark:
+(``bench_objectives``) and where a step's time goes (``torch.profiler``); view pairs per second (``bench_views``);
+one-shot seconds per image against registration (the quality suite's timings; with the speed suite alone, its own
+on 5 queries, ``bench_oneshot.timing_rows``); a pointer to the scale measurements (``bench_scale``, run on its own). From the repository root, as every benchmark:
 
     python -m benchmarks.run_all --dim 2                                   # full size: ~40 min on a 2-core CPU
     python -m benchmarks.run_all --dim 2 --quick --out /tmp/bench.md --work /tmp/bench_work   # toy size, minutes
@@ -97,6 +98,7 @@ class Results:
 
     pretraining: list[dict] = field(default_factory=list)
     oneshot: list[dict] = field(default_factory=list)
+    oneshot_seconds: list[dict] = field(default_factory=list)
     finetune: dict[tuple, list[dict]] = field(default_factory=dict)
     step_cost: list[dict] = field(default_factory=list)
     views: list[dict] = field(default_factory=list)
@@ -211,10 +213,16 @@ def speed_suite(args: argparse.Namespace, budget: Budget, device: str, results: 
     with stage("cost per step", f"{', '.join(args.methods)} at the shipped {args.dim}D config sizes"):
         results.step_cost = bench_objectives.measure_all(
             [args.dim], device, budget.step_rounds, methods=args.methods, overrides=budget.step_cost,
-            isolate=not args.quick)  # --quick: in this process (saves the imports; the peak memory is the process's)
+            isolate=not args.quick, profile=True)  # --quick: in this process (the peak memory is the process's)
     with stage("view generation", f"{args.dim}D view pairs per second"):
         results.views = bench_views.measure([args.dim], device, 2 if args.quick else 4, budget.view_repeats,
                                             budget.views or bench_views.CASES)
+    if not results.oneshot:  # no quality suite: time one-shot matching on a few queries of its own
+        queries = 2 if args.quick else 5
+        with stage("one-shot seconds", f"{queries} {args.dim}D queries: embedding (the infoguided_{args.dim}d "
+                                       f"network), NCC, registration (skipped: {', '.join(args.skip) or 'none'})"):
+            results.oneshot_seconds = bench_oneshot.timing_rows(args.work / "oneshot_seconds", args.dim, queries,
+                                                                device, args.skip, args.variability)
 
 
 # ---------------------------------------------------------------------------------------------------- the document
@@ -361,6 +369,11 @@ def render(args: argparse.Namespace, budget: Budget, results: Results, command: 
                       bench_objectives.format_rows(results.step_cost), ""]
             lines += image("Step / floor ratio per objective", step_cost_figure(results.step_cost, figures /
                                                                                 "step_ratio.png"))
+            if any("profile" in row for row in results.step_cost):
+                lines += ["### Where the time goes", "", "One step of each objective under `torch.profiler`: share of "
+                          "the step per phase, and the operators with the most self time (their input shapes say "
+                          "which tensor: the network's convolutions, a head, a loss).", "",
+                          bench_objectives.format_profile(results.step_cost), ""]
         if results.views:
             lines += ["### View generation", "", "View pairs per second against one training step of the default "
                       "network (`bench_views`).", "", bench_views.format_rows(results.views), ""]
@@ -371,12 +384,14 @@ def render(args: argparse.Namespace, budget: Budget, results: Results, command: 
                   "(tens of minutes: not rerun here).", ""]
         lines += ["### One-shot seconds per image", ""]
         if results.oneshot:
-            registration = next((r["seconds"] for r in results.oneshot if r["label"] == "registration"), None)
-            lines += markdown_table(["method", "s / image", "× registration"], [
-                [r["label"], f"{r['seconds']:.2f}", f"{r['seconds'] / registration:.2f}" if registration else "n/a"]
-                for r in results.oneshot]) + [""]
+            lines += ["From the one-shot runs above (preparing and matching, model loading included).", "",
+                      bench_oneshot.format_seconds(results.oneshot), ""]
         else:
-            lines += ["From the quality suite's timings: run it too (`--suites quality speed`).", ""]
+            lines += [f"{args.dim}D demo queries (`bench_oneshot.timing_rows`: template `subject_000`, preparing "
+                      "and matching, model loading included); the embedding "
+                      f"matcher runs the `infoguided_{args.dim}d` network at random init with the default matcher "
+                      "(the time does not depend on the weights).", "",
+                      bench_oneshot.format_seconds(results.oneshot_seconds), ""]
     lines += ["## Time per stage", ""]
     lines += markdown_table(["stage", "seconds"], [[name, f"{seconds:.1f}"] for name, seconds in results.stages.items()]
                     + [["total", f"{total:.1f}"]]) + [""]

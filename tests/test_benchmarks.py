@@ -51,6 +51,10 @@ def test_document_has_every_table_and_plot(toy):
     assert ("| method | D | patch | batch | s/step | floor s/step | ratio | teacher floor s/step | ratio to teacher floor "
             "| peak MiB |") in text
     assert set(_rows(text, "### Cost per pretraining step")) >= {*METHODS}
+    profile = _rows(text, "### Where the time goes")
+    for method in METHODS:  # phase shares of one profiled step add up, and its operators are named with shapes
+        assert abs(sum(float(cell) for cell in profile[method][1:4]) - 100) <= 2
+        assert re.search(r"\w+ \d+ % \(\d+x [\dx]+", profile[method][4])
     assert "### Scale" in text and "benchmarks/scale_3d.md" in text  # where bench_scale recorded its tables
     assert "| 2D 32x32 | symmetric |" in text
     assert float(_rows(text, "### One-shot seconds per image")["registration"][1]) == 1.0
@@ -60,6 +64,18 @@ def test_document_has_every_table_and_plot(toy):
     assert sorted(figures) == ["benchmarks/finetune.png", "benchmarks/oneshot_mre.png", "benchmarks/step_ratio.png"]
     for figure in figures:
         assert (doc.parent / figure).stat().st_size > 1000
+
+
+def test_speed_suite_alone_times_one_shot_matching(tmp_path):
+    """``--suites speed`` without the quality suite times one-shot matching itself (embedding, NCC, registration)."""
+    doc = tmp_path / "speed.md"
+    run_all.main(["--dim", "2", "--quick", "--suites", "speed", "--methods", "msf", "--skip", "--out", str(doc),
+                  "--work", str(tmp_path / "work"), "--device", "cpu"])
+    text = doc.read_text()
+    seconds = _rows(text, "### One-shot seconds per image")
+    assert set(seconds) >= {"embedding", "NCC", "registration"} and seconds["registration"][1] == "1.0"
+    assert all(float(seconds[label][0]) > 0 for label in ("embedding", "NCC", "registration"))
+    assert "msf" in _rows(text, "### Where the time goes") and "### One-shot landmarks" not in text
 
 
 def test_rerun_reuses_finished_runs(toy, tmp_path):

@@ -14,6 +14,7 @@ from medssl.objectives.losses import (
     heteroscedastic_loss,
     info_nce_map,
     regression_loss,
+    mc_statistics,
     uncertainty_weights,
 )
 
@@ -53,10 +54,12 @@ def _reference_info_nce(feat, queries, targets, valid, window, temperature):
     return float(np.mean(losses))
 
 
-@pytest.mark.parametrize("dims, window", [(2, None), (2, 2), (3, None), (3, 1)])
-def test_info_nce_map_matches_reference(dims, window):
+#: windows of an eighth of the map or more are scored on the masked whole map, smaller ones are gathered
+@pytest.mark.parametrize("sizes, window", [((7, 6), None), ((7, 6), 2), ((12, 11), 1), ((5, 4, 3), None),
+                                           ((5, 4, 3), 1), ((9, 8, 7), 1)])
+def test_info_nce_map_matches_reference(sizes, window):
+    dims = len(sizes)
     generator = torch.Generator().manual_seed(dims)
-    sizes = (7, 6) if dims == 2 else (5, 4, 3)
     feat = torch.randn(2, 4, *sizes, generator=generator, dtype=torch.float64)
     queries = torch.randn(2, 3, 4, generator=generator, dtype=torch.float64)
     targets = torch.stack([torch.randint(0, s, (2, 3), generator=generator) for s in sizes], dim=-1)
@@ -85,16 +88,18 @@ def test_uncertainty_weights_are_detached_exponential_and_average_to_one():
     spread = torch.linspace(0.1, 2, 50, dtype=torch.float64)[None, :, None]  # sample n has spread n
     samples = torch.randn(6, 50, 4, generator=generator, dtype=torch.float64) * spread
     samples = (samples + 3.0).requires_grad_(True)
-    weights, u = uncertainty_weights(samples)
+    mean, u = mc_statistics(samples)
+    weights = uncertainty_weights(u)
     normed = samples.detach().numpy() / np.linalg.norm(samples.detach().numpy(), axis=-1, keepdims=True)
     u_ref = normed.var(axis=0).mean(axis=-1)
     w_ref = np.exp(-u_ref / np.median(u_ref))
-    assert np.allclose(u.detach().numpy(), u_ref)
+    assert np.allclose(u.detach().numpy(), u_ref)  # the identity (1 - |mean|^2) / C equals the variance
+    assert np.allclose(mean.detach().numpy(), normed.mean(axis=0))
     assert np.allclose(weights.numpy(), w_ref / w_ref.mean())
     assert not weights.requires_grad and u.requires_grad
     assert math.isclose(float(weights.mean()), 1.0, rel_tol=1e-9)
     assert weights[0] > weights[-1]  # the least spread sample weighs most
-    fixed, _ = uncertainty_weights(samples, tau=0.5)
+    fixed = uncertainty_weights(u, tau=0.5)
     assert np.allclose(fixed.numpy(), np.exp(-u_ref / 0.5) / np.exp(-u_ref / 0.5).mean())
 
 

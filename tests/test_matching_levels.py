@@ -49,14 +49,20 @@ def config(demo: Path, methods: list[str], validation: bool = False) -> dict:
 
 
 def count_combined(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Record how many per-level cosine maps every ``OneShotMatcher.combine_levels`` call combines."""
-    counts, original = [], OneShotMatcher.combine_levels
+    """Record how many levels every ``OneShotMatcher.combine_levels`` (scores at points) and ``combined_maps``
+    (similarity maps) call combines."""
+    counts, original, maps = [], OneShotMatcher.combine_levels, OneShotMatcher.combined_maps
 
     def combine(self, cosines):
         counts.append(len(cosines))
         return original(self, cosines)
 
+    def combined(self, query, vectors, *args, **kwargs):
+        counts.append(len(vectors))
+        return maps(self, query, vectors, *args, **kwargs)
+
     monkeypatch.setattr(OneShotMatcher, "combine_levels", combine)
+    monkeypatch.setattr(OneShotMatcher, "combined_maps", combined)
     return counts
 
 

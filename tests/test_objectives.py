@@ -15,7 +15,7 @@ from medssl.errors import InputError
 from medssl.networks import UNet
 from medssl.objectives import OBJECTIVES, VIEW_PRESETS
 from medssl.objectives.infoguided import InfoGuided
-from medssl.objectives.pgssl import PGSSL
+from medssl.objectives.pgssl import PGSSL, ContextStabilizer
 
 CHANNELS = (4, 8, 8, 16, 8)  # depth 3: sizes divisible by 8
 ENCODER = ("conv_0.", "down_")
@@ -196,3 +196,22 @@ def test_objective_trains_on_the_view_sampler_with_elastic_views(name, tmp_path)
     assert torch.isfinite(out["loss"])
     out["loss"].backward()
     assert all(p.grad is not None for n, p in network.named_parameters() if n.startswith(ENCODER))
+
+
+def test_stabilizer_passes_are_sub_networks_with_explicit_dropout_masks():
+    """Each MC pass equals the stabiliser with one dropout mask per hidden layer applied to every row (the masks
+    folded into the weights give the same numbers as masking the activations)."""
+    torch.manual_seed(0)
+    stabilizer = ContextStabilizer(6, 10, dropout=0.3)
+    x = torch.randn(7, 6)
+    torch.manual_seed(1)
+    samples = stabilizer(x, 4)  # (T, N, C)
+    torch.manual_seed(1)
+    masks = torch.bernoulli(torch.full((2, 4, 1, 10), 0.7)) / 0.7  # the same draw
+    first = torch.relu(stabilizer.norms[0](stabilizer.hidden[0](x)))
+    for t in range(4):
+        h = torch.relu(stabilizer.norms[1](stabilizer.hidden[1](first * masks[0, t])))
+        assert torch.allclose(samples[t], stabilizer.out(h * masks[1, t]), atol=1e-5)
+    assert not torch.allclose(samples[0], samples[1])  # the passes differ
+    samples.sum().backward()
+    assert all(parameter.grad is not None for parameter in stabilizer.parameters())

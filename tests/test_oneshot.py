@@ -4,6 +4,7 @@ the known shift, 2D and 3D, anisotropic spacing; template ranking; figures; the 
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,8 @@ from medssl.data.readers import load_image, save_image
 from medssl.errors import InputError
 from medssl.matching.figures import save_landmark_figure
 from medssl.correspondence import peak_positions
-from medssl.matching.oneshot import OneShotMatcher, prepare_image, support_points
+from medssl.matching import oneshot
+from medssl.matching.oneshot import OneShotMatcher, candidate_peaks, prepare_image, support_points
 from medssl.matching.run import detect_landmarks_files, rank_templates_files
 from medssl.matching.selection import rank_templates, salient_points
 from medssl.networks import build_network
@@ -163,6 +165,45 @@ def test_consistency_stops_a_jump_to_a_planted_look_alike(dims):
         np.testing.assert_allclose(results[mode].residual_mm, errors["none"], atol=max(SPACING[dims]))
     jumped = errors["none"] > 1.0
     np.testing.assert_allclose(results["outliers"].points_mm[~jumped], results["none"].points_mm[~jumped])
+
+
+@pytest.mark.parametrize("combine", ["product", "mean"])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_combined_maps_equal_the_per_level_definition(dims, combine):
+    """The in-place combination equals ``combine_levels`` of every level upsampled (the definition); on every
+    second voxel it equals the definition evaluated on the finer levels' features sampled there."""
+    matcher = tiny_matcher(dims, unet=True, combine=combine)
+    image = as_image(texture(SHAPES[dims]), affine_for(dims))
+    embedding = matcher.embed(image)
+    points = voxel_to_world(image.affine.numpy(), np.array(LANDMARK_VOXELS[dims]))
+    vectors = matcher.template_vectors(embedding, points)
+    reference = matcher.combine_levels(matcher._level_maps(embedding, vectors))  # every level on the full grid
+    assert torch.allclose(matcher.combined_maps(embedding, vectors), reference, atol=1e-5)
+    coarse = matcher.combined_maps(embedding, vectors, stride=2)  # every second voxel
+    half = [s // 2 for s in embedding.padded_shape]
+    sampled = [level if level.shape[1] <= half[0] else torch.nn.functional.normalize(torch.nn.functional.interpolate(
+        level[None], size=half, mode="bilinear" if dims == 2 else "trilinear", align_corners=False)[0], dim=0)
+        for level in embedding.features]
+    on_half = replace(embedding, features=sampled, padded_shape=tuple(half))
+    assert torch.allclose(coarse, matcher.combine_levels(matcher._level_maps(on_half, vectors)), atol=1e-5)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_candidate_peaks_equal_a_full_max_pool(dims, monkeypatch):
+    generator = torch.Generator().manual_seed(dims)
+    maps = torch.rand(6, *[12] * dims, generator=generator)
+    maps = torch.nn.functional.avg_pool3d(maps[:, None], 3, 1, 1)[:, 0] if dims == 3 else \
+        torch.nn.functional.avg_pool2d(maps[:, None], 3, 1, 1)[:, 0]  # smooth: a few local maxima each
+    maps[0] = -torch.inf  # a search window holding two voxels
+    maps[(0,) + (3,) * dims] = 0.5
+    maps[(0,) + (4,) * dims] = 0.4
+    maps[1] = torch.linspace(0, 1, maps[1].numel()).reshape(maps[1].shape)  # one maximum: the rest repeat it
+    rough = torch.rand(2, *[12] * dims, generator=generator)  # hundreds of maxima: the top voxels suffice
+    pooled = oneshot._pooled_peaks
+    assert torch.equal(candidate_peaks(maps, 4), pooled(maps, 4))
+    assert (candidate_peaks(maps, 4)[1] == candidate_peaks(maps, 4)[1, :1]).all()
+    monkeypatch.setattr(oneshot, "_pooled_peaks", None)  # found among the top voxels, no full pool
+    assert torch.equal(candidate_peaks(rough, 4), pooled(rough, 4))
 
 
 def test_support_points_cover_the_foreground_evenly():

@@ -55,6 +55,7 @@ DEFAULT_CONSISTENCY = {2: "thin-plate", 3: "outliers"}
 SPLINE_SMOOTHING = {2: 3000.0, 3: 100.0}
 DEFAULT_SUPPORT_POINTS = 512
 FOREGROUND = 0.1  # support points lie where the intensity is above this fraction of the image's range
+_PEAK_POOL = 16  # candidate_peaks looks for local maxima among this many highest voxels per wanted peak first
 _SUPPORT_STRIDE = 2  # support points are searched on every second voxel, then refined
 _SUPPORT_MAP_VOXELS = 2 ** 24  # similarity-map voxels held at once when matching support points (64 MiB float32)
 #: linear interpolation mode of F.interpolate per number of spatial dims
@@ -175,7 +176,37 @@ def _normalised_grid(voxels: torch.Tensor, padded_shape: Sequence[int]) -> torch
 
 def candidate_peaks(maps: torch.Tensor, count: int) -> torch.Tensor:
     """The ``count`` highest local maxima (over the 3^D neighbourhood) of every map ``(L, *S)``, as voxel indices
-    ``(L, count, D)`` (the global arg-max first; repeated when a map has fewer maxima)."""
+    ``(L, count, D)`` (the global arg-max first; repeated when a map has fewer maxima).
+
+    Searched among each map's ``_PEAK_POOL * count`` highest voxels first (their neighbours gathered: a 3^D max pool
+    over every voxel costs ~10x more in 3D); a map with fewer maxima there is pooled in full (same answer)."""
+    flat = maps.reshape(maps.shape[0], -1)  # (L, N)
+    values, index = flat.topk(min(_PEAK_POOL * count, flat.shape[1]), dim=1)  # (L, M), highest first
+    cells = torch.stack(torch.unravel_index(index, tuple(maps.shape[1:])), dim=-1)  # (L, M, D)
+    dims, sizes = cells.shape[-1], torch.as_tensor(maps.shape[1:], device=maps.device)
+    span = torch.arange(-1, 2, device=maps.device)
+    offsets = torch.stack(torch.meshgrid(*[span] * dims, indexing="ij"), dim=-1).reshape(-1, dims)  # (3^D, D)
+    around = cells[:, :, None, :] + offsets  # (L, M, 3^D, D)
+    inside = ((around >= 0) & (around < sizes)).all(-1)
+    around = torch.minimum(around.clamp_min(0), sizes - 1)
+    linear = torch.zeros(around.shape[:-1], dtype=torch.long, device=maps.device)
+    for axis in range(dims):
+        linear = linear * sizes[axis] + around[..., axis]
+    neighbours = flat.gather(1, linear.flatten(1)).reshape(linear.shape).masked_fill(~inside, -torch.inf)
+    peak = (values[..., None] >= neighbours).all(-1) & torch.isfinite(values)  # (L, M)
+    rank = peak.long().cumsum(dim=1)  # peaks so far, in value order
+    found = peak & (rank <= count)
+    enough = rank[:, -1] >= min(count, flat.shape[1])
+    order = torch.where(found, torch.arange(found.shape[1], device=maps.device), found.shape[1]).sort(dim=1).indices
+    result = cells.gather(1, order[:, :count, None].expand(-1, -1, dims))  # (L, count, D) where ``enough``
+    if not bool(enough.all()):
+        rest = ~enough
+        result[rest] = _pooled_peaks(maps[rest], count)
+    return result
+
+
+def _pooled_peaks(maps: torch.Tensor, count: int) -> torch.Tensor:
+    """``candidate_peaks`` by a 3^D max pool over every voxel (maps with few local maxima near their top)."""
     dims = maps.ndim - 1
     pooled = Pool["max", dims](kernel_size=3, stride=1, padding=1)(maps[:, None])[:, 0]  # (L, *S)
     flat = torch.where(maps >= pooled, maps, torch.full_like(maps, -torch.inf)).reshape(maps.shape[0], -1)  # (L, N)
@@ -276,31 +307,52 @@ class OneShotMatcher:
             return torch.stack([c.clamp(min=1e-6, max=1.0).log() for c in cosines]).mean(dim=0).exp()
         return torch.stack(list(cosines)).mean(dim=0)
 
-    def _level_maps(self, query: Embedding, vectors: Sequence[torch.Tensor], stride: int = 1) -> list[torch.Tensor]:
-        """Cosine maps of the template ``vectors`` on every level, upsampled to the padded grid (every ``stride``-th
-        voxel): ``(L, *P / stride)`` each, clamped to [0, 1] in product mode."""
-        size = [s // stride for s in query.padded_shape]
+    def _level_maps(self, query: Embedding, vectors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Cosine maps of the template ``vectors`` on every level, upsampled to the padded grid: ``(L, *P)`` each,
+        clamped to [0, 1] in product mode (the coarse-to-fine search combines a growing subset of them)."""
+        size = list(query.padded_shape)
         cosines = []
         for level, vector in zip(query.features, vectors):
             cosine = torch.einsum("lc,c...->l...", vector, level)  # (L, *P_l)
             if self.combine == "product":
                 cosine = cosine.clamp(0.0, 1.0)  # CC2D: negative similarity is no evidence
             cosines.append(F.interpolate(cosine[None], size=size, mode=_LINEAR[query.spatial_dims],
-                                         align_corners=False)[0])  # (L, *P / stride)
+                                         align_corners=False)[0])  # (L, *P)
         return cosines
+
+    def combined_maps(self, query: Embedding, vectors: Sequence[torch.Tensor], stride: int = 1) -> torch.Tensor:
+        """``combine_levels`` of the cosine maps of the template ``vectors`` on every ``stride``-th voxel of the
+        padded grid, ``(L, *P / stride)``, in place: each level's cosine (clamped to [1e-6, 1] in product mode)
+        upsampled to the grid and multiplied into (product) or added to (mean) the running result, then the
+        geometric or arithmetic mean (``(prod c)^(1/n)`` equals ``exp(mean log c)`` without a log, an exp and a
+        stack of every level's map). Levels finer than the grid have their features sampled on it first."""
+        size = [s // stride for s in query.padded_shape]
+        mode = _LINEAR[query.spatial_dims]
+        total = None
+        for level, vector in zip(query.features, vectors):
+            if level.shape[1] > size[0]:  # finer than the evaluation grid: features sampled there, then compared
+                level = F.normalize(F.interpolate(level[None], size=size, mode=mode, align_corners=False)[0], dim=0)
+            term = torch.einsum("lc,c...->l...", vector, level)  # (L, *P_l)
+            if self.combine == "product":
+                term = term.clamp_(0.0, 1.0)  # CC2D: negative similarity is no evidence
+            if list(term.shape[1:]) != size:
+                term = F.interpolate(term[None], size=size, mode=mode, align_corners=False)[0]  # (L, *P / stride)
+            if self.combine == "product":
+                term = term.clamp_(1e-6, 1.0)
+            total = term if total is None else (total.mul_(term) if self.combine == "product" else total.add_(term))
+        return total.pow_(1.0 / len(vectors)) if self.combine == "product" else total.div_(len(vectors))
 
     def similarity(self, query: Embedding, vectors: Sequence[torch.Tensor]) -> torch.Tensor:
         """Combined similarity maps ``(L, *S)`` of the template ``vectors`` over the query's grid."""
-        combined = self.combine_levels(self._level_maps(query, vectors))
-        return combined[(slice(None), *[slice(0, s) for s in query.shape])]  # (L, *S)
+        return self.combined_maps(query, vectors)[(slice(None), *[slice(0, s) for s in query.shape])]  # (L, *S)
 
     def _searched_maps(self, query: Embedding, templates: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
         """Combined maps ``(L, *S)`` averaged over templates, limited (``-inf`` elsewhere) to where ``search``
         allows the answer: everywhere (global), or the window each finer level leaves (coarse-to-fine)."""
-        per_template = [self._level_maps(query, vectors) for vectors in templates]  # [T][levels] (L, *P)
         crop = (slice(None), *[slice(0, s) for s in query.shape])
-        if self.search == "global" or len(per_template[0]) == 1:
-            return torch.stack([self.combine_levels(maps) for maps in per_template]).mean(dim=0)[crop]
+        if self.search == "global" or len(query.features) == 1:
+            return torch.stack([self.combined_maps(query, vectors) for vectors in templates]).mean(dim=0)[crop]
+        per_template = [self._level_maps(query, vectors) for vectors in templates]  # [T][levels] (L, *P)
         strides = [query.padded_shape[0] // level.shape[1] for level in query.features]
         allowed = None
         for count in range(1, len(strides) + 1):
@@ -364,9 +416,9 @@ class OneShotMatcher:
         found = []
         for start in range(0, vectors[0].shape[0], chunk):
             part = [vector[start:start + chunk] for vector in vectors]
-            maps = self.combine_levels(self._level_maps(query, part, stride))[crop]
+            maps = self.combined_maps(query, part, stride)[crop]
             starts = (candidate_peaks(maps, self.candidates).float() + 0.5) * stride - 0.5  # full-grid voxels
-            found.append(self.refine(query, [part], starts, radius_voxels=float(stride), steps=2)[0])
+            found.append(self.refine(query, [part], starts, radius_voxels=float(stride), steps=2, passes=2)[0])
         return np.concatenate(found) if found else np.zeros((0, query.spatial_dims))
 
     def match(self, references: Sequence[Reference], query: Embedding) -> Matches:

@@ -25,17 +25,26 @@ def info_nce_map(
     the positive in ``feat`` (inside the map); ``valid`` ``(B, K)`` bool, or non-negative per-query weights. Logits
     ``clamp(cos, 0, 1) / temperature``; candidates are the cells of the map within ``window`` cells of the target along
     every axis (a cube of side ``2 window + 1`` cut at the map border; ``None``: the whole map). Returns the
-    ``valid``-weighted mean ``-log softmax`` at the targets (0 when no query is valid). Windows are gathered, not
-    masked, so memory is ``B K (2w+1)^D C``.
+    ``valid``-weighted mean ``-log softmax`` at the targets (0 when no query is valid). A window much smaller than
+    the map is gathered (memory ``B K (2w+1)^D C``); one of an eighth of the map or more is scored as the
+    whole map with the cells outside it masked (one matrix product, memory ``B K N``: 3D windows of 19^3 cells on
+    32^3 maps gather more values than the map holds).
     """
     batch, channels, dims = feat.shape[0], feat.shape[1], feat.ndim - 2
     sizes = torch.tensor(feat.shape[2:], device=feat.device)
-    flat_feat = F.normalize(feat.flatten(2), dim=1)  # (B, C, N)
+    flat_feat = feat.flatten(2)  # (B, C, N)
     queries = F.normalize(queries, dim=-1)
-    if window is None:
-        cos = torch.einsum("bkc,bcn->bkn", queries, flat_feat)  # (B, K, N)
-        inside = torch.ones(cos.shape, dtype=torch.bool, device=feat.device)
+    if window is None or _DENSE * (2 * window + 1) ** dims >= flat_feat.shape[2]:
+        cos = torch.einsum("bkc,bcn->bkn", queries, F.normalize(flat_feat, dim=1))  # (B, K, N)
         positive = _ravel(targets, sizes)  # (B, K)
+        if window is None:
+            inside = torch.ones(cos.shape, dtype=torch.bool, device=feat.device)
+        else:
+            inside = torch.ones((), dtype=torch.bool, device=feat.device)
+            for axis, size in enumerate(feat.shape[2:]):  # the window is a product of one interval per axis
+                near = (torch.arange(size, device=feat.device) - targets[..., axis, None]).abs() <= window  # (B, K, n)
+                inside = inside[..., None] & near.reshape(*near.shape[:2], *[1] * axis, size)
+            inside = inside.reshape(cos.shape)  # (B, K, N)
     else:
         span = torch.arange(-window, window + 1, device=feat.device)
         offsets = torch.stack(torch.meshgrid(*[span] * dims, indexing="ij"), dim=-1).reshape(-1, dims)  # (W, D)
@@ -43,13 +52,18 @@ def info_nce_map(
         inside = ((cells >= 0) & (cells < sizes)).all(-1)  # (B, K, W)
         flat = _ravel(torch.minimum(cells.clamp_min(0), sizes - 1), sizes).reshape(batch, 1, -1)  # (B, 1, K*W)
         candidates = flat_feat.gather(2, flat.expand(batch, channels, flat.shape[-1]))  # (B, C, K*W)
-        candidates = candidates.reshape(batch, channels, *cells.shape[1:3])  # (B, C, K, W)
+        candidates = F.normalize(candidates.reshape(batch, channels, *cells.shape[1:3]), dim=1)  # (B, C, K, W)
         cos = torch.einsum("bkc,bckw->bkw", queries, candidates)  # (B, K, W)
         positive = torch.full(targets.shape[:2], offsets.shape[0] // 2, device=feat.device)  # the zero offset
     logits = (cos.clamp(0.0, 1.0) / temperature).masked_fill(~inside, float("-inf"))
     log_prob = logits.log_softmax(dim=-1).gather(-1, positive[..., None])[..., 0]  # (B, K)
     weight = valid.to(log_prob.dtype)
     return -(log_prob * weight).sum() / weight.sum().clamp_min(1e-12)
+
+
+#: a window of W cells is scored on the whole map of N cells when _DENSE * W >= N (measured: 3D 19^3 windows on
+#: 32^3 maps 2x faster masked; 2D 19^2 on 128^2 4x faster gathered)
+_DENSE = 8
 
 
 def _ravel(cells: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
@@ -60,17 +74,23 @@ def _ravel(cells: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
     return flat
 
 
-def uncertainty_weights(samples: torch.Tensor, tau: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """MC-dropout samples ``(T, N, C)`` -> detached weights ``(N,)`` and uncertainty ``u`` ``(N,)``.
+def mc_statistics(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MC-dropout samples ``(T, N, C)`` -> the mean ``(N, C)`` of the L2-normalised samples and the uncertainty ``u``
+    ``(N,)``: the channel mean of their variance over the T samples (both keep their gradients).
 
-    ``u`` = channel mean of the variance over the T L2-normalised samples (keeps its gradient); weights
-    ``exp(-u / tau)`` with ``tau`` = median of ``u`` by default, renormalised to mean 1, detached.
+    Unit vectors have ``E|x|^2 = 1``, so ``u = (1 - |mean|^2) / C`` exactly: no second pass over the samples.
     """
-    uncertainty = F.normalize(samples, dim=-1).var(dim=0, unbiased=False).mean(dim=-1)  # (N,)
+    mean = F.normalize(samples, dim=-1).mean(dim=0)  # (N, C)
+    return mean, (1.0 - mean.pow(2).sum(dim=-1)).clamp_min(0.0) / samples.shape[-1]
+
+
+def uncertainty_weights(uncertainty: torch.Tensor, tau: float | None = None) -> torch.Tensor:
+    """Detached weights ``(N,)`` ``exp(-u / tau)`` of the uncertainties ``u`` ``(N,)``, ``tau`` = median of ``u`` by
+    default, renormalised to mean 1."""
     u = uncertainty.detach()
     scale = u.quantile(0.5).clamp_min(1e-12) if tau is None else torch.as_tensor(tau, dtype=u.dtype)
     weights = torch.exp(-u / scale)
-    return weights / weights.mean().clamp_min(1e-12), uncertainty
+    return weights / weights.mean().clamp_min(1e-12)
 
 
 def hard_uncertainty_weights(uncertainty: torch.Tensor, drop_fraction: float) -> torch.Tensor:

@@ -29,6 +29,7 @@ from medssl.objectives.losses import (
     hard_uncertainty_weights,
     heteroscedastic_loss,
     info_nce_map,
+    mc_statistics,
     regression_loss,
     uncertainty_weights,
 )
@@ -54,12 +55,17 @@ class ContextStabilizer(nn.Module):
     def forward(self, x: torch.Tensor, samples: int) -> torch.Tensor:
         """``samples`` stochastic passes of ``x`` ``(N, C)`` -> ``(samples, N, C)``.
 
-        The first block before its dropout is the same for every pass, so it is computed once.
+        Each pass is one sampled sub-network (MC dropout samples networks): its dropout masks over the hidden units
+        are shared by all N rows, so they fold into the next layer's weights (dropping input columns) and no
+        ``(T, N, H)`` mask is drawn or multiplied. The first block before its dropout is computed once.
         """
         h = F.relu(self.norms[0](self.hidden[0](x)))  # (N, H)
-        h = F.dropout(h.unsqueeze(0).expand(samples, *h.shape), self.dropout, training=True)  # (T, N, H)
-        h = F.dropout(F.relu(self.norms[1](self.hidden[1](h))), self.dropout, training=True)
-        return self.out(h)
+        keep = 1.0 - self.dropout
+        masks = torch.bernoulli(h.new_full((2, samples, 1, h.shape[-1]), keep)) / keep  # (2, T, 1, H)
+        weight = (self.hidden[1].weight * masks[0]).flatten(0, 1)  # (T*H, H): the T passes as one matrix product
+        h = F.linear(h, weight, self.hidden[1].bias.repeat(samples)).unflatten(1, (samples, -1)).transpose(0, 1)
+        h = F.relu(self.norms[1](h))  # (T, N, H)
+        return torch.baddbmm(self.out.bias, h, (self.out.weight * masks[1]).transpose(1, 2))  # (T, N, C)
 
 
 def _spread(u: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -193,11 +199,10 @@ class PGSSL(Objective):
         projected = self.pixel_projector(pixels_s.T[None])[0].T  # (N, pixel_dim)
         with torch.no_grad():
             target = self.teacher_pixel_projector(pixels_t.T[None])[0].T  # (N, pixel_dim)
-        samples = self.stabilizer(projected, self.mc_samples)  # (T, N, pixel_dim)
-        per_pixel = regression_loss(F.normalize(samples, dim=-1).mean(0), target)  # (N,)
-        weights, u = uncertainty_weights(samples)
+        mean, u = mc_statistics(self.stabilizer(projected, self.mc_samples))  # (N, pixel_dim), (N,)
+        per_pixel = regression_loss(mean, target)  # (N,)
         if self.uncertainty == "exp":
-            loss = (weights * per_pixel).mean()
+            loss = (uncertainty_weights(u) * per_pixel).mean()
         elif self.uncertainty == "hard":
             loss = (hard_uncertainty_weights(u, self.hard_fraction) * per_pixel).mean()
         elif self.uncertainty == "heteroscedastic":
@@ -219,8 +224,8 @@ class PGSSL(Objective):
         matched = cells_of(grid.movedim(-1, 1), anchors)  # (B, K, D) grid_sample points in view t
         with torch.no_grad():  # the stabiliser's uncertainty weights of the anchors (detached in every mode)
             pixels = cells_of(student_s[-1], anchors).flatten(0, 1)  # (B*K, C)
-            samples = self.stabilizer(self.pixel_projector(pixels.T[None])[0].T, self.mc_samples)  # (T, B*K, P)
-            weights, u = uncertainty_weights(samples)
+            _, u = mc_statistics(self.stabilizer(self.pixel_projector(pixels.T[None])[0].T, self.mc_samples))
+            weights = uncertainty_weights(u)  # (B*K,)
             if self.uncertainty == "hard":
                 weights = hard_uncertainty_weights(u, self.hard_fraction)
             elif self.uncertainty == "none":
