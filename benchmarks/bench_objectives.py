@@ -135,7 +135,7 @@ def profile_step(model: torch.nn.Module, views, optimizer, objectives: dict, net
          "calls": event.count, "share": getattr(event, self_time) / 1e6 / total} for event in ops[:top]]}
 
 
-def measure_all(dims: Sequence[int] = (2, 3), device: str = "cpu", steps: int = 3, batch: int | None = None,
+def measure_all(dims: Sequence[int] = (2, 3), device: str | torch.device = "cpu", steps: int = 3, batch: int | None = None,
                 methods: Sequence[str] | None = None, overrides: Sequence[str] = (),
                 isolate: bool = True, profile: bool = False) -> list[dict]:
     """``measure`` of every registered objective (or ``methods``) per dimension on a 2-subject demo population.
@@ -155,7 +155,7 @@ def measure_all(dims: Sequence[int] = (2, 3), device: str = "cpu", steps: int = 
                     rows.append(measure(method, spatial_dims, data, torch.device(device), steps, batch, overrides,
                                         profile))
                     continue
-                command = [sys.executable, "-m", MODULE, "--device", device, "--steps", str(steps),
+                command = [sys.executable, "-m", MODULE, "--device", str(device), "--steps", str(steps),
                            "--one", method, str(spatial_dims), str(data)] + (["--batch", str(batch)] if batch else [])
                 command += ["--profile"] if profile else []
                 command += [f"--set={override}" for override in overrides]

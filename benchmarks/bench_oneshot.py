@@ -66,7 +66,8 @@ def timing_rows(work: Path, spatial_dims: int, queries: int = 5, device: str = "
     """Seconds per query image of one-shot matching on a demo population of ``queries + 1`` subjects (seed 0, in
     ``work``): the embedding matcher (default settings) on the network of ``configs/infoguided_<D>d.yaml`` at its
     random init (the time does not depend on the weights; its errors mean nothing), then NCC and registration
-    unless in ``skip``. Rows as ``score_row``, the embedding one labelled ``embedding``."""
+    unless in ``skip``. Rows as ``score_row``, the embedding one labelled ``embedding``, followed by the
+    ``FORWARD_ONLY`` row (seconds only: ``forward_seconds``)."""
     from medssl.config import shipped_config
     from medssl.data.demo import write_demo_dataset
     from medssl.engine.pretrain import save_initial_model
@@ -79,7 +80,27 @@ def timing_rows(work: Path, spatial_dims: int, queries: int = 5, device: str = "
                                work / f"infoguided_{spatial_dims}d_init.pt")
     cases = [("embedding", str(model), "embedding")]
     cases += [(label, checkpoint, method) for label, checkpoint, method, key in BASELINES[1:] if key not in skip]
-    return [score_row(label, data, checkpoint, method, work, "small", device) for label, checkpoint, method in cases]
+    rows = [score_row(label, data, checkpoint, method, work, "small", device) for label, checkpoint, method in cases]
+    return rows[:1] + [{"label": FORWARD_ONLY, "seconds": forward_seconds(model, data, spatial_dims, device)}] + rows[1:]
+
+
+#: the ``timing_rows`` row of the network's forward pass alone: the least any embedding matcher can take per image
+FORWARD_ONLY = "network forward only"
+
+
+def forward_seconds(checkpoint: str | Path, data: Path, spatial_dims: int, device: str = "cpu") -> float:
+    """Seconds per query image of embedding it alone (``OneShotMatcher.embed`` on the prepared image, model loaded
+    once, preparing not counted)."""
+    from medssl.matching.run import image_preparer, method_matcher
+
+    images = resolve_images(data / "images")
+    matcher, preprocessing = method_matcher("embedding", checkpoint, spatial_dims, device=device)
+    prepare = image_preparer(preprocessing, images[0], spatial_dims, network=matcher.network)
+    prepared = [prepare(path) for path in images[1:]]
+    started = time.perf_counter()
+    for image in prepared:
+        matcher.embed(image)
+    return (time.perf_counter() - started) / len(prepared)
 
 
 def format_seconds(rows: list[dict]) -> str:

@@ -7,8 +7,9 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
-from benchmarks import run_all
+from benchmarks import bench_objectives, run_all
 from medssl.engine.monitor import Monitor
 
 METHODS = ("infoguided", "lewel", "msf", "pgssl")
@@ -74,8 +75,20 @@ def test_speed_suite_alone_times_one_shot_matching(tmp_path):
     text = doc.read_text()
     seconds = _rows(text, "### One-shot seconds per image")
     assert set(seconds) >= {"embedding", "NCC", "registration"} and seconds["registration"][1] == "1.0"
-    assert all(float(seconds[label][0]) > 0 for label in ("embedding", "NCC", "registration"))
+    assert all(float(seconds[label][0]) > 0 for label in ("embedding", "network forward only", "NCC", "registration"))
+    assert float(seconds["network forward only"][0]) < float(seconds["embedding"][0])  # a part of it
+    assert re.search(r"- msf: step \d+\.\d{3}x its teacher floor \(target <= 1.15\): (met|not met)", text)
+    assert re.search(r"One-shot embedding matching: \d+\.\dx faster than registration per 2D image \(target >= 30x\)"
+                     r".* no matcher on this network and device can be more than \d+x faster", text)
     assert "msf" in _rows(text, "### Where the time goes") and "### One-shot landmarks" not in text
+
+
+def test_cost_per_step_cases_run_in_their_own_process_on_a_chosen_device():
+    """The isolated cases (each in a child process, as a full run_all measures them) take the ``torch.device`` that
+    ``pick_device`` returns, and bring back the profile."""
+    rows = bench_objectives.measure_all([2], torch.device("cpu"), steps=1, methods=["msf"], profile=True, overrides=[
+        "network.channels=[4,8,8]", "train.batch_size=2", "data.patch_size=[32,32]"])
+    assert [row["method"] for row in rows] == ["msf"] and rows[0]["step_s"] > 0 and rows[0]["profile"]["ops"]
 
 
 def test_rerun_reuses_finished_runs(toy, tmp_path):
