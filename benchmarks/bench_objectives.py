@@ -135,8 +135,8 @@ def profile_step(model: torch.nn.Module, views, optimizer, objectives: dict, net
          "calls": event.count, "share": getattr(event, self_time) / 1e6 / total} for event in ops[:top]]}
 
 
-def measure_all(dims: Sequence[int] = (2, 3), device: str | torch.device = "cpu", steps: int = 3, batch: int | None = None,
-                methods: Sequence[str] | None = None, overrides: Sequence[str] = (),
+def measure_all(dims: Sequence[int] = (2, 3), device: str | torch.device = "cpu", steps: int = 3,
+                batch: int | None = None, methods: Sequence[str] | None = None, overrides: Sequence[str] = (),
                 isolate: bool = True, profile: bool = False) -> list[dict]:
     """``measure`` of every registered objective (or ``methods``) per dimension on a 2-subject demo population.
     ``isolate``: each case in its own subprocess, so the CPU peak memory is that case's alone (else in this
@@ -177,7 +177,8 @@ def format_rows(rows: list[dict]) -> str:
 def format_profile(rows: list[dict]) -> str:
     """Where a step's time goes, one row per profiled case: phase shares and the top operators (share, calls,
     input shapes)."""
-    header = ["method", "D", *[f"{phase} %" for phase in PHASES], "top operators (share of the step; calls; input shapes)"]
+    header = ["method", "D", *[f"{phase} %" for phase in PHASES],
+              "top operators (share of the step; calls; input shapes)"]
     table = []
     for row in rows:
         if "profile" not in row:
@@ -197,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dims", type=int, nargs="+", default=[2, 3], choices=(2, 3))
     parser.add_argument("--steps", type=int, default=3, help="timed rounds per case (after one warm-up); the fastest counts")
     parser.add_argument("--batch", type=int, default=None, help="override train.batch_size")
-    parser.add_argument("--profile", action="store_true", help="also profile one step per case (where the time goes)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one step per case (where the time goes)")
     parser.add_argument("--one", nargs=3, metavar=("METHOD", "DIMS", "DATA"), help=argparse.SUPPRESS)
     parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)  # config overrides (--one)
     args = parser.parse_args(argv)

@@ -20,7 +20,7 @@ from benchmarks.common import argument_parser, emit
 from medssl.data.inputs import resolve_images
 from medssl.data.landmarks import read_landmarks
 from medssl.data.readers import image_key
-from medssl.matching.run import detect_landmarks_files
+from medssl.matching.run import detect_landmarks_files, image_preparer, method_matcher
 from medssl.metrics.landmarks import landmark_scores
 from medssl.report.markdown import markdown_table
 
@@ -81,7 +81,8 @@ def timing_rows(work: Path, spatial_dims: int, queries: int = 5, device: str = "
     cases = [("embedding", str(model), "embedding")]
     cases += [(label, checkpoint, method) for label, checkpoint, method, key in BASELINES[1:] if key not in skip]
     rows = [score_row(label, data, checkpoint, method, work, "small", device) for label, checkpoint, method in cases]
-    return rows[:1] + [{"label": FORWARD_ONLY, "seconds": forward_seconds(model, data, spatial_dims, device)}] + rows[1:]
+    forward = {"label": FORWARD_ONLY, "seconds": forward_seconds(model, data, spatial_dims, device)}
+    return rows[:1] + [forward] + rows[1:]
 
 
 #: the ``timing_rows`` row of the network's forward pass alone: the least any embedding matcher can take per image
@@ -91,8 +92,6 @@ FORWARD_ONLY = "network forward only"
 def forward_seconds(checkpoint: str | Path, data: Path, spatial_dims: int, device: str = "cpu") -> float:
     """Seconds per query image of embedding it alone (``OneShotMatcher.embed`` on the prepared image, model loaded
     once, preparing not counted)."""
-    from medssl.matching.run import image_preparer, method_matcher
-
     images = resolve_images(data / "images")
     matcher, preprocessing = method_matcher("embedding", checkpoint, spatial_dims, device=device)
     prepare = image_preparer(preprocessing, images[0], spatial_dims, network=matcher.network)

@@ -75,7 +75,8 @@ def test_speed_suite_alone_times_one_shot_matching(tmp_path):
     text = doc.read_text()
     seconds = _rows(text, "### One-shot seconds per image")
     assert set(seconds) >= {"embedding", "NCC", "registration"} and seconds["registration"][1] == "1.0"
-    assert all(float(seconds[label][0]) > 0 for label in ("embedding", "network forward only", "NCC", "registration"))
+    assert all(float(seconds[label][0]) > 0
+               for label in ("embedding", "network forward only", "NCC", "registration"))
     assert float(seconds["network forward only"][0]) < float(seconds["embedding"][0])  # a part of it
     assert re.search(r"- msf: step \d+\.\d{3}x its teacher floor \(target <= 1.15\): (met|not met)", text)
     assert re.search(r"One-shot embedding matching: \d+\.\dx faster than registration per 2D image \(target >= 30x\)"
