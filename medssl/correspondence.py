@@ -188,11 +188,23 @@ def gather_pairs(
     return fa, fb
 
 
+def flat_index(cells: torch.Tensor, sizes: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """Row-major flat index ``(...)`` of integer cells ``(..., D)`` in a grid of ``sizes`` ``(D,)``."""
+    flat = torch.zeros(cells.shape[:-1], dtype=torch.long, device=cells.device)
+    for axis in range(cells.shape[-1]):
+        flat = flat * sizes[axis] + cells[..., axis]
+    return flat
+
+
+def offset_cube(values: torch.Tensor, dims: int) -> torch.Tensor:
+    """Every combination of the 1D ``values`` along ``dims`` axes, row-major: ``(len(values) ** dims, D)`` (the
+    offsets of a cube of cells or voxels around a point)."""
+    return torch.stack(torch.meshgrid(*[values] * dims, indexing="ij"), dim=-1).reshape(-1, dims)
+
+
 def cells_of(feat: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
     """Feature vectors ``(B, K, C)`` of ``feat`` ``(B, C, *S)`` at integer cells ``(B, K, D)``."""
-    flat = torch.zeros(cells.shape[:2], dtype=torch.long, device=feat.device)  # (B, K) row-major flat index
-    for axis, size in enumerate(feat.shape[2:]):
-        flat = flat * size + cells[..., axis]
+    flat = flat_index(cells, feat.shape[2:])  # (B, K)
     index = flat[:, None, :].expand(feat.shape[0], feat.shape[1], flat.shape[1])  # (B, C, K)
     return feat.flatten(2).gather(2, index).transpose(1, 2)  # (B, K, C)
 

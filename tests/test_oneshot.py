@@ -96,6 +96,21 @@ def test_template_equals_query_returns_template_landmarks(dims, combine, unet, c
 
 
 @pytest.mark.parametrize("dims", [2, 3])
+def test_coarse_to_fine_search_keeps_the_combined_maps_in_a_window(dims):
+    """The finest search is the every-level combined map, cut (-inf) to a window around the coarser answer."""
+    matcher = tiny_matcher(dims, unet=True, search="coarse-to-fine", consistency="none")
+    image = as_image(texture(SHAPES[dims]), affine_for(dims))
+    embedding = matcher.embed(image)
+    points_mm = voxel_to_world(image.affine.numpy(), np.array(LANDMARK_VOXELS[dims]))
+    vectors = matcher.reference(embedding, image, points_mm).landmark_vectors
+    window = matcher._searched_maps(embedding, [vectors])
+    inside = torch.isfinite(window)
+    assert inside.any() and (~inside).any()
+    assert torch.equal(window[inside], matcher.similarity(embedding, vectors)[inside])
+    assert inside.flatten(1).sum(1).max() < 0.5 * inside[0].numel()  # a window, not the image
+
+
+@pytest.mark.parametrize("dims", [2, 3])
 def test_known_content_shift_returns_known_shift(dims):
     """The query shows the texture moved by a whole number of coarsest cells: landmarks move by exactly that."""
     shift = np.array([8, 4, 4][:dims])
@@ -167,6 +182,18 @@ def test_consistency_stops_a_jump_to_a_planted_look_alike(dims):
     np.testing.assert_allclose(results["outliers"].points_mm[~jumped], results["none"].points_mm[~jumped])
 
 
+def _every_level_upsampled(matcher: OneShotMatcher, query, vectors) -> list[torch.Tensor]:
+    """The definition: each level's cosine map (clamped to [0, 1] in product mode) upsampled to the padded grid."""
+    maps = []
+    for level, vector in zip(query.features, vectors):
+        cosine = torch.einsum("lc,c...->l...", vector, level)
+        cosine = cosine.clamp(0.0, 1.0) if matcher.combine == "product" else cosine
+        maps.append(torch.nn.functional.interpolate(cosine[None], size=list(query.padded_shape),
+                                                    mode="bilinear" if query.spatial_dims == 2 else "trilinear",
+                                                    align_corners=False)[0])
+    return maps
+
+
 @pytest.mark.parametrize("combine", ["product", "mean"])
 @pytest.mark.parametrize("dims", [2, 3])
 def test_combined_maps_equal_the_per_level_definition(dims, combine):
@@ -177,7 +204,7 @@ def test_combined_maps_equal_the_per_level_definition(dims, combine):
     embedding = matcher.embed(image)
     points = voxel_to_world(image.affine.numpy(), np.array(LANDMARK_VOXELS[dims]))
     vectors = matcher.template_vectors(embedding, points)
-    reference = matcher.combine_levels(matcher._level_maps(embedding, vectors))  # every level on the full grid
+    reference = matcher.combine_levels(_every_level_upsampled(matcher, embedding, vectors))
     assert torch.allclose(matcher.combined_maps(embedding, vectors), reference, atol=1e-5)
     coarse = matcher.combined_maps(embedding, vectors, stride=2)  # every second voxel
     half = [s // 2 for s in embedding.padded_shape]
@@ -185,7 +212,7 @@ def test_combined_maps_equal_the_per_level_definition(dims, combine):
         level[None], size=half, mode="bilinear" if dims == 2 else "trilinear", align_corners=False)[0], dim=0)
         for level in embedding.features]
     on_half = replace(embedding, features=sampled, padded_shape=tuple(half))
-    assert torch.allclose(coarse, matcher.combine_levels(matcher._level_maps(on_half, vectors)), atol=1e-5)
+    assert torch.allclose(coarse, matcher.combine_levels(_every_level_upsampled(matcher, on_half, vectors)), atol=1e-5)
 
 
 @pytest.mark.parametrize("dims", [2, 3])

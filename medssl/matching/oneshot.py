@@ -33,7 +33,7 @@ from monai.transforms import DivisiblePad
 from monai.utils import convert_to_tensor
 from torch import nn
 
-from medssl.correspondence import peak_positions
+from medssl.correspondence import flat_index, offset_cube, peak_positions
 from medssl.data.geometry import spacing_mm as affine_spacing_mm
 from medssl.data.geometry import voxel_to_world, world_to_voxel
 from medssl.data.readers import check_image_shape
@@ -184,14 +184,9 @@ def candidate_peaks(maps: torch.Tensor, count: int) -> torch.Tensor:
     values, index = flat.topk(min(_PEAK_POOL * count, flat.shape[1]), dim=1)  # (L, M), highest first
     cells = torch.stack(torch.unravel_index(index, tuple(maps.shape[1:])), dim=-1)  # (L, M, D)
     dims, sizes = cells.shape[-1], torch.as_tensor(maps.shape[1:], device=maps.device)
-    span = torch.arange(-1, 2, device=maps.device)
-    offsets = torch.stack(torch.meshgrid(*[span] * dims, indexing="ij"), dim=-1).reshape(-1, dims)  # (3^D, D)
-    around = cells[:, :, None, :] + offsets  # (L, M, 3^D, D)
+    around = cells[:, :, None, :] + offset_cube(torch.arange(-1, 2, device=maps.device), dims)  # (L, M, 3^D, D)
     inside = ((around >= 0) & (around < sizes)).all(-1)
-    around = torch.minimum(around.clamp_min(0), sizes - 1)
-    linear = torch.zeros(around.shape[:-1], dtype=torch.long, device=maps.device)
-    for axis in range(dims):
-        linear = linear * sizes[axis] + around[..., axis]
+    linear = flat_index(torch.minimum(around.clamp_min(0), sizes - 1), sizes)  # (L, M, 3^D)
     neighbours = flat.gather(1, linear.flatten(1)).reshape(linear.shape).masked_fill(~inside, -torch.inf)
     peak = (values[..., None] >= neighbours).all(-1) & torch.isfinite(values)  # (L, M)
     rank = peak.long().cumsum(dim=1)  # peaks so far, in value order
@@ -307,25 +302,13 @@ class OneShotMatcher:
             return torch.stack([c.clamp(min=1e-6, max=1.0).log() for c in cosines]).mean(dim=0).exp()
         return torch.stack(list(cosines)).mean(dim=0)
 
-    def _level_maps(self, query: Embedding, vectors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Cosine maps of the template ``vectors`` on every level, upsampled to the padded grid: ``(L, *P)`` each,
-        clamped to [0, 1] in product mode (the coarse-to-fine search combines a growing subset of them)."""
-        size = list(query.padded_shape)
-        cosines = []
-        for level, vector in zip(query.features, vectors):
-            cosine = torch.einsum("lc,c...->l...", vector, level)  # (L, *P_l)
-            if self.combine == "product":
-                cosine = cosine.clamp(0.0, 1.0)  # CC2D: negative similarity is no evidence
-            cosines.append(F.interpolate(cosine[None], size=size, mode=_LINEAR[query.spatial_dims],
-                                         align_corners=False)[0])  # (L, *P)
-        return cosines
-
     def combined_maps(self, query: Embedding, vectors: Sequence[torch.Tensor], stride: int = 1) -> torch.Tensor:
         """``combine_levels`` of the cosine maps of the template ``vectors`` on every ``stride``-th voxel of the
-        padded grid, ``(L, *P / stride)``, in place: each level's cosine (clamped to [1e-6, 1] in product mode)
-        upsampled to the grid and multiplied into (product) or added to (mean) the running result, then the
-        geometric or arithmetic mean (``(prod c)^(1/n)`` equals ``exp(mean log c)`` without a log, an exp and a
-        stack of every level's map). Levels finer than the grid have their features sampled on it first."""
+        padded grid, ``(L, *P / stride)``, of the first ``len(vectors)`` levels (coarse first), in place: each
+        level's cosine (clamped to [1e-6, 1] in product mode) upsampled to the grid and multiplied into (product) or
+        added to (mean) the running result, then the geometric or arithmetic mean (``(prod c)^(1/n)`` equals
+        ``exp(mean log c)`` without a log, an exp and a stack of every level's map). Levels finer than the grid have
+        their features sampled on it first."""
         size = [s // stride for s in query.padded_shape]
         mode = _LINEAR[query.spatial_dims]
         total = None
@@ -350,13 +333,16 @@ class OneShotMatcher:
         """Combined maps ``(L, *S)`` averaged over templates, limited (``-inf`` elsewhere) to where ``search``
         allows the answer: everywhere (global), or the window each finer level leaves (coarse-to-fine)."""
         crop = (slice(None), *[slice(0, s) for s in query.shape])
+
+        def coarsest(count: int) -> torch.Tensor:  # the maps of the ``count`` coarsest levels, template mean
+            return torch.stack([self.combined_maps(query, vectors[:count]) for vectors in templates]).mean(dim=0)[crop]
+
         if self.search == "global" or len(query.features) == 1:
-            return torch.stack([self.combined_maps(query, vectors) for vectors in templates]).mean(dim=0)[crop]
-        per_template = [self._level_maps(query, vectors) for vectors in templates]  # [T][levels] (L, *P)
+            return coarsest(len(query.features))
         strides = [query.padded_shape[0] // level.shape[1] for level in query.features]
         allowed = None
         for count in range(1, len(strides) + 1):
-            maps = torch.stack([self.combine_levels(levels[:count]) for levels in per_template]).mean(dim=0)[crop]
+            maps = coarsest(count)
             if allowed is not None:
                 maps = torch.where(allowed, maps, torch.full_like(maps, -torch.inf))
             if count < len(strides):  # the next level searches within two cells of this level around its answer
@@ -393,7 +379,7 @@ class OneShotMatcher:
         upper = torch.as_tensor([s - 1 for s in query.shape], dtype=torch.float32, device=self.device)
         step = radius_voxels / steps
         offsets_1d = torch.arange(-steps, steps + 1, dtype=torch.float32, device=self.device)
-        unit = torch.stack(torch.meshgrid(*[offsets_1d] * dims, indexing="ij"), dim=-1).reshape(-1, dims)  # (M, D)
+        unit = offset_cube(offsets_1d, dims)  # (M, D)
         rows = torch.arange(best.shape[0], device=self.device)
         scores = None
         for _ in range(passes):

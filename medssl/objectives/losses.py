@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from medssl.correspondence import flat_index, offset_cube
+
 
 def regression_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """BYOL normalised MSE per row: ``2 - 2 cos(p, z)``; ``p``, ``z``: ``(N, C)`` -> ``(N,)``."""
@@ -36,7 +38,7 @@ def info_nce_map(
     queries = F.normalize(queries, dim=-1)
     if window is None or _DENSE * (2 * window + 1) ** dims >= flat_feat.shape[2]:
         cos = torch.einsum("bkc,bcn->bkn", queries, F.normalize(flat_feat, dim=1))  # (B, K, N)
-        positive = _ravel(targets, sizes)  # (B, K)
+        positive = flat_index(targets, sizes)  # (B, K)
         if window is None:
             inside = torch.ones(cos.shape, dtype=torch.bool, device=feat.device)
         else:
@@ -47,10 +49,10 @@ def info_nce_map(
             inside = inside.reshape(cos.shape)  # (B, K, N)
     else:
         span = torch.arange(-window, window + 1, device=feat.device)
-        offsets = torch.stack(torch.meshgrid(*[span] * dims, indexing="ij"), dim=-1).reshape(-1, dims)  # (W, D)
+        offsets = offset_cube(span, dims)  # (W, D)
         cells = targets[:, :, None, :] + offsets  # (B, K, W, D)
         inside = ((cells >= 0) & (cells < sizes)).all(-1)  # (B, K, W)
-        flat = _ravel(torch.minimum(cells.clamp_min(0), sizes - 1), sizes).reshape(batch, 1, -1)  # (B, 1, K*W)
+        flat = flat_index(torch.minimum(cells.clamp_min(0), sizes - 1), sizes).reshape(batch, 1, -1)  # (B, 1, K*W)
         candidates = flat_feat.gather(2, flat.expand(batch, channels, flat.shape[-1]))  # (B, C, K*W)
         candidates = F.normalize(candidates.reshape(batch, channels, *cells.shape[1:3]), dim=1)  # (B, C, K, W)
         cos = torch.einsum("bkc,bckw->bkw", queries, candidates)  # (B, K, W)
@@ -64,14 +66,6 @@ def info_nce_map(
 #: a window of W cells is scored on the whole map of N cells when _DENSE * W >= N (measured: 3D 19^3 windows on
 #: 32^3 maps 2x faster masked; 2D 19^2 on 128^2 4x faster gathered)
 _DENSE = 8
-
-
-def _ravel(cells: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-    """Flat (row-major) index of integer cells ``(..., D)`` in a grid of ``sizes`` ``(D,)`` -> ``(...)``."""
-    flat = torch.zeros(cells.shape[:-1], dtype=torch.long, device=cells.device)
-    for axis in range(cells.shape[-1]):
-        flat = flat * sizes[axis] + cells[..., axis]
-    return flat
 
 
 def mc_statistics(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
