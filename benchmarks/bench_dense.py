@@ -7,8 +7,9 @@ Every config (``configs/<config>_<D>d.yaml``) pretrains with the same ``--steps`
 per seed (``seed=S``), on the realistic demo population (seed 0: 24 subjects in 2D, 10 in 3D; unlabeled images only).
 One-shot matching: template ``subject_000``, every other subject a query, truth from ``landmarks.csv``; the matcher
 uses the levels each run's ``model.pt`` records and each landmark's own best match (``--consistency none``:
-this compares features; ``bench_matcher`` compares matchers). Rows: each config (mean ± SD over seeds of MRE,
-mean of the seeds' median RE and SDR), random init (the network each seed's run started from, all levels), NCC and
+this compares features; ``bench_matcher`` compares matchers) and the spacing factors its ``model.pt`` records
+(``data.pyramid``). Rows: each config (mean ± SD over seeds of MRE, mean of the seeds' median RE and SDR), random
+init (the network each seed's run of the first config started from, all levels, at that config's pyramid), NCC and
 registration (deterministic, once). Runs and scores are kept in ``--work``: a rerun reuses them, so it continues
 where it stopped. Writes ``--out`` (default ``docs/dense.md``) with the tables of every dimension scored so far.
 """
@@ -46,7 +47,8 @@ def population(work: Path, dims: int, subjects: int) -> Path:
 
 
 def random_init(config_name: str, dims: int, seed: int, overrides: Sequence[str], work: Path) -> Path:
-    """``model.pt`` of the network a run of ``config_name`` with ``seed`` starts from (no matching levels: all)."""
+    """``model.pt`` of the network a run of ``config_name`` with ``seed`` starts from (every level matched, at the
+    config's ``data.pyramid``)."""
     from medssl.engine.pretrain import save_initial_model
     from medssl.engine.pretrain_config import read_pretrain_config
 
@@ -149,7 +151,8 @@ def render(work: Path, out: Path) -> Path:
                   f"{', '.join(map(str, results['seeds']))}", "",
                   f"Realistic demo population, {results['subjects']} subjects (seed 0): template subject_000, "
                   f"{results['subjects'] - 1} queries. Random init: the network each seed's runs start from, "
-                  "matched on all levels; pretrained runs match on the levels their objectives trained. Every run is "
+                  "matched on all levels at the first config's pyramid; pretrained runs match on the levels their "
+                  "objectives trained, at the spacing factors of their `data.pyramid`. Every run is "
                   "matched with each landmark's own best match (`--consistency none`): the tables compare "
                   "features, not matchers.", "",
                   table(results), ""]

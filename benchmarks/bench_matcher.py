@@ -50,10 +50,10 @@ def score_run(run: Path, data: Path, dims: int,
     template names (default: ranked with this checkpoint, see the module docstring)."""
     paths = {image_key(path): path for path in resolve_images(data / "images")}
     truth = read_landmarks(data / "landmarks.csv")
-    network, preprocessing, levels = matching_network(run, dims)
+    network, preprocessing, levels, pyramid = matching_network(run, dims)
     prepare = image_preparer(preprocessing, next(iter(paths.values())), dims, network=network)
     prepared = {key: prepare(path) for key, path in paths.items()}
-    matcher = OneShotMatcher(network, levels=levels)
+    matcher = OneShotMatcher(network, levels=levels, pyramid=pyramid)
     keys = list(prepared)
     if templates is None:
         ranking = rank_templates(matcher, [prepared[key] for key in keys])

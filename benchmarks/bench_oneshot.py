@@ -5,7 +5,8 @@
 The template is the dataset's first subject (``subject_000``); every other subject is a query and its landmarks from
 ``landmarks.csv`` are the truth. Each row: MRE ± std (mm), SDR at 2/2.5/3/4 mm, seconds per query image (preparing and
 matching, as logged by ``detect_landmarks_files``). Rows: each run folder given, ``random init`` (``--checkpoint
-none``), ``NCC`` and ``registration``.
+none``, embedded at the first run's pyramid factors so that both see the same context), ``NCC`` and
+``registration``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from medssl.data.landmarks import read_landmarks
 from medssl.data.readers import image_key
 from medssl.matching.run import detect_landmarks_files, image_preparer, method_matcher
 from medssl.metrics.landmarks import landmark_scores
+from medssl.networks.model_file import matching_pyramid, read_model_file
 from medssl.report.markdown import markdown_table
 
 MODULE = "benchmarks.bench_oneshot"
@@ -30,16 +32,18 @@ BASELINES = (("random init", "none", "embedding", "none"), ("NCC", None, "ncc", 
 
 
 def score_row(label: str, data: Path, checkpoint: str | None, method: str, work: Path, arch: str,
-              device: str = "cpu", consistency: str | None = None) -> dict:
+              device: str = "cpu", consistency: str | None = None, pyramid: Sequence[int] | None = None) -> dict:
     """Detect the landmarks of every query with one method and score them against the dataset's truth
-    (``consistency``: the embedding's consistency check, default that of the dimension)."""
+    (``consistency``: the embedding's consistency check, default that of the dimension; ``pyramid``: its spacing
+    factors, default those of the checkpoint)."""
     images = resolve_images(data / "images")
     template, queries = images[0], images[1:]
     truth_csv = data / "landmarks.csv"
     pred_csv = work / f"{label.replace(' ', '_').replace('/', '_')}.csv"
     started = time.perf_counter()
     detect_landmarks_files(checkpoint, [template], [truth_csv], queries, pred_csv, method=method,
-                           arch=arch if checkpoint == "none" else None, device=device, consistency=consistency)
+                           arch=arch if checkpoint == "none" else None, device=device, consistency=consistency,
+                           pyramid=pyramid)
     seconds = (time.perf_counter() - started) / len(queries)
     truth = read_landmarks(truth_csv)
     truth.pop(image_key(template))
@@ -53,9 +57,11 @@ def oneshot_rows(data: Path, runs: dict[str, Path], work: Path, arch: str = "sma
     called with each row as it is done."""
     cases = [(label, str(run), "embedding") for label, run in runs.items()]
     cases += [(label, checkpoint, method) for label, checkpoint, method, key in BASELINES if key not in skip]
+    pyramid = matching_pyramid(read_model_file(next(iter(runs.values())))) if runs else None
     rows = []
     for label, checkpoint, method in cases:
-        rows.append(score_row(label, data, checkpoint, method, work, arch, device))
+        rows.append(score_row(label, data, checkpoint, method, work, arch, device,
+                              pyramid=pyramid if checkpoint == "none" else None))
         if progress is not None:
             progress(rows[-1])
     return rows

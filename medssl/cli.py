@@ -75,10 +75,12 @@ def _prepare(args: argparse.Namespace) -> None:
     prepare_data(config, data=args.data, out=args.out, workers=args.workers)
 
 
-def _levels(args: argparse.Namespace) -> list[int] | None:
+def _levels(args: argparse.Namespace) -> dict[str, list[int] | None]:
+    """``levels`` and ``pyramid`` keyword arguments from ``--levels`` and ``--pyramid``."""
     from medssl.matching.run import parse_levels
 
-    return None if args.levels is None else parse_levels(args.levels)
+    return {"levels": None if args.levels is None else parse_levels(args.levels),
+            "pyramid": None if args.pyramid is None else parse_levels(args.pyramid, "--pyramid")}
 
 
 def _landmarks_oneshot(args: argparse.Namespace) -> None:
@@ -88,7 +90,7 @@ def _landmarks_oneshot(args: argparse.Namespace) -> None:
     out = detect_landmarks_files(
         args.checkpoint, args.template, args.template_landmarks, args.images, args.out, method=args.method,
         arch=args.arch, spacing_mm=args.spacing, figure_dir=args.figures, device=pick_device(args.device),
-        truth=args.truth, levels=_levels(args), search=args.search, consistency=args.consistency,
+        truth=args.truth, **_levels(args), search=args.search, consistency=args.consistency,
         min_score=args.min_score,
     )
     if args.truth is not None:
@@ -102,7 +104,7 @@ def _landmarks_select_template(args: argparse.Namespace) -> None:
     from medssl.matching.run import rank_templates_files
 
     rank_templates_files(args.checkpoint, args.images, args.out, arch=args.arch, spacing_mm=args.spacing,
-                         n_points=args.points, device=pick_device(args.device), levels=_levels(args))
+                         n_points=args.points, device=pick_device(args.device), **_levels(args))
 
 
 def _evaluate_landmarks(args: argparse.Namespace) -> None:
@@ -116,7 +118,7 @@ def _segment_oneshot(args: argparse.Namespace) -> None:
 
     propagate_labels_files(args.checkpoint, args.template, args.template_label, args.images, args.out,
                            method=args.method, arch=args.arch, spacing_mm=args.spacing, device=args.device,
-                           levels=_levels(args))
+                           **_levels(args))
     if args.truth is not None:
         from medssl.metrics.report import evaluate_segmentation_files
 
@@ -286,6 +288,10 @@ def _levels_option(p: argparse.ArgumentParser) -> None:
                    help="feature levels to match with, comma-separated: 0 = bottleneck, then the decoder "
                         "levels coarse to fine (default: those the pretraining objectives trained, as model.pt "
                         "records; all for --checkpoint none or a model.pt without the record)")
+    p.add_argument("--pyramid", default=None, metavar="F,F",
+                   help="also embed each image at these multiples of its working spacing (block means), "
+                        "comma-separated, including 1: e.g. 1,2 doubles the context in mm (default: the "
+                        "pretraining's data.pyramid, as model.pt records; 1 for --checkpoint none)")
 
 
 def _json_option(p: argparse.ArgumentParser) -> None:

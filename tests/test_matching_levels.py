@@ -80,12 +80,12 @@ def lewel_run(demo, tmp_path_factory) -> tuple[Path, list[int]]:
                          ids=["infoguided", "pgssl+lewel"])
 def test_model_pt_records_the_union_of_the_trained_levels(demo, tmp_path, methods, levels):
     payload = read_model_file(pretrain(pretrain_config_from_dict(config(demo, methods)), out=tmp_path / "run"))
-    assert payload["matching"] == {"levels": levels, "methods": methods}
+    assert payload["matching"] == {"levels": levels, "methods": methods, "pyramid": [1]}
 
 
 def test_a_lewel_model_is_matched_on_the_bottleneck_only(demo, lewel_run, tmp_path, monkeypatch, caplog):
     run, validation_counts = lewel_run
-    assert read_model_file(run)["matching"] == {"levels": [0], "methods": ["lewel"]}
+    assert read_model_file(run)["matching"] == {"levels": [0], "methods": ["lewel"], "pyramid": [1]}
     assert validation_counts and set(validation_counts) == {1}  # the validation hook: the trained level only
     counts = count_combined(monkeypatch)
     images, template = demo / "images", demo / "images" / "subject_000.png"

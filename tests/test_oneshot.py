@@ -407,9 +407,9 @@ def test_random_init_baseline_is_fixed_and_leaves_the_callers_rng_alone():
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    first, _, _ = matching_network("none", 2)
+    first = matching_network("none", 2).network
     assert torch.equal(torch.rand(3), expected)
-    second, _, _ = matching_network("none", 2)
+    second = matching_network("none", 2).network
     for a, b in zip(first.state_dict().values(), second.state_dict().values()):
         assert torch.equal(a, b)
 

@@ -35,6 +35,7 @@ from medssl.outputs import check_output, undone_on_failure
 from medssl.rng import capture_rng, restore_rng, seeded
 from medssl.transforms.pair_loader import LOADER_KEYS, check_loader_options, default_workers, pair_batches
 from medssl.transforms.sampler import ViewPairSampler
+from medssl.transforms.views import check_pyramid
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +78,13 @@ def network_from_config(config: PretrainConfig) -> nn.Module:
 
 def save_initial_model(config: PretrainConfig, path: str | Path) -> Path:
     """Write the ``model.pt`` of the network a run of ``config`` starts from (the random-init baseline of that run;
-    the loop seeds with ``config.seed`` right before building it), matched on every level like ``--checkpoint none``."""
+    the loop seeds with ``config.seed`` right before building it), matched on every level like ``--checkpoint none``
+    and at the run's ``data.pyramid`` (so both are embedded alike)."""
     with seeded(config.seed):
         network = network_from_config(config)
+    pyramid = check_pyramid(config.data.get("pyramid", [1]), "data.pyramid")
     return save_model(network, path, spatial_dims=config.spatial_dims, preprocessing=preprocessing_options(config),
-                      matching={"levels": list(range(len(network.feature_info)))})
+                      matching={"levels": list(range(len(network.feature_info))), "pyramid": list(pyramid)})
 
 
 def build_objectives(config: PretrainConfig, network: nn.Module) -> tuple[dict[str, nn.Module], dict[str, float]]:
@@ -230,6 +233,8 @@ def _train(config: PretrainConfig, run: Path, resume_state: dict[str, Any] | Non
     workers = default_workers(device) if workers is None else workers
     sampler = build_sampler(config, objectives, device=torch.device("cpu") if workers else device,
                             cache_dir=run / PREPARED_FOLDER)
+    if matching is not None:
+        matching["pyramid"] = list(sampler.pyramid)
     _check_channels(sampler, network)
     memory = dict(patch_size=config.data["patch_size"], batch_size=train.batch_size, device=device)
     estimate = check_memory(network, spatial_dims=config.spatial_dims, images_per_sample=2, **memory)
@@ -284,7 +289,7 @@ def _train(config: PretrainConfig, run: Path, resume_state: dict[str, Any] | Non
             validating = validator is not None and ((step + 1) % config.validation.every == 0
                                                     or step + 1 == train.steps)
             if validating:
-                metrics.update(validator(network, levels))
+                metrics.update(validator(network, levels, sampler.pyramid))
             if monitor is not None:
                 monitor.step(step + 1, metrics, force=validating)
             if (step + 1) % train.checkpoint_every == 0 or step + 1 == train.steps:

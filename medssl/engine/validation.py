@@ -90,16 +90,18 @@ class LandmarkValidator:
         log.info("validation: %d landmark(s) of %s matched into %d image(s)", len(self.templates.names),
                  image_key(template), len(self.queries))
 
-    def __call__(self, network: nn.Module, levels: Sequence[int] | None = None) -> dict[str, float]:
+    def __call__(self, network: nn.Module, levels: Sequence[int] | None = None,
+                 pyramid: Sequence[int] = (1,)) -> dict[str, float]:
         """MRE (mm) and SDR (fractions) of ``network``'s one-shot predictions matched on feature ``levels`` (default
-        all; the pretraining loop passes its objectives' ``trained_levels``); leaves ``network``'s modes and the
-        global RNG states as they were."""
+        all; the pretraining loop passes its objectives' ``trained_levels``) at the spacing factors ``pyramid`` (the
+        loop passes ``data.pyramid``); leaves ``network``'s modes and the global RNG states as they were."""
         modes = [(module, module.training) for module in network.modules()]
         rng = capture_rng()
         try:
             with torch.no_grad():
                 # each landmark's own match: validation scores the features (and skips support-point matching)
-                matcher = OneShotMatcher(network, levels=levels, consistency="none", device=self.device)
+                matcher = OneShotMatcher(network, levels=levels, consistency="none", pyramid=pyramid,
+                                         device=self.device)
                 detector = Detector("embedding", self.templates, matcher)
                 predictions = {key: dict(zip(self.templates.names, detector(query).points_mm))
                                for key, query in self.queries.items()}

@@ -41,6 +41,7 @@ from medssl.errors import InputError
 from medssl.matching.consistency import robust_spline
 from medssl.registry import look_up
 from medssl.transforms.preprocess import Preprocessing
+from medssl.transforms.views import check_pyramid
 
 
 log = logging.getLogger(__name__)
@@ -225,13 +226,15 @@ class OneShotMatcher:
     template's foreground are matched too; each landmark is read off a robust thin-plate spline through all
     matches, ``smoothing`` default ``SPLINE_SMOOTHING``), ``"outliers"`` (the same spline, but a landmark whose
     own match is an inlier of it keeps that match), ``"none"`` (each landmark's own best match) or None
-    (``DEFAULT_CONSISTENCY`` of the image's dimension).
+    (``DEFAULT_CONSISTENCY`` of the image's dimension). ``pyramid``: working-spacing factors the image is embedded
+    at (default ``(1,)``): at factor ``f`` the image is averaged over ``f^D`` voxel blocks before the network sees
+    it (``f`` times the receptive field in mm); its levels join the others as levels of stride ``f`` times theirs.
     """
 
     def __init__(self, network: nn.Module, *, levels: Sequence[int] | None = None, combine: str = "product",
                  roi_size: int | Sequence[int] | None = None, candidates: int = 4, search: str = "global",
                  consistency: str | None = None, support: int = DEFAULT_SUPPORT_POINTS,
-                 smoothing: float | None = None, device: str | torch.device = "cpu"):
+                 smoothing: float | None = None, pyramid: Sequence[int] = (1,), device: str | torch.device = "cpu"):
         look_up(combine, COMBINE_MODES, what="combine mode", path="combine")
         look_up(search, SEARCH_MODES, what="search", path="--search")
         look_up(consistency or "none", CONSISTENCY_MODES, what="consistency check", path="--consistency")
@@ -247,6 +250,7 @@ class OneShotMatcher:
             raise InputError(f"the number of support points must be >= 1, got {support}")
         self.support = int(support)
         self.smoothing = smoothing
+        self.pyramid = check_pyramid(pyramid, "--pyramid")
 
     # ------------------------------------------------------------------------------------------------ embedding
     def _windows(self, padded_shape: Sequence[int]) -> SlidingWindowInferer:
@@ -258,20 +262,29 @@ class OneShotMatcher:
 
     @torch.no_grad()
     def embed(self, image: MetaTensor) -> Embedding:
-        """Features of ``image`` ``(C, *S)`` (already prepared: oriented, resampled, in [0, 1])."""
+        """Features of ``image`` ``(C, *S)`` (already prepared: oriented, resampled, in [0, 1]): the chosen levels
+        in ``levels`` order, or with several ``pyramid`` factors every factor's, coarse -> fine by stride."""
         shape = tuple(int(s) for s in image.shape[1:])
-        padded = convert_to_tensor(DivisiblePad(k=2 * int(self.network.min_size_divisor), mode="constant",
-                                                method="end")(image.as_tensor().float()), track_meta=False)  # (C, *P)
+        divisor = 2 * int(self.network.min_size_divisor) * max(self.pyramid)  # every factor's grid on the coarsest
+        padded = convert_to_tensor(DivisiblePad(k=divisor, mode="constant", method="end")(image.as_tensor().float()),
+                                   track_meta=False)  # (C, *P)
         padded_shape = tuple(int(s) for s in padded.shape[1:])
+        pool = Pool["avg", len(shape)]
 
         def fine_first(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
             # MONAI 1.6 reuses the window weights resized for one output for the next: feed outputs fine -> coarse
             return tuple(reversed(self.network.forward_features(x)))
 
-        outputs = self._windows(padded_shape)(padded[None].to(self.device), fine_first)
-        levels = list(reversed(outputs))  # coarse -> fine, each (1, C_l, *P / stride_l)
-        chosen = levels if self.levels is None else [levels[level] for level in self.levels]
-        features = [F.normalize(level[0].float(), dim=0) for level in chosen]  # (C_l, *P_l)
+        features = []
+        for factor in self.pyramid:
+            # block means: voxel j of factor f sits at (j + 0.5) f - 0.5 of the padded grid, the stride-f convention
+            scaled = padded[None] if factor == 1 else pool(kernel_size=factor)(padded[None])  # (1, C, *P / f)
+            outputs = self._windows(scaled.shape[2:])(scaled.to(self.device), fine_first)
+            levels = list(reversed(outputs))  # coarse -> fine, each (1, C_l, *P / (f * stride_l))
+            chosen = levels if self.levels is None else [levels[level] for level in self.levels]
+            features += [F.normalize(level[0].float(), dim=0) for level in chosen]  # (C_l, *P_l)
+        if len(self.pyramid) > 1:  # coarse -> fine across factors (stable: on ties the factor-1 level first)
+            features.sort(key=lambda level: level.shape[1])
         affine = torch.as_tensor(image.affine, dtype=torch.float64)
         return Embedding(features, affine, shape, padded_shape)
 

@@ -209,14 +209,15 @@ def propagate_labels_files(checkpoint: str | Path | None, template: str | Path, 
                            images: Sequence[str | Path], out_dir: str | Path, *, method: str = "embedding",
                            arch: str | None = None, spacing_mm: float | Sequence[float] | None = None,
                            device: str | torch.device = "auto", levels: Sequence[int] | None = None,
-                           stride: int | None = None, window: int | None = None,
+                           pyramid: Sequence[int] | None = None, stride: int | None = None, window: int | None = None,
                            temperature: float = TEMPERATURE) -> list[Path]:
     """Write one label map per image of ``images`` (folders, datalists or files) into ``out_dir``
     (``label_file_name``: the input's name and format) with the input's shape and affine: the ``template``'s label
     map ``template_label`` carried over by ``method`` ``embedding`` (``propagate_labels`` with ``checkpoint``, a run
     folder / ``model.pt`` or ``"none"`` = random init of ``arch``) or ``registration`` (``registration_labels``;
-    ignores ``checkpoint``). ``spacing_mm``: the pixel size of 2D files without geometry; ``levels``: the feature
-    levels matched (default: those ``model.pt`` records as trained). Returns the written paths."""
+    ignores ``checkpoint``). ``spacing_mm``: the pixel size of 2D files without geometry; ``levels`` and
+    ``pyramid``: the feature levels matched and the spacing factors embedded at (default: those ``model.pt``
+    records). Returns the written paths."""
     look_up(method, SEGMENT_METHODS, what="method", path="--method")
     template, template_label = Path(template), Path(template_label)
     queries = [image for path in images for image in resolve_images(path)]
@@ -229,7 +230,8 @@ def propagate_labels_files(checkpoint: str | Path | None, template: str | Path, 
     check_output(out_dir, kind="folder", inputs=[checkpoint_input(checkpoint, method), template, template_label,
                                                  *images, *queries])
     dims = load_image(template, spacing_mm=spacing_mm).ndim - 1
-    matcher, preprocessing = method_matcher(method, checkpoint, dims, arch=arch, device=device, levels=levels)
+    matcher, preprocessing = method_matcher(method, checkpoint, dims, arch=arch, device=device, levels=levels,
+                                            pyramid=pyramid)
     prepare = image_preparer(preprocessing, template, dims, spacing_mm,
                              network=None if matcher is None else matcher.network)
     spec, fit = Preprocessing.from_options(prepare.keywords), network_fit(None if matcher is None else matcher.network)

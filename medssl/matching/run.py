@@ -10,7 +10,7 @@ import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from medssl.networks.model_file import is_random_init, load_network
 from medssl.outputs import atomic_writer, check_output
 from medssl.registry import did_you_mean, look_up
 from medssl.transforms.preprocess import Preprocessing
+from medssl.transforms.views import check_pyramid
 
 log = logging.getLogger(__name__)
 
@@ -42,24 +43,36 @@ def check_method(method: str) -> None:
     look_up(method, METHODS, what="method", path="--method")
 
 
-def parse_levels(text: str) -> list[int]:
-    """``--levels`` text ``"0,1"`` -> ``[0, 1]`` (the range is checked by the matcher); ``InputError`` naming
-    ``--levels`` unless it is comma-separated whole numbers."""
+def parse_levels(text: str, option: str = "--levels") -> list[int]:
+    """``--levels`` (or ``--pyramid``) text ``"0,1"`` -> ``[0, 1]`` (the values are checked by the matcher);
+    ``InputError`` naming ``option`` unless it is comma-separated whole numbers."""
     try:
         return [int(part) for part in text.split(",")]
     except ValueError:
-        raise InputError(f"expected comma-separated level indices such as 0,1 (0 = bottleneck), got '{text}'",
-                         path="--levels") from None
+        example = "0,1 (0 = bottleneck)" if option == "--levels" else "1,2 (1 = the working spacing)"
+        raise InputError(f"expected comma-separated whole numbers such as {example}, got '{text}'",
+                         path=option) from None
+
+
+class MatchingSetup(NamedTuple):
+    """What ``matching_network`` returns: the network, its preprocessing, the feature levels and the pyramid
+    factors to match with."""
+
+    network: nn.Module
+    preprocessing: dict[str, Any]
+    levels: list[int]
+    pyramid: list[int]
 
 
 def matching_network(checkpoint: str | Path, spatial_dims: int, arch: str | None = None,
-                     device: str | torch.device = "cpu",
-                     levels: Sequence[int] | None = None) -> tuple[nn.Module, dict[str, Any], list[int]]:
+                     device: str | torch.device = "cpu", levels: Sequence[int] | None = None,
+                     pyramid: Sequence[int] | None = None) -> MatchingSetup:
     """The embedding network (``load_network``: a run folder / ``model.pt``, or ``"none"`` for a randomly initialised
     U-Net of size ``arch``, default ``"small"``, the baseline every pretrained model is compared with), its
-    preprocessing and the feature levels to match: ``levels`` (``--levels``) if given, else those ``model.pt``
+    preprocessing, the feature levels to match: ``levels`` (``--levels``) if given, else those ``model.pt``
     records (the union of its objectives' ``trained_levels``), else all (random init, or a ``model.pt`` of an older
-    medssl); logged."""
+    medssl), and the pyramid factors: ``pyramid`` (``--pyramid``) if given, else ``model.pt``'s (its pretraining's
+    ``data.pyramid``), else ``[1]``; logged."""
     random_init = is_random_init(checkpoint)
     if not random_init and arch is not None:
         log.warning("--arch %s ignored: the architecture comes from %s", arch, checkpoint)
@@ -77,25 +90,32 @@ def matching_network(checkpoint: str | Path, spatial_dims: int, arch: str | None
     else:
         chosen = list(range(count)) if recorded is None else check_levels(recorded, count)
     described = f"all {count} levels" if chosen == list(range(count)) else f"levels {','.join(map(str, chosen))}"
-    log.info("one-shot matching: %s (%s)", described, why)
-    return loaded.network, loaded.preprocessing, chosen
+    factors = list(check_pyramid(pyramid if pyramid is not None else loaded.pyramid or [1],
+                                 "--pyramid" if pyramid is not None else f"{checkpoint}: matching.pyramid"))
+    scales = "" if factors == [1] else (f" at spacing x {','.join(map(str, factors))} "
+                                        f"({'--pyramid' if pyramid is not None else 'from model.pt'})")
+    log.info("one-shot matching: %s (%s)%s", described, why, scales)
+    return MatchingSetup(loaded.network, loaded.preprocessing, chosen, factors)
 
 
 def method_matcher(method: str, checkpoint: str | Path | None, spatial_dims: int, *, arch: str | None = None,
                    device: str | torch.device = "auto", levels: Sequence[int] | None = None,
+                   pyramid: Sequence[int] | None = None,
                    **options: Any) -> tuple[OneShotMatcher | None, dict[str, Any]]:
     """For ``method`` ``embedding``: the ``OneShotMatcher`` (``options``: its keyword arguments) on the network of
-    ``checkpoint`` (``matching_network``) and the model's preprocessing; for the other methods ``(None, {})`` (and a
-    warning when ``levels`` was given, as they use no network)."""
+    ``checkpoint`` with its levels and pyramid (``matching_network``) and the model's preprocessing; for the other
+    methods ``(None, {})`` (and a warning when ``levels`` or ``pyramid`` was given, as they use no network)."""
     if method != "embedding":
-        if levels is not None:
-            log.warning("--levels ignored: --method %s uses no network", method)
+        for name, value in (("--levels", levels), ("--pyramid", pyramid)):
+            if value is not None:
+                log.warning("%s ignored: --method %s uses no network", name, method)
         return None, {}
     if checkpoint is None:
         raise InputError("the embedding method needs --checkpoint (a run, its model.pt, or 'none')")
     device = pick_device(device)
-    network, preprocessing, levels = matching_network(checkpoint, spatial_dims, arch, device, levels)
-    return OneShotMatcher(network, levels=levels, device=device, **options), preprocessing
+    setup = matching_network(checkpoint, spatial_dims, arch, device, levels, pyramid)
+    matcher = OneShotMatcher(setup.network, levels=setup.levels, pyramid=setup.pyramid, device=device, **options)
+    return matcher, setup.preprocessing
 
 
 def image_preparer(preprocessing: dict[str, Any], first_image: Path, spatial_dims: int,
@@ -207,7 +227,8 @@ def detect_landmarks_files(checkpoint: str | Path | None, templates: Sequence[Pa
                            spacing_mm: float | Sequence[float] | None = None, figure_dir: str | Path | None = None,
                            device: str = "auto", truth: str | Path | None = None,
                            levels: Sequence[int] | None = None, search: str = "global",
-                           consistency: str | None = None, min_score: float | None = None) -> Path:
+                           consistency: str | None = None, min_score: float | None = None,
+                           pyramid: Sequence[int] | None = None) -> Path:
     """Predict the templates' landmarks in every image of ``images`` (folders, datalists or files) and write
     ``out_csv`` (world mm, ``score`` and, for the embedding, ``residual_mm``: how far the landmark's own best
     match lay from the consistent answer); returns its path.
@@ -216,8 +237,8 @@ def detect_landmarks_files(checkpoint: str | Path | None, templates: Sequence[Pa
     ``ncc`` (intensity template matching) or ``registration`` (affine + B-spline atlas registration); the last
     two ignore ``checkpoint``. ``spacing_mm`` is the pixel size of 2D files without geometry. ``figure_dir``
     receives a PNG per template and per image (with ``truth`` landmarks CSV drawn too, if given). ``levels``: the
-    feature levels the embedding matches with (default: those ``model.pt`` records as trained, see
-    ``matching_network``). ``search`` and ``consistency`` (None: the default of the dimension): see
+    feature levels the embedding matches with and ``pyramid`` the spacing factors it embeds images at (default:
+    those ``model.pt`` records, see ``matching_network``). ``search`` and ``consistency`` (None: the default of the dimension): see
     ``OneShotMatcher``. ``min_score``: landmarks scoring below it are left out of ``out_csv`` (reported missing by
     ``evaluate``) instead of guessed.
     """
@@ -241,7 +262,7 @@ def detect_landmarks_files(checkpoint: str | Path | None, templates: Sequence[Pa
                     "in the scores against %s", ", ".join(also_queries), truth)
     dims = load_image(templates[0], spacing_mm=spacing_mm).ndim - 1
     matcher, preprocessing = method_matcher(method, checkpoint, dims, arch=arch, device=device, levels=levels,
-                                            search=search, consistency=consistency)
+                                            pyramid=pyramid, search=search, consistency=consistency)
     prepare = image_preparer(preprocessing, templates[0], dims, spacing_mm,
                              network=None if matcher is None else matcher.network)
     log.info("one-shot landmarks (%s): %d template(s), %d image(s), grid %s mm", method, len(templates),
@@ -286,10 +307,12 @@ def detect_landmarks_files(checkpoint: str | Path | None, templates: Sequence[Pa
 
 def rank_templates_files(checkpoint: str | Path, images: Sequence[str | Path], out_csv: str | Path, *,
                          arch: str | None = None, spacing_mm: float | Sequence[float] | None = None,
-                         n_points: int = 16, device: str = "auto", levels: Sequence[int] | None = None) -> Path:
+                         n_points: int = 16, device: str = "auto", levels: Sequence[int] | None = None,
+                         pyramid: Sequence[int] | None = None) -> Path:
     """Rank the images of ``images`` as one-shot templates (SCP-style, ``selection.rank_templates``) and write
     ``out_csv`` with columns ``rank,image,score`` (rank 1 = the image to label first); returns its path.
-    ``levels``: the feature levels matched (default: those ``model.pt`` records, see ``matching_network``)."""
+    ``levels`` and ``pyramid``: the feature levels matched and the spacing factors embedded at (default: those
+    ``model.pt`` records, see ``matching_network``)."""
     paths = [image for path in images for image in resolve_images(path)]
     if len(paths) < 2:
         raise InputError(f"ranking templates needs at least two images, got {len(paths)}")
@@ -297,7 +320,8 @@ def rank_templates_files(checkpoint: str | Path, images: Sequence[str | Path], o
         raise InputError(f"the number of salient points must be >= 1, got {n_points}", path="--points")
     check_output(out_csv, kind="file", inputs=[checkpoint_input(checkpoint), *images, *paths])
     dims = load_image(paths[0], spacing_mm=spacing_mm).ndim - 1
-    matcher, preprocessing = method_matcher("embedding", checkpoint, dims, arch=arch, device=device, levels=levels)
+    matcher, preprocessing = method_matcher("embedding", checkpoint, dims, arch=arch, device=device, levels=levels,
+                                            pyramid=pyramid)
     prepare = image_preparer(preprocessing, paths[0], dims, spacing_mm, network=matcher.network)
     values = rank_templates(matcher, [prepare(p) for p in paths], n_points=n_points)
     order = np.argsort(-values, kind="stable")

@@ -2,8 +2,9 @@
 
 ``model.pt`` holds ``{"format": "medssl.model/1", "network": <get_config()>, "state_dict": <the network's own
 state dict>, "preprocessing": {...}, "spatial_dims": D}``: the state dict loads into the network built from
-``network`` with no key surgery. A pretraining run adds ``"matching": {"levels": [...], "methods": [...]}``: the
-feature levels its objectives trained (what one-shot matching compares by default; older files lack it). A
+``network`` with no key surgery. A pretraining run adds ``"matching": {"levels": [...], "methods": [...], "pyramid": [...]}``:
+the feature levels its objectives trained and the working-spacing factors its views were cut at (what one-shot
+matching compares and embeds at by default; older files lack them). A
 fine-tuning run adds ``"task"`` (its head: ``{"kind": "seg", ...}`` or ``{"kind": "landmarks", ...}``) and
 ``"validation"``.
 """
@@ -35,7 +36,8 @@ NO_CHECKPOINT = "none"
 def model_payload(network: nn.Module, *, spatial_dims: int, preprocessing: Mapping[str, Any],
                   matching: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The ``model.pt`` dictionary for ``network`` (which must offer ``get_config()``), tensors on CPU; ``matching``
-    (``{"levels": [...], "methods": [...]}``, see ``matching_levels``) is recorded when given."""
+    (``{"levels": [...], "methods": [...], "pyramid": [...]}``, see ``matching_levels`` and ``matching_pyramid``) is
+    recorded when given."""
     state = {key: value.detach().cpu().clone() for key, value in network.state_dict().items()}
     payload = {
         "format": MODEL_FORMAT,
@@ -47,6 +49,8 @@ def model_payload(network: nn.Module, *, spatial_dims: int, preprocessing: Mappi
     if matching is not None:
         payload["matching"] = {"levels": sorted({int(level) for level in matching["levels"]}),
                                "methods": [str(method) for method in matching.get("methods", [])]}
+        if matching.get("pyramid") is not None:
+            payload["matching"]["pyramid"] = [int(factor) for factor in matching["pyramid"]]
     return payload
 
 
@@ -67,6 +71,14 @@ def matching_levels(payload: Mapping[str, Any]) -> tuple[list[int] | None, list[
     if not isinstance(matching, dict) or not matching.get("levels"):
         return None, []
     return [int(level) for level in matching["levels"]], [str(method) for method in matching.get("methods", [])]
+
+
+def matching_pyramid(payload: Mapping[str, Any]) -> list[int] | None:
+    """The working-spacing factors a ``model.pt`` payload records (``data.pyramid`` of its pretraining; None: it
+    records none, e.g. random init or an older medssl)."""
+    matching = payload.get("matching")
+    pyramid = matching.get("pyramid") if isinstance(matching, dict) else None
+    return None if not pyramid else [int(factor) for factor in pyramid]
 
 
 def read_model_file(run_or_model_pt: str | Path) -> dict[str, Any]:
@@ -108,6 +120,11 @@ class LoadedNetwork:
     def levels(self) -> tuple[list[int] | None, list[str]]:
         """``matching_levels`` of the file (``(None, [])`` for random init)."""
         return (None, []) if self.payload is None else matching_levels(self.payload)
+
+    @property
+    def pyramid(self) -> list[int] | None:
+        """``matching_pyramid`` of the file (None for random init)."""
+        return None if self.payload is None else matching_pyramid(self.payload)
 
 
 def is_random_init(checkpoint: str | Path | None) -> bool:

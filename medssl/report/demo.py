@@ -225,10 +225,10 @@ def similarity_maps(split: Split, spatial_dims: int, checkpoints: dict[str, Path
     landmark = sorted(template_mm)[0]
     maps: dict[str, np.ndarray] = {}
     for label, checkpoint in checkpoints.items():
-        network, preprocessing, levels = matching_network(checkpoint, spatial_dims, device=device)
+        network, preprocessing, levels, pyramid = matching_network(checkpoint, spatial_dims, device=device)
         prepare = image_preparer(preprocessing, split.template, spatial_dims)  # the same grid for every checkpoint
         template, query = prepare(split.template), prepare(split.test_images[0])
-        matcher = OneShotMatcher(network, levels=levels, device=device)
+        matcher = OneShotMatcher(network, levels=levels, pyramid=pyramid, device=device)
         vectors = matcher.template_vectors(matcher.embed(template), template_mm[landmark][None])  # (1, D) point
         maps[label] = matcher.similarity(matcher.embed(query), vectors)[0].cpu().numpy()  # (*S)
     return landmark, template, query, maps

@@ -14,6 +14,11 @@ renders it (DataLoader workers, ``torchrun`` ranks holding slices of the global 
   augmentation; view ``b`` = a crop around the anchor with shift, flips, rotation (and elastic) as configured and
   intensity augmentation. ``scale`` and ``aspect`` do not apply (one scale by design).
 
+``pyramid`` (default ``[1]``): working-spacing factors; each sample draws one and cuts both of its views at the
+scan's spacing times that factor (one scale within a pair, several across pairs), so the network also learns the
+coarse scales the one-shot matcher embeds images at (``OneShotMatcher(pyramid=...)``): at factor 2 a 32^3 patch
+spans twice the anatomy.
+
 With ``info_guided`` the views carry information maps and the brightness/contrast ranges of every augmented view
 follow the category (low/medium/high) of the sample's anchor (METHODS 2.6).
 """
@@ -38,8 +43,8 @@ from medssl.transforms.infomap import (CATEGORY_NAMES, histogram_percentiles, in
 from medssl.transforms.intensity import INFO_BRIGHTNESS, INFO_CONTRAST, IntensityAugmentation, augment_intensity
 from medssl.transforms.prepared import DEFAULT_CACHE_MB, HISTOGRAM_BINS, PreparedScans
 from medssl.transforms.preprocess import Preprocessing
-from medssl.transforms.views import (VIEW_PRESETS, random_orientation, render_views, smooth_displacement_mm,
-                                     view_to_source)
+from medssl.transforms.views import (VIEW_PRESETS, check_pyramid, random_orientation, render_views,
+                                     smooth_displacement_mm, view_to_source)
 
 log = logging.getLogger(__name__)
 _ELASTIC_CONTROL_POINTS = 5
@@ -74,7 +79,8 @@ class ViewPairSampler:
 
     Geometry: ``scale`` and ``aspect`` (not for ``raw_patch``: one scale by design), ``max_shift``, ``flip_prob``,
     ``rotate_deg`` (about every axis plane), ``elastic_mm`` (0 = off; elastic views have ``view_to_world`` None),
-    ``context_size`` (``raw_patch`` only: view ``a``'s grid in voxels; None = ``patch_size``). Intensity (augmented
+    ``context_size`` (``raw_patch`` only: view ``a``'s grid in voxels; None = ``patch_size``), ``pyramid`` (working-
+    spacing factors, whole numbers, one drawn per sample for both views; see the module docstring). Intensity (augmented
     views only): ``brightness``, ``contrast``, ``gamma``, ``blur_sigma`` (view pixels) with ``blur_prob``,
     ``bias_field``, ``noise_std``. Preprocessing: ``modality`` (``ct``, ``mr``, ``xray``), ``spacing_mm``
     (resample; None keeps), ``intensity_window``, ``file_spacing_mm`` (2D files without geometry). Prepared data:
@@ -87,8 +93,8 @@ class ViewPairSampler:
     """
 
     def __init__(self, images: Sequence[str | Path], *, spatial_dims: int, patch_size: Sequence[int],
-                 context_size: Sequence[int] | None = None, preset: str = "symmetric", info_guided: bool = False,
-                 device: str | torch.device = "cpu", seed: int = 0, modality: str = "mr",
+                 context_size: Sequence[int] | None = None, pyramid: Sequence[int] = (1,), preset: str = "symmetric",
+                 info_guided: bool = False, device: str | torch.device = "cpu", seed: int = 0, modality: str = "mr",
                  spacing_mm: float | Sequence[float] | None = None,
                  intensity_window: Sequence[float] | None = None,
                  file_spacing_mm: float | Sequence[float] | None = None, cache_dir: str | None = None,
@@ -119,6 +125,7 @@ class ViewPairSampler:
             raise InputError(f"applies to the raw_patch view preset only, not '{preset}'", path="context_size")
         if not 0 <= max_shift <= 1 or not 0 <= flip_prob <= 1 or not 0 <= blur_prob <= 1:
             raise InputError("max_shift, flip_prob and blur_prob must lie in [0, 1]")
+        self.pyramid = check_pyramid(pyramid, "pyramid")
         self.spatial_dims, self.preset, self.info_guided = spatial_dims, preset, bool(info_guided)
         self.device = torch.device(device)
         preprocessing = Preprocessing(modality=modality, spacing_mm=spacing_mm, intensity_window=intensity_window,
@@ -265,11 +272,12 @@ class ViewPairSampler:
         return torch.exp(low + self._random(generator, *shape) * (high - low))
 
     def _view_matrix(self, geometry: GeometryAugmentation, anchor: torch.Tensor, spacing: torch.Tensor,
-                     size: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
-        """``view_to_source`` ``(1, D+1, D+1)`` of one view (grid ``size``) around ``anchor`` ``(D,)``."""
+                     size: tuple[int, ...], generator: torch.Generator, factor: int = 1) -> torch.Tensor:
+        """``view_to_source`` ``(1, D+1, D+1)`` of one view (grid ``size``) around ``anchor`` ``(D,)`` at the
+        scan's ``spacing`` times the pyramid ``factor``."""
         dims = anchor.shape[0]
         patch = torch.tensor(size, dtype=torch.float64, device=self.device)
-        view_spacing = spacing * self._log_uniform(generator, geometry.scale, 1) \
+        view_spacing = spacing * factor * self._log_uniform(generator, geometry.scale, 1) \
             * self._log_uniform(generator, geometry.aspect, dims)
         shift = (self._random(generator, dims) * 2 - 1) * geometry.max_shift * patch / 2  # view pixels
         anchor_view = torch.div(patch, 2, rounding_mode="floor") + shift  # (D,)
@@ -298,9 +306,12 @@ class ViewPairSampler:
         self.scans.use(index)
         anchor, category = self._anchor(index, generator)
         spacing = torch.tensor(self.scans.spacing_mm(index), dtype=torch.float64, device=self.device)
+        factor = 1
+        if len(self.pyramid) > 1:  # one working scale for both views (drawn only then: old streams unchanged)
+            factor = self.pyramid[int(torch.randint(len(self.pyramid), (1,), generator=generator, device=self.device))]
         views = []
         for geometry, intensity, size in self.views:
-            matrix = self._view_matrix(geometry, anchor, spacing, size, generator)  # (1, D+1, D+1)
+            matrix = self._view_matrix(geometry, anchor, spacing, size, generator, factor)  # (1, D+1, D+1)
             displacement = None
             if geometry.elastic_mm > 0:
                 displacement = smooth_displacement_mm(1, size, geometry.elastic_mm, _ELASTIC_CONTROL_POINTS,

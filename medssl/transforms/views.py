@@ -18,9 +18,21 @@ import torch
 import torch.nn.functional as F
 
 from medssl.data.geometry import coordinate_grid, voxel_to_world
+from medssl.errors import InputError
 
 #: which pair of views an objective asks the view sampler for (``medssl.transforms.sampler``)
 VIEW_PRESETS = ("symmetric", "weak_strong", "raw_patch")
+
+
+def check_pyramid(factors: Sequence[int], path: str) -> tuple[int, ...]:
+    """Working-spacing factors (pretraining's ``data.pyramid``, the matcher's ``pyramid``) as a sorted tuple of
+    distinct whole numbers >= 1 that includes 1 (the working scale itself); ``InputError`` naming ``path``."""
+    values = list(factors) if isinstance(factors, (list, tuple)) else None
+    if not values or not all(isinstance(f, int) and not isinstance(f, bool) and f >= 1 for f in values) \
+            or 1 not in values or len(set(values)) != len(values):
+        raise InputError(f"must list distinct whole numbers >= 1 including 1 (the working spacing), e.g. [1, 2]; "
+                         f"got {factors!r}", path=path)
+    return tuple(sorted(values))
 
 
 def rotation_matrix(angles_rad: torch.Tensor, spatial_dims: int) -> torch.Tensor:
