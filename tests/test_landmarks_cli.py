@@ -106,7 +106,7 @@ def test_levels_choose_the_matched_feature_levels_and_bad_values_exit_2(demo, tm
         assert oneshot(demo, out, "--checkpoint", "none", "--device", "cpu", "--levels", levels, images=query) == 0
         predicted[levels] = read_landmarks(out)["subject_001"]
     assert any(np.abs(predicted["0"][name] - predicted["3,4"][name]).max() > 1.0 for name in predicted["0"])
-    for value, message in [("0,x", "comma-separated level indices"), ("0,5", "level(s) 5 out of range")]:
+    for value, message in [("0,x", "comma-separated whole numbers such as 0,1"), ("0,5", "level(s) 5 out of range")]:
         assert oneshot(demo, tmp_path / "bad.csv", "--checkpoint", "none", "--levels", value, images=query) == 2
         line = error_line(capsys)
         assert line.startswith("medssl: error: --levels:") and message in line

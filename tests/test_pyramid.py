@@ -11,10 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import validation_section
 from medssl.cli import main
 from medssl.data.demo import write_demo_dataset
 from medssl.data.geometry import voxel_to_world, world_to_voxel
-from medssl.data.readers import save_image
+from medssl.engine import validation
 from medssl.engine.pretrain import pretrain, save_initial_model
 from medssl.engine.pretrain_config import pretrain_config_from_dict
 from medssl.errors import InputError
@@ -24,25 +25,13 @@ from medssl.networks import build_network, read_model_file
 from medssl.transforms.sampler import ViewPairSampler
 from medssl.transforms.views import check_pyramid
 from test_oneshot import LANDMARK_VOXELS, SHAPES, SPACING, TINY_CHANNELS, affine_for, as_image, texture
+from test_sampler import PATCHES, SPACINGS, scans  # noqa: F401 (scans: a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-SCAN_SPACING = {2: (0.7, 1.3), 3: (0.9, 1.1, 2.0)}
-PATCHES = {2: (16, 24), 3: (16, 16, 8)}
-
-
-@pytest.fixture(params=[2, 3], ids=["2d", "3d"])
-def scans(request, tmp_path):
-    dims = request.param
-    rng = np.random.default_rng(dims)
-    shape = {2: (48, 40), 3: (24, 20, 12)}[dims]
-    volume = rng.normal(size=shape).cumsum(axis=0).cumsum(axis=1).astype(np.float32)
-    return [save_image(volume, np.diag([*SCAN_SPACING[dims], 1.0]), tmp_path / "scan.nii.gz")], dims
-
-
 def test_each_pair_is_cut_at_one_pyramid_factor_so_a_target_stays_one_voxel(scans):
     paths, dims = scans
-    spacing = torch.tensor(SCAN_SPACING[dims], dtype=torch.float64)
+    spacing = torch.tensor(SPACINGS[dims], dtype=torch.float64)
     sampler = ViewPairSampler(paths, spatial_dims=dims, patch_size=PATCHES[dims], preset="raw_patch",
                               pyramid=[1, 2], rotate_deg=0.0)
     batch = sampler.sample(16)
@@ -107,16 +96,30 @@ def test_a_template_matched_onto_itself_stays_exact_with_a_pyramid(dims):
     assert np.abs(found.points_mm - points_mm).max() < 0.1 * max(SPACING[dims]) and np.all(found.scores > 0.99)
 
 
+VALIDATION_PYRAMIDS: list = []  # the pyramid of every matcher the validation hook of ``pyramid_run`` built
+
+
 @pytest.fixture(scope="module")
 def pyramid_run(tmp_path_factory) -> tuple[Path, Path]:
+    """A 2-step InfoGuided run with ``data.pyramid: [1, 2]``, validated at step 2, and its demo folder."""
     demo = write_demo_dataset(tmp_path_factory.mktemp("pyr") / "demo2d", spatial_dims=2, n_subjects=3)
     config = pretrain_config_from_dict({
         "method": "infoguided", "spatial_dims": 2, "seed": 0,
         "data": {"path": str(demo / "images"), "patch_size": [16, 16], "pyramid": [1, 2]},
         "network": {"channels": [4, 8, 8, 8]}, "objective": {"infoguided": {"window": 2}},
         "train": {"steps": 2, "batch_size": 2, "lr": 1e-3, "warmup_steps": 1, "checkpoint_every": 2, "log_every": 2},
+        "validation": validation_section(demo),
     })
-    run = pretrain(config, out=tmp_path_factory.mktemp("pyr") / "run")
+    original = validation.OneShotMatcher
+
+    def recorded(*args, **kwargs):
+        matcher = original(*args, **kwargs)
+        VALIDATION_PYRAMIDS.append(matcher.pyramid)
+        return matcher
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(validation, "OneShotMatcher", recorded)
+        run = pretrain(config, out=tmp_path_factory.mktemp("pyr") / "run")
     save_initial_model(config, run.parent / "init.pt")
     return run, demo
 
@@ -124,6 +127,7 @@ def pyramid_run(tmp_path_factory) -> tuple[Path, Path]:
 def test_model_pt_records_the_pyramid_and_matching_uses_it(pyramid_run, caplog):
     run, _ = pyramid_run
     assert read_model_file(run)["matching"]["pyramid"] == [1, 2]
+    assert VALIDATION_PYRAMIDS == [(1, 2)]  # the validation hook matched at the run's factors
     assert read_model_file(run.parent / "init.pt")["matching"]["pyramid"] == [1, 2]  # the run's random init too
     with caplog.at_level(logging.INFO, logger="medssl"):
         assert matching_network(run, 2).pyramid == [1, 2]
