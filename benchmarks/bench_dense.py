@@ -10,8 +10,9 @@ uses the levels each run's ``model.pt`` records and each landmark's own best mat
 this compares features; ``bench_matcher`` compares matchers) and the spacing factors its ``model.pt`` records
 (``data.pyramid``). Rows: each config (mean ± SD over seeds of MRE, mean of the seeds' median RE and SDR), random
 init (the network each seed's run of the first config started from, all levels, at that config's pyramid), NCC and
-registration (deterministic, once). Runs and scores are kept in ``--work``: a rerun reuses them, so it continues
-where it stopped. Writes ``--out`` (default ``docs/dense.md``) with the tables of every dimension scored so far.
+registration (deterministic, once). Beside the errors, ``feature_margin`` says why a network matches well or badly:
+how alike its features are at distant positions of one image and at the same landmark of two subjects. Runs and
+scores are kept in ``--work``: a rerun reuses them, so it continues where it stopped. Writes ``--out`` (default ``docs/dense.md``) with the tables of every dimension scored so far.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ import numpy as np
 
 from benchmarks import bench_oneshot, run_all
 from benchmarks.common import ROOT, argument_parser, log_progress
+from medssl.data.inputs import resolve_images
+from medssl.data.landmarks import read_landmarks
+from medssl.data.readers import image_key
 from medssl.report.markdown import markdown_table
 
 MODULE = "benchmarks.bench_dense"
@@ -71,6 +75,44 @@ def score(label: str, data: Path, checkpoint: str | None, method: str, work: Pat
     return scores[label]
 
 
+def feature_margin(checkpoint: str, data: Path, dims: int, queries: int = 3) -> dict:
+    """How the features of ``checkpoint`` tell positions apart, per matched level (a one-shot matcher lives on the
+    gap): ``far``, the mean cosine between the template's features at its support points (a grid over its
+    foreground, ~16 mm apart in 3D and ~6 mm in 2D; 1 = every position looks alike, a collapse of what an arg-max
+    needs), and ``same``, the mean cosine of each template landmark's features with the features at the same
+    landmark (truth) of the first ``queries`` query subjects (1 = perfectly invariant across subjects). Template
+    ``subject_000`` (the first image), levels and pyramid as the matcher uses them."""
+    from medssl.matching.oneshot import support_points
+    from medssl.matching.run import image_preparer, method_matcher, template_rows
+
+    images = resolve_images(data / "images")
+    truth = read_landmarks(data / "landmarks.csv")
+    matcher, preprocessing = method_matcher("embedding", checkpoint, dims, device="cpu")
+    prepare = image_preparer(preprocessing, images[0], dims, network=matcher.network)
+    template = prepare(images[0])
+    embedding = matcher.embed(template)
+    names = sorted(template_rows(images[0], data / "landmarks.csv"))
+    landmarks = matcher.template_vectors(embedding, np.stack([truth[image_key(images[0])][n] for n in names]))
+    grid = matcher.template_vectors(embedding, embedding.to_world(support_points(template, matcher.support)))
+    far = [float((v @ v.T).fill_diagonal_(0.0).sum() / (len(v) * (len(v) - 1))) for v in grid]
+    same = np.zeros(len(landmarks))
+    for query_path in images[1:1 + queries]:
+        query = matcher.embed(prepare(query_path))
+        at = matcher.template_vectors(query, np.stack([truth[image_key(query_path)][n] for n in names]))
+        same += [float((a * t).sum(dim=1).mean()) for a, t in zip(at, landmarks)]
+    same /= min(queries, len(images) - 1)
+    return {"far": far, "same": same.tolist(), "margin": float(np.mean(same) - np.mean(far))}
+
+
+def margins(label: str, data: Path, checkpoint: str, dims: int, scores: dict) -> None:
+    """``feature_margin`` of one checkpoint, cached in ``scores[label]`` (added to rows scored before it existed)."""
+    if "margin" not in scores[label]:
+        scores[label]["margin"] = feature_margin(checkpoint, data, dims)
+        found = scores[label]["margin"]
+        log.info("%s: features at distant positions cos %.2f, at one landmark across subjects %.2f", label,
+                 np.mean(found["far"]), np.mean(found["same"]))
+
+
 def run(dims: int, configs: Sequence[str], seeds: Sequence[int], steps: int, work: Path, skip: Sequence[str] = (),
         subjects: int | None = None, extra: Sequence[str] = ()) -> dict:
     """Pretrain and score everything missing; returns the results of ``dims`` (also saved in ``work``).
@@ -95,9 +137,11 @@ def run(dims: int, configs: Sequence[str], seeds: Sequence[int], steps: int, wor
             pre = run_all.pretrain_run(name, dims, data / "images", work, [*overrides, f"seed={seed}"], "auto")
             results["runs"][label] = {key: pre[key] for key in ("seconds", "loss", "batch", "patch", "steps")}
             score(label, data, str(pre["run"]), "embedding", work, results["scores"])
+            margins(label, data, str(pre["run"]), dims, results["scores"])
             save()
         init = random_init(configs[0], dims, seed, overrides, work)
         score(f"random init seed {seed}", data, str(init), "embedding", work, results["scores"])
+        margins(f"random init seed {seed}", data, str(init), dims, results["scores"])
         save()
     for label, method in (("NCC", "ncc"), ("registration", "registration")):
         if method not in skip:
@@ -122,16 +166,25 @@ def summary_rows(results: dict) -> list[dict]:
             "sdr": {k: float(np.mean([r["sdr"][k] for r in members])) for k in SDR_RADII},
             "ratio": mre.mean() / baseline, "pretrain_s": float(np.mean(seconds)) if seconds else None,
             "match_s": float(np.mean([r["seconds"] for r in members])),
+            "far": _mean_over(members, "far"), "same": _mean_over(members, "same"),
         })
     return sorted(rows, key=lambda r: r["mre"])
 
 
+def _mean_over(members: list[dict], key: str) -> float | None:
+    """The mean over seeds of the level-mean ``feature_margin`` value ``key`` (None when a row has no margins)."""
+    if not members or any("margin" not in r for r in members):
+        return None
+    return float(np.mean([np.mean(r["margin"][key]) for r in members]))
+
+
 def table(results: dict) -> str:
     header = ["config", "seeds", "MRE mean ± SD over seeds (mm)", "per seed", "median RE (mm)", "SDR 2 mm", "SDR 4 mm",
-              "× random init", "pretrain s", "s / image"]
+              "× random init", "cos distant", "cos same landmark", "pretrain s", "s / image"]
     return "\n".join(markdown_table(header, [
         [r["config"], str(r["seeds"]), f"{r['mre']:.2f} ± {r['sd']:.2f}", ", ".join(f"{v:.2f}" for v in r["per_seed"]),
          f"{r['median']:.2f}", f"{100 * r['sdr']['2']:.1f} %", f"{100 * r['sdr']['4']:.1f} %", f"{r['ratio']:.2f}",
+         *[f"{r[key]:.2f}" if r[key] is not None else "-" for key in ("far", "same")],
          f"{r['pretrain_s']:.0f}" if r["pretrain_s"] is not None else "-", f"{r['match_s']:.2f}"]
         for r in summary_rows(results)]))
 
@@ -154,7 +207,10 @@ def render(work: Path, out: Path) -> Path:
                   "matched on all levels at the first config's pyramid; pretrained runs match on the levels their "
                   "objectives trained, at the spacing factors of their `data.pyramid`. Every run is "
                   "matched with each landmark's own best match (`--consistency none`): the tables compare "
-                  "features, not matchers.", "",
+                  "features, not matchers. cos distant / cos same landmark (`feature_margin`, mean over the "
+                  "matched levels and seeds): how alike the features are at distant positions of the template, "
+                  "and at one landmark of the template and of 3 queries; an arg-max matcher needs the second well "
+                  "above the first.", "",
                   table(results), ""]
     out.write_text("\n".join(parts), encoding="utf-8")
     return out

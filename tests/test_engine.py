@@ -363,3 +363,15 @@ def test_real_msf_run_resumes_exactly(tmp_path, monkeypatch):
     for part in ("network", "objectives"):
         for key, value in full_a[part].items():
             assert torch.equal(value, full_b[part][key]), key
+
+
+def test_truncate_metrics_drops_rows_after_the_step_and_a_torn_last_line(tmp_path):
+    """A resumed run keeps the rows up to its step; a partial last line (the run killed mid-append) goes too."""
+    from medssl.engine.monitor import truncate_metrics
+
+    path = tmp_path / "metrics.csv"
+    path.write_text("step,loss,seconds\n10,1.5,2.0\n20,1.25,4.0\n30,1.0,6.0\n4")
+    assert truncate_metrics(path, 20) == [["step", "loss", "seconds"], ["10", "1.5", "2.0"], ["20", "1.25", "4.0"]]
+    assert path.read_text() == "step,loss,seconds\n10,1.5,2.0\n20,1.25,4.0\n"
+    path.write_text("step,loss,seconds\n10,1.5,2.0\n20,1.2")
+    assert truncate_metrics(path, 100)[1:] == [["10", "1.5", "2.0"]]

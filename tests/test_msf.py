@@ -163,6 +163,29 @@ def test_dense_extension_is_on_by_default_and_trains_every_dense_level(spatial_d
         small_msf(network, dense=True, dense_levels=[0])
 
 
+def test_dense_k_sets_the_pixel_neighbours_only(monkeypatch):
+    """``dense_k`` (default ``k``) is the number of bank neighbours of the dense terms; the image-level term keeps
+    ``k``; with 1 each pixel regresses only its own match's target."""
+    from medssl.objectives import msf
+
+    used = []
+
+    def spy(query, target, bank, k):
+        used.append(k)
+        return mean_shift_loss(query, target, bank, k)
+
+    monkeypatch.setattr(msf, "mean_shift_loss", spy)
+    network = tiny_unet(2)
+    options = {"dense": True, "dense_pairs": 8, "dense_bank_size": 32, "k": 3}
+    small_msf(network, **options)(network, shifted_crops(2))
+    assert used == [3, 3, 3]  # global, then the two dense levels
+    used.clear()
+    small_msf(network, **options, dense_k=1)(network, shifted_crops(2))
+    assert used == [3, 1, 1]
+    with pytest.raises(InputError, match="dense_k"):
+        small_msf(network, **options, dense_k=33)
+
+
 def test_dense_pairs_are_a_fixed_count_and_views_must_overlap():
     network = tiny_unet(2)
     objective = small_msf(network, dense=True, dense_pairs=512, dense_bank_size=1024)

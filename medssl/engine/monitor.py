@@ -23,15 +23,17 @@ VALIDATION_PREFIX = "val/"
 
 
 def truncate_metrics(path: Path, last_step: int) -> list[list[str]]:
-    """Keep only the rows of ``metrics.csv`` up to ``last_step`` (a resumed run rewrites the steps after it);
-    returns the header and the kept rows (empty without a file)."""
+    """Keep only the rows of ``metrics.csv`` up to ``last_step`` (a resumed run rewrites the steps after it) and drop
+    a row cut short (rows are appended, so a run killed mid-write can leave a partial last line); returns the header
+    and the kept rows (empty without a file)."""
     if not path.is_file():
         return []
     with path.open(newline="") as handle:
         rows = list(csv.reader(handle))
     if not rows:
         return []
-    kept = [rows[0]] + [row for row in rows[1:] if row and int(row[0]) <= last_step]
+    whole = [row for row in rows[1:] if len(row) == len(rows[0]) and row[0].isdigit()]
+    kept = [rows[0]] + [row for row in whole if int(row[0]) <= last_step]
     write_atomic(path, "".join(",".join(row) + "\n" for row in kept))
     return kept
 

@@ -96,7 +96,8 @@ class MSF(Objective):
     every decoder level) that trains the decoder, which the image-level MSF leaves untouched. Per step, ``dense_pairs``
     corresponding pixels (from the views' coordinates, the same at every level) read the level's cells holding them;
     per level they go through its own projector/predictor and their target embeddings feed its own bank of
-    ``dense_bank_size`` pixel embeddings (a fixed count per step keeps the banks' blocks aligned across processes).
+    ``dense_bank_size`` pixel embeddings (a fixed count per step keeps the banks' blocks aligned across processes);
+    ``dense_k`` neighbours there (default ``k``; 1 = each pixel regresses only its own match's target).
     """
 
     views = "weak_strong"
@@ -116,6 +117,7 @@ class MSF(Objective):
         dense_pairs: int = 256,
         dense_bank_size: int = 16384,
         dense_weight: float = 1.0,
+        dense_k: int | None = None,
     ):
         super().__init__()
         if k < 1 or k > bank_size:
@@ -123,6 +125,7 @@ class MSF(Objective):
         look_up(momentum_schedule, ("constant", "cosine"), what="momentum schedule", path="momentum_schedule")
         self.k, self.momentum, self.momentum_schedule = k, momentum, momentum_schedule
         self.dense, self.dense_pairs, self.dense_weight = dense, dense_pairs, dense_weight
+        self.dense_k = k if dense_k is None else int(dense_k)
         info = network.feature_info
         self.projector = layer_norm_mlp(info[0].channels, hidden_dim, proj_dim)
         self.predictor = layer_norm_mlp(proj_dim, hidden_dim, proj_dim)
@@ -130,9 +133,9 @@ class MSF(Objective):
         levels = list(range(1, len(info))) if dense_levels is None else dense_levels
         self.dense_levels = resolve_decoder_levels(levels, len(info), "dense_levels") if dense else []
         self.dense_strides = [info[level].stride for level in self.dense_levels]
-        if dense and (dense_pairs < 1 or k > dense_bank_size or not self.dense_levels):
-            raise InputError(f"dense_pairs ({dense_pairs}) must be >= 1, dense_bank_size ({dense_bank_size}) >= k ({k}) "
-                             "and dense_levels non-empty (or dense: false)")
+        if dense and (dense_pairs < 1 or not 1 <= self.dense_k <= dense_bank_size or not self.dense_levels):
+            raise InputError(f"dense_pairs ({dense_pairs}) must be >= 1, dense_k ({self.dense_k}) in [1, "
+                             f"dense_bank_size={dense_bank_size}] and dense_levels non-empty (or dense: false)")
         # BatchNorm over the sampled pixels; one projector, predictor and bank per dense level
         self.dense_projectors = nn.ModuleList(
             global_mlp(info[i].channels, hidden_dim, proj_dim) for i in self.dense_levels
@@ -166,7 +169,7 @@ class MSF(Objective):
             target_features = self.target_network.forward_features(weak.image)
             target_pooled = target_features[0].flatten(2).mean(dim=2)  # (B, C)
             target = F.normalize(self.target_heads[0](target_pooled), dim=1)  # (B, P)
-        loss = self._bank_loss(query, target, self.bank).mean()
+        loss = self._bank_loss(query, target, self.bank, self.k).mean()
         parts = {"bank_fill": self.bank.fill_fraction()}
         if self.dense_levels:
             levels = self._dense_losses(weak, strong, target_features, online_features)
@@ -177,10 +180,11 @@ class MSF(Objective):
             loss = loss + self.dense_weight * loss_dense
         return {"loss": loss, **parts}
 
-    def _bank_loss(self, query: torch.Tensor, target: torch.Tensor, bank: MemoryBank) -> torch.Tensor:
-        """Enqueue the (all-process) targets, then the mean-shift loss of each query row, ``(N,)``."""
+    def _bank_loss(self, query: torch.Tensor, target: torch.Tensor, bank: MemoryBank, k: int) -> torch.Tensor:
+        """Enqueue the (all-process) targets, then the mean-shift loss of each query row to ``k`` neighbours,
+        ``(N,)``."""
         bank.enqueue(concat_across_ranks(target))
-        loss, _ = mean_shift_loss(query, target, bank.embeddings, self.k)  # indexing copies: later enqueues are safe
+        loss, _ = mean_shift_loss(query, target, bank.embeddings, k)  # indexing copies: later enqueues are safe
         return loss
 
     def _dense_losses(self, weak: ViewBatch, strong: ViewBatch, target_features: list[torch.Tensor],
@@ -209,7 +213,7 @@ class MSF(Objective):
             query = F.normalize(self.dense_predictors[index](self.dense_projectors[index](online_rows)), dim=1)
             with torch.no_grad():
                 target = F.normalize(self.target_heads[1 + index](target_rows), dim=1)  # (dense_pairs, P)
-            losses.append(self._bank_loss(query, target, self.dense_banks[index]).mean())
+            losses.append(self._bank_loss(query, target, self.dense_banks[index], self.dense_k).mean())
         return losses
 
     @torch.no_grad()
