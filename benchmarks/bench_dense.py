@@ -10,9 +10,10 @@ uses the levels each run's ``model.pt`` records and each landmark's own best mat
 this compares features; ``bench_matcher`` compares matchers) and the spacing factors its ``model.pt`` records
 (``data.pyramid``). Rows: each config (mean ± SD over seeds of MRE, mean of the seeds' median RE and SDR), random
 init (the network each seed's run of the first config started from, all levels, at that config's pyramid), NCC and
-registration (deterministic, once). Beside the errors, ``feature_margin`` says why a network matches well or badly:
-how alike its features are at distant positions of one image and at the same landmark of two subjects. Runs and
-scores are kept in ``--work``: a rerun reuses them, so it continues where it stopped. Writes ``--out`` (default ``docs/dense.md``) with the tables of every dimension scored so far.
+registration (once). Beside the errors, ``feature_margin`` says why a network matches well or badly: how alike its
+features are at distant positions of one image and at the same landmark of two subjects. Runs and scores are kept
+in ``--work``: a rerun reuses them, so it continues where it stopped. Writes ``--out`` (default ``docs/dense.md``)
+with the tables of every dimension scored so far.
 """
 
 from __future__ import annotations
@@ -91,8 +92,9 @@ def feature_margin(checkpoint: str, data: Path, dims: int, queries: int = 3) -> 
     prepare = image_preparer(preprocessing, images[0], dims, network=matcher.network)
     template = prepare(images[0])
     embedding = matcher.embed(template)
-    names = sorted(template_rows(images[0], data / "landmarks.csv"))
-    landmarks = matcher.template_vectors(embedding, np.stack([truth[image_key(images[0])][n] for n in names]))
+    rows = template_rows(images[0], data / "landmarks.csv")
+    names = sorted(rows)
+    landmarks = matcher.template_vectors(embedding, np.stack([rows[n] for n in names]))
     grid = matcher.template_vectors(embedding, embedding.to_world(support_points(template, matcher.support)))
     far = [float((v @ v.T).fill_diagonal_(0.0).sum() / (len(v) * (len(v) - 1))) for v in grid]
     same = np.zeros(len(landmarks))

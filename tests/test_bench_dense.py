@@ -42,7 +42,8 @@ def test_toy_comparison_and_rerun(tmp_path):
 
 def test_feature_margin_of_identical_subjects(tmp_path):
     """Queries that are copies of the template (same landmarks) have features equal to the template's at every
-    landmark (``same`` = 1 on every level); a random network does not map distant positions alike (``far`` < 1)."""
+    landmark (``same`` = 1 on every level), other subjects do not (so the queries' own features are compared); a
+    random network does not map distant positions alike (``far`` < 1)."""
     import shutil
 
     from medssl.data.demo import write_demo_dataset
@@ -54,14 +55,15 @@ def test_feature_margin_of_identical_subjects(tmp_path):
     write_demo_dataset(data, spatial_dims=2, n_subjects=3, seed=0, variability="low")
     images = sorted((data / "images").iterdir())
     truth = read_landmarks(data / "landmarks.csv")
+    model = save_initial_model(read_pretrain_config(bench_dense.ROOT / "configs" / "infoguided_2d.yaml",
+                                                    ["network.channels=[4,8,8]", "data.spacing_mm=2.0"]),
+                               tmp_path / "init" / "model.pt")
+    assert max(bench_dense.feature_margin(str(model.parent), data, 2, queries=2)["same"]) < 0.999  # other subjects
     template = images[0].name.split(".")[0]
     for copy in images[1:]:
         shutil.copyfile(images[0], copy)
         truth[copy.name.split(".")[0]] = truth[template]
     write_landmarks(data / "landmarks.csv", truth)
-    model = save_initial_model(read_pretrain_config(bench_dense.ROOT / "configs" / "infoguided_2d.yaml",
-                                                    ["network.channels=[4,8,8]", "data.spacing_mm=2.0"]),
-                               tmp_path / "init" / "model.pt")
     margin = bench_dense.feature_margin(str(model.parent), data, 2, queries=2)
     assert len(margin["far"]) == len(margin["same"]) == 2  # every level of the toy U-Net (bottleneck, decoder)
     assert margin["same"] == pytest.approx([1.0] * 2, abs=1e-5)
