@@ -164,6 +164,21 @@ def table(results: dict, task: str) -> str:
     return "\n".join(markdown_table(header, lines))
 
 
+def population(out: Path, dims: int, *, subjects: int = 24, data_seed: int = 1, test: int = 6, val: int = 3,
+               variability: str = "realistic") -> Path:
+    """The split datalist of the demo population ``out/data`` (written unless there, with ``variability``; one made
+    with another variability is refused)."""
+    from medssl.data.demo import population_variability, write_demo_dataset
+
+    root = out / "data"
+    if not (root / "datalist.json").is_file():
+        write_demo_dataset(root, spatial_dims=dims, n_subjects=subjects, seed=data_seed, variability=variability)
+    elif population_variability(root) != variability:
+        raise SystemExit(f"{root} holds a {population_variability(root)}-variability population, not {variability}; "
+                         "choose another --out")
+    return split_dataset(root, test, val)
+
+
 def run_grid(inits: dict[str, str], dims: int, out: Path, *, subjects: int = 24, data_seed: int = 1, test: int = 6,
              val: int = 3, counts: Sequence[int | None] = (1, 3, None), seeds: Sequence[int] = (0, 1),
              tasks: Sequence[str] = ("seg", "landmarks"), overrides: Sequence[str] = (), stage2: bool = False,
@@ -173,15 +188,9 @@ def run_grid(inits: dict[str, str], dims: int, out: Path, *, subjects: int = 24,
     refused); ``{(task, N or "all", name): [scores per seed]}``.
     With ``stage2`` (needs the landmarks task and N = 1): ``stage2_one`` for every pretrained initialisation and
     seed, under ``("stage2", 1, name)``."""
-    from medssl.data.demo import population_variability, write_demo_dataset
-
-    root = out / "data"
-    if not (root / "datalist.json").is_file():
-        write_demo_dataset(root, spatial_dims=dims, n_subjects=subjects, seed=data_seed, variability=variability)
-    elif population_variability(root) != variability:
-        raise SystemExit(f"{root} holds a {population_variability(root)}-variability population, not {variability}; "
-                         "choose another --out")
-    datalist = split_dataset(root, test, val)
+    datalist = population(out, dims, subjects=subjects, data_seed=data_seed, test=test, val=val,
+                          variability=variability)
+    root = datalist.parent
     results: dict[tuple, list[dict]] = {}
     for task in tasks:
         for n in counts:

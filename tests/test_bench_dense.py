@@ -4,6 +4,7 @@ the baselines once, the table aggregated over seeds, and a rerun reusing what is
 from __future__ import annotations
 
 import json
+import shlex
 
 import numpy as np
 import pytest
@@ -31,6 +32,8 @@ def test_toy_comparison_and_rerun(tmp_path):
     text = out.read_text()
     assert "## 2D: 2 steps each, batch 2 of 32x32, seeds 0, 1" in text
     assert "| infoguided | 2 |" in text and "| NCC | 1 |" in text and "cos distant" in text
+    redo = shlex.join([*TOY, "--work", str(work), "--out", str(out)])
+    assert f"`python -m benchmarks.bench_dense {redo}`" in text  # how to regenerate it
     assert set(results["scores"]["lewel seed 1"]["margin"]) == {"far", "same", "margin"}
     runs = sorted(p.name for p in (work / "pretrain").iterdir())
     assert len(runs) == 4  # two configs x two seeds, one folder each

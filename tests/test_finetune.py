@@ -169,7 +169,8 @@ def test_pretrained_and_none_share_the_head_and_load_into_stock_monai(tmp_path):
     from medssl.networks.unet import ACTIVATION, NORMS, SIZES
 
     pretrained = _pretrained(tmp_path / "pre", 2)
-    config = read_finetune_config(CONFIGS / "finetune_seg_2d.yaml", ["network.channels=[4,8,8]"])
+    config = read_finetune_config(CONFIGS / "finetune_seg_2d.yaml",
+                                  ["network.channels=[4,8,8]", "train.decoder_init=pretrained"])
     with_weights, _ = engine.build_task_network(replace(config, checkpoint=str(pretrained)), 3)
     random_init, _ = engine.build_task_network(replace(config, checkpoint="none"), 3)
     backbone = read_model_file(pretrained)["state_dict"]
@@ -197,6 +198,49 @@ def test_layerwise_learning_rates_and_frozen_encoder():
     decoder_lrs = {in_optimizer[id(p)] for m in network.parts()["decoder"] for p in m.parameters()}
     assert len(decoder_lrs) == 1 and decoder_lrs.pop() == pytest.approx(1e-3)
     assert {in_optimizer[id(p)] for p in network.final_conv.parameters()} == {0.01}
+
+
+def test_decoder_init_random_keeps_the_pretrained_encoder_under_the_random_init_decoder(tmp_path):
+    pretrained = _pretrained(tmp_path / "pre", 2)
+    config = read_finetune_config(CONFIGS / "finetune_seg_2d.yaml",
+                                  ["network.channels=[4,8,8]", "train.decoder_init=random"])
+    mixed, _ = engine.build_task_network(replace(config, checkpoint=str(pretrained)), 3)
+    random_init, _ = engine.build_task_network(replace(config, checkpoint="none"), 3)
+    backbone = read_model_file(pretrained)["state_dict"]
+    parts = {part: [name for name, module in mixed.named_children() if module in modules]
+             for part, modules in mixed.parts().items()}
+    for key, value in mixed.state_dict().items():
+        part = next(p for p, names in parts.items() if key.split(".")[0] in names)
+        expected = backbone[key] if part == "encoder" else random_init.state_dict()[key]
+        assert torch.equal(value, expected), key
+    assert not all(torch.equal(backbone[k], random_init.state_dict()[k]) for k in backbone)  # they can differ
+    with pytest.raises(InputError, match="train.decoder_init"):
+        read_finetune_config(CONFIGS / "finetune_seg_2d.yaml", ["train.decoder_init=fresh"])
+
+
+def test_freeze_encoder_steps_hold_the_encoder_then_train_it(demo2d, tmp_path, monkeypatch):
+    pretrained = _pretrained(tmp_path / "pre", 2)
+    start = read_model_file(pretrained)["state_dict"]
+    weights = {}
+    save = engine.save_checkpoint
+
+    def spy(run, payload):  # the weights after each step (val_every=1 checkpoints every step)
+        weights[payload["state"]["step"]] = {k: v.clone() for k, v in payload["network"].items()}
+        return save(run, payload)
+
+    monkeypatch.setattr(engine, "save_checkpoint", spy)
+    assert main(["finetune", "seg", str(CONFIGS / "finetune_seg_2d.yaml"), "--checkpoint", str(pretrained), "--data",
+                 str(demo2d / "datalist.json"), *TINY_2D, "train.steps=3", "train.val_every=1", "train.lr=0.01",
+                 "train.freeze_encoder_steps=2", "--out", str(tmp_path / "warm")]) == 0
+    encoder = [k for k in start if k.split(".")[0] == "conv_0" or k.startswith("down_")]
+    decoder = [k for k in start if k.startswith("upcat_")]
+    assert encoder and decoder and sorted(weights) == [1, 2, 3]
+    for step in (1, 2):  # warm-up: the encoder as pretrained, the decoder already training
+        assert all(torch.equal(weights[step][k], start[k]) for k in encoder)
+        assert not all(torch.equal(weights[step][k], start[k]) for k in decoder)
+    assert not all(torch.equal(weights[3][k], start[k]) for k in encoder)  # released at step 3
+    with pytest.raises(InputError, match="freeze_encoder_steps"):
+        read_finetune_config(CONFIGS / "finetune_seg_2d.yaml", ["train.steps=100", "train.freeze_encoder_steps=100"])
 
 
 def test_resume_ends_with_the_weights_of_an_uninterrupted_run(demo2d, tmp_path, monkeypatch, capsys):

@@ -97,6 +97,12 @@ def build_task_network(config: FinetuneConfig, head_channels: int) -> tuple[Task
         if UNet(config.spatial_dims, **config.network).get_config() != architecture:
             log.warning("config section 'network' ignored: the architecture comes from %s (%s)", config.checkpoint,
                         architecture)
+        if config.train.decoder_init == "random":  # the pretrained encoder under a decoder as random init has it
+            fresh = load_network(NO_CHECKPOINT, config.spatial_dims, head_channels=head_channels, seed=config.seed,
+                                 architecture={k: v for k, v in architecture.items() if k != "spatial_dims"}).network
+            for mine, new in zip(loaded.network.parts()["decoder"], fresh.parts()["decoder"]):
+                mine.load_state_dict(new.state_dict())
+            log.info("decoder initialised at random (train.decoder_init=random); encoder from %s", config.checkpoint)
     return loaded.network.train(), loaded.preprocessing
 
 
@@ -123,6 +129,14 @@ def layerwise_optimizer(network: TaskUNet, train: FinetuneTrainConfig) -> tuple[
             if group["params"]:
                 groups.append({**group, "lr": train.lr * scales[part]})
     return build_optimizer(groups, name="adamw", lr=train.lr), frozen
+
+
+def _set_frozen(modules: list[nn.Module], frozen: bool, step: int) -> None:
+    """Freeze (no gradients, so AdamW skips them) or release ``modules`` for the encoder warm-up
+    (``train.freeze_encoder_steps``); logs the change at ``step``."""
+    for module in modules:
+        module.requires_grad_(not frozen)
+    log.info("step %d: encoder %s", step + 1, "frozen for the warm-up" if frozen else "trains from here")
 
 
 def task_loss(config: FinetuneConfig) -> Callable[[torch.Tensor, Any], torch.Tensor]:
@@ -181,8 +195,12 @@ def _train(config: FinetuneConfig, run: Path, resume_state: dict[str, Any] | Non
              run)
     try:
         for step in range(state["step"], train.steps):
+            warming = step < train.freeze_encoder_steps  # the encoder frozen while the decoder and head adapt
+            if train.freeze_encoder_steps and train.encoder_lr_scale > 0 and step in (state["step"],
+                                                                                       train.freeze_encoder_steps):
+                _set_frozen(network.parts()["encoder"], warming, step)
             network.train()
-            for module in frozen:
+            for module in frozen + (network.parts()["encoder"] if warming else []):
                 module.eval()
             batch = sampler.sample(step, train.batch_size).to(device)
             with updater.autocast():

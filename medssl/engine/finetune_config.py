@@ -30,6 +30,8 @@ class FinetuneTrainConfig(TrainConfig):
     weight_decay: float = 1e-4
     encoder_lr_scale: float = 1.0  # layer-wise learning rate: encoder lr = lr * scale; 0 freezes the encoder
     decoder_lr_scale: float = 1.0  # the same for the decoder (the head always trains at lr)
+    freeze_encoder_steps: int = 0  # warm-up with the encoder frozen (eval mode) for this many steps, then train it
+    decoder_init: Literal["pretrained", "random"] = "pretrained"  # the checkpoint's decoder, or a fresh one (seed)
     val_every: int = 50  # validate, keep model.pt if best so far, write checkpoints/last.pt
 
 
@@ -113,6 +115,9 @@ def validate(config: FinetuneConfig) -> FinetuneConfig:
     for key in ("encoder_lr_scale", "decoder_lr_scale"):
         if getattr(train, key) < 0:
             raise InputError(f"config key 'train.{key}' must be >= 0 (0 freezes), got {getattr(train, key)}")
+    if not 0 <= train.freeze_encoder_steps < train.steps:
+        raise InputError(f"config key 'train.freeze_encoder_steps' must be in [0, train.steps), got "
+                         f"{train.freeze_encoder_steps}")
     if len(data.patch_size) != config.spatial_dims or min(data.patch_size) < 1:
         raise InputError(f"config key 'data.patch_size' must list {config.spatial_dims} positive integers "
                          f"(spatial_dims={config.spatial_dims}), got {data.patch_size!r}")
