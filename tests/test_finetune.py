@@ -163,22 +163,32 @@ def test_splits_are_seeded_nested_and_never_overlap_validation(tmp_path):
         split_items(items, [], labeled, labeled=9, **options)
 
 
-def test_pretrained_and_none_share_the_head_and_load_into_stock_monai(tmp_path):
+@pytest.mark.parametrize("decoder_init", ["pretrained", "random"])
+def test_start_weights_per_part_and_the_head_shared_with_random_init(tmp_path, decoder_init):
+    """The encoder comes from the checkpoint, the decoder from it or (``train.decoder_init=random``) from the random
+    init of the same seed, the head always from that random init."""
+    pretrained = _pretrained(tmp_path / "pre", 2)
+    config = read_finetune_config(CONFIGS / "finetune_seg_2d.yaml",
+                                  ["network.channels=[4,8,8]", f"train.decoder_init={decoder_init}"])
+    start, _ = engine.build_task_network(replace(config, checkpoint=str(pretrained)), 3)
+    random_init = engine.build_task_network(replace(config, checkpoint="none"), 3)[0].state_dict()
+    backbone = read_model_file(pretrained)["state_dict"]
+    parts = {name: part for part, modules in start.parts().items()
+             for name, module in start.named_children() if module in modules}
+    from_checkpoint = {"encoder", "decoder"} if decoder_init == "pretrained" else {"encoder"}
+    for key, value in start.state_dict().items():
+        expected = backbone if parts[key.split(".")[0]] in from_checkpoint else random_init
+        assert torch.equal(value, expected[key]), key
+    assert not all(torch.equal(backbone[k], random_init[k]) for k in backbone)  # they can differ
+    with pytest.raises(InputError, match="train.decoder_init"):
+        read_finetune_config(CONFIGS / "finetune_seg_2d.yaml", ["train.decoder_init=fresh"])
+
+
+def test_task_unet_loads_into_stock_monai():
     from monai.networks.nets import BasicUNet
 
     from medssl.networks.unet import ACTIVATION, NORMS, SIZES
 
-    pretrained = _pretrained(tmp_path / "pre", 2)
-    config = read_finetune_config(CONFIGS / "finetune_seg_2d.yaml",
-                                  ["network.channels=[4,8,8]", "train.decoder_init=pretrained"])
-    with_weights, _ = engine.build_task_network(replace(config, checkpoint=str(pretrained)), 3)
-    random_init, _ = engine.build_task_network(replace(config, checkpoint="none"), 3)
-    backbone = read_model_file(pretrained)["state_dict"]
-    for key, value in with_weights.state_dict().items():
-        if key.startswith("final_conv."):
-            assert torch.equal(value, random_init.state_dict()[key])  # same head init: only the backbone differs
-        else:
-            assert torch.equal(value, backbone[key])
     network = TaskUNet(2, 4, size="small").eval()
     stock = BasicUNet(2, 1, 4, features=SIZES["small"], act=ACTIVATION, norm=NORMS["instance"]).eval()
     stock.load_state_dict(network.state_dict(), strict=True)
@@ -198,24 +208,6 @@ def test_layerwise_learning_rates_and_frozen_encoder():
     decoder_lrs = {in_optimizer[id(p)] for m in network.parts()["decoder"] for p in m.parameters()}
     assert len(decoder_lrs) == 1 and decoder_lrs.pop() == pytest.approx(1e-3)
     assert {in_optimizer[id(p)] for p in network.final_conv.parameters()} == {0.01}
-
-
-def test_decoder_init_random_keeps_the_pretrained_encoder_under_the_random_init_decoder(tmp_path):
-    pretrained = _pretrained(tmp_path / "pre", 2)
-    config = read_finetune_config(CONFIGS / "finetune_seg_2d.yaml",
-                                  ["network.channels=[4,8,8]", "train.decoder_init=random"])
-    mixed, _ = engine.build_task_network(replace(config, checkpoint=str(pretrained)), 3)
-    random_init, _ = engine.build_task_network(replace(config, checkpoint="none"), 3)
-    backbone = read_model_file(pretrained)["state_dict"]
-    parts = {part: [name for name, module in mixed.named_children() if module in modules]
-             for part, modules in mixed.parts().items()}
-    for key, value in mixed.state_dict().items():
-        part = next(p for p, names in parts.items() if key.split(".")[0] in names)
-        expected = backbone[key] if part == "encoder" else random_init.state_dict()[key]
-        assert torch.equal(value, expected), key
-    assert not all(torch.equal(backbone[k], random_init.state_dict()[k]) for k in backbone)  # they can differ
-    with pytest.raises(InputError, match="train.decoder_init"):
-        read_finetune_config(CONFIGS / "finetune_seg_2d.yaml", ["train.decoder_init=fresh"])
 
 
 def test_freeze_encoder_steps_hold_the_encoder_then_train_it(demo2d, tmp_path, monkeypatch):
