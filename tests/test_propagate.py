@@ -15,7 +15,9 @@ from medssl.data.demo import write_demo_dataset
 from medssl.data.readers import load_image, load_label, save_image
 from medssl.errors import InputError
 from medssl.matching.oneshot import OneShotMatcher, prepare_image
-from medssl.matching.propagate import propagate_labels, propagate_labels_files, registration_labels
+from medssl.matching import propagate
+from medssl.matching.propagate import (dense_features, propagate_labels, propagate_labels_files,
+                                       registration_labels)
 from medssl.matching.run import matching_network
 from medssl.metrics.report import evaluate_segmentation_files
 from medssl.metrics.segmentation import segmentation_scores
@@ -60,6 +62,8 @@ def test_a_template_carried_onto_itself_and_onto_a_shifted_copy(demo):
         probabilities = shifted.probabilities.as_tensor()
         assert probabilities.shape[1:] == image.shape[1:]
         assert torch.allclose(probabilities.sum(0), torch.ones(1), atol=1e-4)
+    shared = propagate_labels(matcher, image, label, moved, template_features=dense_features(matcher.embed(image)))
+    assert torch.equal(shared.probabilities.as_tensor(), propagate_labels(matcher, image, label, moved).probabilities)
 
 
 def test_registration_baseline_carries_a_template_onto_itself():
@@ -78,14 +82,17 @@ def demo2d(tmp_path_factory) -> Path:
     return write_demo_dataset(tmp_path_factory.mktemp("seg2d"), spatial_dims=2, n_subjects=3, seed=2)
 
 
-def test_segment_oneshot_writes_each_inputs_geometry_and_scores(demo2d, tmp_path, capsys):
+def test_segment_oneshot_writes_each_inputs_geometry_and_scores(demo2d, tmp_path, capsys, monkeypatch):
     dims, root = 2, demo2d  # 3D runs the same code (the test above)
+    computed = []
+    monkeypatch.setattr(propagate, "dense_features", lambda e: computed.append(e) or dense_features(e))
     ext = ".png" if dims == 2 else ".nii.gz"
     template, template_label = root / "images" / f"subject_000{ext}", root / "labels" / f"subject_000{ext}"
     out = tmp_path / "seg"
     assert main(["segment", "oneshot", "--checkpoint", "none", "--template", str(template), "--template-label",
                  str(template_label), "--images", str(root / "images"), "--out", str(out), "--truth",
                  str(root / "datalist.json")]) == 0
+    assert len(computed) == 1  # the template's dense features, once for its 3 images
     for index in range(3):
         written = out / f"subject_{index:03d}{ext}"
         raw = load_image(root / "images" / f"subject_{index:03d}{ext}")

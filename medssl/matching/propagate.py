@@ -84,15 +84,16 @@ def _voxel_grid(shape: Sequence[int], stride: int, device: torch.device) -> torc
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(shape))
 
 
-def _dense(embedding: Embedding) -> list[torch.Tensor]:
-    """Every level's unit features at every voxel of the image, flattened: ``(C_l, N)`` per level (the values
-    ``OneShotMatcher.template_vectors`` samples at whole voxel indices)."""
+def dense_features(embedding: Embedding) -> list[torch.Tensor]:
+    """Every level's unit features at every voxel of the image, flattened voxel-major: ``(N, C_l)`` per level (the
+    values ``OneShotMatcher.template_vectors`` samples at whole voxel indices; a voxel's vector is contiguous, so
+    gathering the candidates of a vote reads whole rows)."""
     crop = tuple(slice(0, s) for s in embedding.shape)
     dense = []
     for level in embedding.features:
         fine = F.interpolate(level[None], size=list(embedding.padded_shape), mode=_LINEAR[embedding.spatial_dims],
                              align_corners=False)[0][(slice(None), *crop)]
-        dense.append(F.normalize(fine.reshape(level.shape[0], -1), dim=0))
+        dense.append(F.normalize(fine.reshape(level.shape[0], -1), dim=0).T.contiguous())
     return dense
 
 
@@ -104,12 +105,13 @@ def _one_hot(label: torch.Tensor, classes: int) -> torch.Tensor:
 def propagate_labels(matcher: OneShotMatcher, template: MetaTensor, template_label: MetaTensor, query: MetaTensor, *,
                      classes: int | None = None, stride: int | None = None, window: int | None = None,
                      temperature: float = TEMPERATURE, vote: str = "positions",
-                     template_embedding: Embedding | None = None,
-                     query_embedding: Embedding | None = None) -> Propagated:
+                     template_embedding: Embedding | None = None, query_embedding: Embedding | None = None,
+                     template_features: list[torch.Tensor] | None = None) -> Propagated:
     """The template's labels on the query's grid (both images prepared alike, one physical scale; the label map on
     the template's grid). ``classes``: the number of classes (default: 1 + the template's largest label);
     ``stride``, ``window`` (None: ``STRIDE``/``WINDOW`` of the dimension), ``temperature`` and ``vote``
-    (``VOTES``): the refinement (module docstring). Embeddings already computed may be passed in."""
+    (``VOTES``): the refinement (module docstring). Embeddings already computed may be passed in, and the template's
+    ``dense_features`` (computed once for many queries: in 3D they cost about as much as the support matching)."""
     look_up(vote, VOTES, what="vote", path="vote")
     dims = query.ndim - 1
     stride = STRIDE[dims] if stride is None else int(stride)
@@ -136,7 +138,7 @@ def propagate_labels(matcher: OneShotMatcher, template: MetaTensor, template_lab
     # 2. refined: a softmax vote within `window` voxels of each position, by feature similarity
     offsets = torch.as_tensor(list(itertools.product(range(-window, window + 1), repeat=dims)), device=device)  # (M, D)
     shape_t = torch.as_tensor(template_embedding.shape, device=device)
-    dense_t = _dense(template_embedding)  # per level (C_l, N_t): every template voxel, unit length
+    dense_t = template_features or dense_features(template_embedding)  # per level (N_t, C_l): every template voxel
     strides_t = torch.as_tensor([int(np.prod(template_embedding.shape[a + 1:])) for a in range(dims)], device=device)
     flat_labels = labels.reshape(-1).long().clamp(0, classes - 1)  # (N_t,)
     votes = []
@@ -146,7 +148,7 @@ def propagate_labels(matcher: OneShotMatcher, template: MetaTensor, template_lab
         candidates = centres[start:start + _CHUNK].round().long()[:, None] + offsets  # (n, M, D) template voxels
         candidates = torch.minimum(candidates.clamp(min=0), shape_t - 1)
         index = (candidates * strides_t).sum(dim=-1)  # (n, M) flat template voxel
-        cosines = [torch.einsum("nc,cnm->nm", q, t[:, index]) for q, t in zip(query_vectors, dense_t)]
+        cosines = [torch.einsum("nc,nmc->nm", q, t[index]) for q, t in zip(query_vectors, dense_t)]
         weights = torch.softmax(matcher.combine_levels(cosines) / temperature, dim=1)  # (n, M)
         if vote == "labels":
             votes.append(torch.zeros(count, classes, device=device).scatter_add_(1, flat_labels[index], weights))
@@ -241,6 +243,7 @@ def propagate_labels_files(checkpoint: str | Path | None, template: str | Path, 
     log.info("one-shot segmentation (%s): template %s (%d classes), %d image(s), grid %s mm", method,
              image_key(template), classes, len(queries), tuple(round(s, 4) for s in prepare.keywords["spacing_mm"]))
     template_embedding = matcher.embed(template_image) if matcher is not None else None
+    template_features = dense_features(template_embedding) if matcher is not None else None  # once, for every image
     written, seconds = [], 0.0
     for path, name in zip(queries, names):
         started = time.perf_counter()
@@ -250,7 +253,8 @@ def propagate_labels_files(checkpoint: str | Path | None, template: str | Path, 
         if matcher is not None:
             probabilities = propagate_labels(matcher, template_image, label, query, classes=classes, stride=stride,
                                              window=window, temperature=temperature,
-                                             template_embedding=template_embedding).probabilities
+                                             template_embedding=template_embedding,
+                                             template_features=template_features).probabilities
         else:
             probabilities = registration_labels(template_image, label, query, classes=classes)
         seconds += time.perf_counter() - started
