@@ -120,9 +120,9 @@ def margins(label: str, data: Path, checkpoint: str, dims: int, scores: dict) ->
 
 
 def run(dims: int, configs: Sequence[str], seeds: Sequence[int], steps: int, work: Path, skip: Sequence[str] = (),
-        subjects: int | None = None, extra: Sequence[str] = ()) -> dict:
-    """Pretrain and score everything missing; returns the results of ``dims`` (also saved in ``work``).
-    ``extra``: config overrides for every run (e.g. a toy network)."""
+        subjects: int | None = None, extra: Sequence[str] = (), command: str | None = None) -> dict:
+    """Pretrain and score everything missing; returns the results of ``dims`` (also saved in ``work``, with the
+    ``command`` line that regenerates them). ``extra``: config overrides for every run (e.g. a toy network)."""
     subjects = subjects or SUBJECTS[dims]
     results_path = work / f"results_{dims}d.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
@@ -134,7 +134,8 @@ def run(dims: int, configs: Sequence[str], seeds: Sequence[int], steps: int, wor
                  f"data.cache_dir={(work / 'cache').resolve()}", *extra]  # cache: scans + information maps, read once
 
     def save() -> None:
-        results.update(dims=dims, steps=steps, subjects=subjects, seeds=list(seeds))
+        results.update(dims=dims, steps=steps, subjects=subjects, seeds=list(seeds),
+                       command=command or f"python -m {MODULE} --dim {dims}")
         results_path.write_text(json.dumps(results, indent=1))
 
     for seed in seeds:
@@ -249,10 +250,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     log_progress()
     steps = args.steps
     started = time.perf_counter()
-    results = run(args.dim, args.configs, [int(s) for s in args.seeds.split(",")], steps, args.work, args.skip,
-                  args.subjects, args.override)
-    results["command"] = command(argv if argv is not None else sys.argv[1:])
-    (args.work / f"results_{args.dim}d.json").write_text(json.dumps(results, indent=1))
+    run(args.dim, args.configs, [int(s) for s in args.seeds.split(",")], steps, args.work, args.skip, args.subjects,
+        args.override, command(argv if argv is not None else sys.argv[1:]))
     log.info("done in %.0f s", time.perf_counter() - started)
     return render(args.work, args.out, args.title)
 

@@ -2,14 +2,15 @@
 
     python -m benchmarks.bench_recipes --checkpoint RUN --dim 2 --out bench/recipes_2d
 
-For every recipe (``RECIPES``: config overrides on the shipped ``finetune_seg_<D>d.yaml``), N labeled images
-(``--labeled``, default 1,3) and seed (``--seeds``, default 0,1,2; the seed also picks the labeled images):
-segmentation fine-tuning from the first ``--checkpoint`` and, for the recipes that also apply to a random start
-(``RANDOM_TOO``), from random init; each further ``--checkpoint`` (other pretraining objectives or budgets) with the
-first recipe. Every run predicts and scores the held-out test images of a fresh demo population (as
-``bench_finetune``: seed 1, 24 subjects in 2D, 15 training / 3 validation / 6 test). The table gives the test mean
-Dice (mean ± SD over seeds) and the gain over random init under the closest recipe that also applies to it (the
-same one, else e.g. ``300 steps`` for ``fresh decoder, 300 steps``). Finished runs
+For every recipe (``RECIPES``: changes to ``BASE``, both overrides of the shipped ``finetune_seg_2d.yaml``), N
+labeled images (``--labeled``, default 1,3) and seed (``--seeds``, default 0,1,2; the seed also picks the labeled
+images): segmentation fine-tuning from the first ``--checkpoint`` and, for the recipes that also apply to a random
+start (``RANDOM_TOO``), from random init; each further ``--checkpoint`` (other pretraining objectives or budgets) with
+the first recipe. Every run predicts and scores the held-out test images of a fresh demo population (as
+``bench_finetune``: seed 1, 24 subjects, 15 training / 3 validation / 6 test). The table gives the test mean Dice
+(mean ± SD over seeds) and the gain over random init under the closest recipe that also applies to it (the same
+one, else e.g. ``300 steps`` for ``fresh decoder, 300 steps``). 2D only: the budgets of ``BASE`` are the 2D
+config's (a 3D study needs its own). Finished runs
 are kept in ``--out`` (``scores.json``): a rerun continues where it stopped. Extra overrides at the end apply to
 every run (a toy budget: ``train.steps=2 train.val_every=2 train.warmup_steps=0``).
 """
@@ -27,14 +28,17 @@ from benchmarks.common import argument_parser, emit
 from medssl.report.markdown import markdown_table
 
 MODULE = "benchmarks.bench_recipes"
-#: recipe name -> overrides of the shipped segmentation config (the first is the baseline of the study: the shipped
-#: recipe before the study; every recipe names its steps, so the study does not change when the shipped config does)
+#: every key a recipe varies, at the shipped values from before the study: each run starts from these overrides, so
+#: the study means the same whatever the shipped config now says (finished runs are reused by their overrides)
+BASE = ["train.steps=150", "train.encoder_lr_scale=1.0", "train.freeze_encoder_steps=0",
+        "train.decoder_init=pretrained", "data.rotate_deg=10.0", "data.scale_range=0.1"]
+#: recipe name -> its changes to ``BASE``
 RECIPES = {
-    "150 steps": ["train.steps=150"],
-    "encoder lr x0.1": ["train.steps=150", "train.encoder_lr_scale=0.1"],
-    "encoder frozen 50 steps": ["train.steps=150", "train.freeze_encoder_steps=50"],
-    "fresh decoder": ["train.steps=150", "train.decoder_init=random"],
-    "strong augmentation": ["train.steps=150", "data.rotate_deg=20", "data.scale_range=0.2"],
+    "150 steps": [],
+    "encoder lr x0.1": ["train.encoder_lr_scale=0.1"],
+    "encoder frozen 50 steps": ["train.freeze_encoder_steps=50"],
+    "fresh decoder": ["train.decoder_init=random"],
+    "strong augmentation": ["data.rotate_deg=20", "data.scale_range=0.2"],
     "300 steps": ["train.steps=300"],
     "fresh decoder, 300 steps": ["train.steps=300", "train.decoder_init=random"],
 }
@@ -74,7 +78,7 @@ def run_study(checkpoints: Sequence[str], dims: int, out: Path, *, counts: Seque
                 started = time.perf_counter()
                 scores = run_one("seg", dims, init, n, seed, datalist, datalist.parent / "landmarks.csv",
                                  out / "runs" / f"{slug(recipe)}_{slug(name)}_n{n}_s{seed}",
-                                 [*recipes[recipe], *overrides])
+                                 [*BASE, *recipes[recipe], *overrides])
                 dice.append(float(scores["mean_dice"]))
                 progress(f"{recipe} / {name} N={n} seed {seed}: mean Dice {dice[-1]:.3f} "
                          f"({time.perf_counter() - started:.0f} s)")
@@ -84,7 +88,7 @@ def run_study(checkpoints: Sequence[str], dims: int, out: Path, *, counts: Seque
 
 def table(rows: list[dict]) -> str:
     """Markdown: a row per (recipe, init), a column pair per N (mean Dice ± SD over seeds, per seed; gain over
-    random init under the random-init recipe closest to it: the one whose overrides are the largest part of its)."""
+    random init under the random-init recipe closest to it: the one whose changes are the largest part of its)."""
     counts = sorted({r["n"] for r in rows})
     random = {(r["recipe"], r["n"]): np.mean(r["dice"]) for r in rows if r["init"] == "none"}
     overrides = {r["recipe"]: set(r["overrides"]) for r in rows}
@@ -112,14 +116,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--checkpoint", action="append", required=True,
                         help="pretraining run folder, or NAME=FOLDER to name it in the table; the first gets every "
                              "recipe, the others the first recipe")
-    parser.add_argument("--dim", type=int, choices=(2, 3), default=2)
+    parser.add_argument("--dim", type=int, choices=(2,), default=2, help="2 (the recipes' budgets are 2D ones)")
     parser.add_argument("--labeled", default="1,3", help="numbers of labeled images (default 1,3)")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--subjects", type=int, default=24, help="demo subjects (default 24; 10 suits 3D)")
+    parser.add_argument("--subjects", type=int, default=24, help="demo subjects (default 24)")
     parser.add_argument("--test", type=int, default=6, help="test subjects (default 6)")
     parser.add_argument("--val", type=int, default=3, help="validation subjects (default 3)")
     parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES),
-                        help="a subset of the recipes (the first listed is the baseline of the gains)")
+                        help="a subset of the recipes (gains need one that also runs from random init)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run")
     args = parser.parse_args(argv)
