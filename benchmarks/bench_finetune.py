@@ -109,6 +109,52 @@ def stage2_one(dims: int, checkpoint: str, seed: int, datalist: Path, landmarks_
                                               overrides))
 
 
+def stage2_seg_one(dims: int, checkpoint: str, seed: int, datalist: Path, supervised_run: Path, out: Path,
+                   overrides: Sequence[str]) -> dict:
+    """Stage 2 for segmentation against the propagated labels it starts from: the single labeled image of the N = 1
+    segmentation run ``supervised_run`` is the template; its label map is propagated (``segment oneshot`` with
+    ``checkpoint``) onto the rest of the training pool and onto the test images; segmentation fine-tuning with
+    ``--labeled 1 --pseudo``; both scored on the test images. Returns ``{"oneshot": scores, "stage2": scores}``,
+    reused by ``_cached``."""
+    from medssl.engine.finetune import SPLIT_FILE
+
+    template_key = json.loads((supervised_run / SPLIT_FILE).read_text())["labeled"][0]
+    case = {"task": "seg", "checkpoint": checkpoint, "seed": seed, "template": template_key, "data": str(datalist),
+            "overrides": list(overrides)}
+    return _cached(out, case, lambda: _stage2_seg(dims, checkpoint, seed, template_key, datalist, out, overrides))
+
+
+def _stage2_seg(dims: int, checkpoint: str, seed: int, template_key: str, datalist: Path, out: Path,
+                overrides: Sequence[str]) -> dict:
+    from medssl.config import shipped_config
+    from medssl.data import keys
+    from medssl.data.inputs import read_datalist
+    from medssl.data.readers import image_key
+    from medssl.engine.finetune import finetune
+    from medssl.engine.finetune_config import read_finetune_config
+    from medssl.engine.predict import predict_seg_files
+    from medssl.matching.propagate import propagate_labels_files
+    from medssl.metrics.report import evaluate_segmentation_files
+
+    out.mkdir(parents=True)
+    sections = read_datalist(datalist)
+    template = next(item for item in sections["training"] if image_key(item[keys.IMAGE]) == template_key)
+    pool = [item[keys.IMAGE] for item in sections["training"] if item is not template]
+    test = [item[keys.IMAGE] for item in sections["test"]]
+    propagated = {}
+    for part, images in (("pseudo", pool), ("oneshot_test", test)):  # the test maps apart: they are scored alone
+        started = time.perf_counter()
+        propagate_labels_files(checkpoint, template[keys.IMAGE], template[keys.LABEL], images, out / part)
+        propagated[part] = (time.perf_counter() - started) / len(images)
+    config = read_finetune_config(shipped_config(f"finetune_seg_{dims}d"),
+                                  [f"seed={seed}", f"data.split_seed={seed}", *overrides])
+    run = finetune(config, checkpoint=checkpoint, data=datalist, out=out / "run", labeled=1, pseudo=out / "pseudo")
+    predict_seg_files(run, test, out / "test_predictions")
+    oneshot = evaluate_segmentation_files(out / "oneshot_test", datalist)
+    return {"oneshot": {**oneshot, "seconds_per_image": propagated["oneshot_test"]},
+            "stage2": evaluate_segmentation_files(out / "test_predictions", datalist)}
+
+
 def _stage2(dims: int, checkpoint: str, seed: int, template_key: str, datalist: Path, landmarks_csv: Path, out: Path,
             overrides: Sequence[str]) -> dict:
     from medssl.data.inputs import read_datalist
@@ -140,11 +186,12 @@ def _stage2(dims: int, checkpoint: str, seed: int, template_key: str, datalist: 
             "stage2": evaluate_landmarks_files(out / "test_predictions.csv", landmarks_csv, sdr_radii_mm=SDR_RADII_MM)}
 
 
-def _cell(values: list[float], scale: float = 1.0) -> str:
+def _cell(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
     finite = np.array([v for v in values if v is not None and np.isfinite(v)]) * scale
     if finite.size == 0:
         return "n/a"
-    return f"{finite.mean():.2f} ± {finite.std():.2f}" if finite.size > 1 else f"{finite.mean():.2f}"
+    return (f"{finite.mean():.{digits}f} ± {finite.std():.{digits}f}" if finite.size > 1
+            else f"{finite.mean():.{digits}f}")
 
 
 def table(results: dict, task: str) -> str:
@@ -186,8 +233,8 @@ def run_grid(inits: dict[str, str], dims: int, out: Path, *, subjects: int = 24,
     """``run_one`` for every task x N labeled (None: all) x initialisation (name -> run folder or ``none``) x seed on
     the demo population ``out/data`` (written unless there, with ``variability``; one made with another variability is
     refused); ``{(task, N or "all", name): [scores per seed]}``.
-    With ``stage2`` (needs the landmarks task and N = 1): ``stage2_one`` for every pretrained initialisation and
-    seed, under ``("stage2", 1, name)``."""
+    With ``stage2`` (needs N = 1): for every pretrained initialisation and seed, ``stage2_one`` (landmarks task,
+    under ``("stage2", 1, name)``) and ``stage2_seg_one`` (seg task, under ``("stage2_seg", 1, name)``)."""
     datalist = population(out, dims, subjects=subjects, data_seed=data_seed, test=test, val=val,
                           variability=variability)
     root = datalist.parent
@@ -203,18 +250,27 @@ def run_grid(inits: dict[str, str], dims: int, out: Path, *, subjects: int = 24,
                     score = _cell([scores["mean_dice"] if task == "seg" else scores["mre_mm"]])
                     seconds = time.perf_counter() - started
                     progress(f"{task} N={n or 'all'} {name} seed {seed}: {score} ({seconds:.0f} s)")
-    if stage2 and "landmarks" in tasks and 1 in counts:
+    if stage2 and 1 in counts:
+        runs = out / "runs"
         for name, init in inits.items():
             for seed in seeds:
                 if init == "none":
                     continue
-                started = time.perf_counter()
-                runs = out / "runs"
-                scores = stage2_one(dims, init, seed, datalist, root / "landmarks.csv",
-                                    runs / f"landmarks_{name}_n1_s{seed}", runs / f"stage2_{name}_s{seed}", overrides)
-                results.setdefault(("stage2", 1, name), []).append(scores)
-                progress(f"stage 2 {name} seed {seed}: one-shot {scores['oneshot']['mre_mm']:.2f} mm -> "
-                         f"{scores['stage2']['mre_mm']:.2f} mm ({time.perf_counter() - started:.0f} s)")
+                if "landmarks" in tasks:
+                    started = time.perf_counter()
+                    scores = stage2_one(dims, init, seed, datalist, root / "landmarks.csv",
+                                        runs / f"landmarks_{name}_n1_s{seed}", runs / f"stage2_{name}_s{seed}",
+                                        overrides)
+                    results.setdefault(("stage2", 1, name), []).append(scores)
+                    progress(f"stage 2 {name} seed {seed}: one-shot {scores['oneshot']['mre_mm']:.2f} mm -> "
+                             f"{scores['stage2']['mre_mm']:.2f} mm ({time.perf_counter() - started:.0f} s)")
+                if "seg" in tasks:
+                    started = time.perf_counter()
+                    scores = stage2_seg_one(dims, init, seed, datalist, runs / f"seg_{name}_n1_s{seed}",
+                                            runs / f"stage2_seg_{name}_s{seed}", overrides)
+                    results.setdefault(("stage2_seg", 1, name), []).append(scores)
+                    progress(f"stage 2 seg {name} seed {seed}: propagated {scores['oneshot']['mean_dice']:.3f} -> "
+                             f"{scores['stage2']['mean_dice']:.3f} mean Dice ({time.perf_counter() - started:.0f} s)")
     return results
 
 
@@ -234,13 +290,32 @@ def stage2_table(results: dict) -> str:
     return "\n".join(markdown_table(header, lines))
 
 
+def stage2_seg_table(results: dict) -> str:
+    """Markdown table of the segmentation stage-2 rows: propagation from the template, stage 2 and supervised
+    N = 1; mean Dice ± SD over seeds (3 decimals: the rows differ by about 0.01) and per seed."""
+    header = ["init", "labels", "mean Dice", "per seed"]
+    lines = []
+    for (kind, _, name), runs in results.items():
+        if kind != "stage2_seg":
+            continue
+        for label, scores in (("one-shot propagation (1 template, no training)", [r["oneshot"] for r in runs]),
+                              ("stage 2 (1 template + propagated label maps)", [r["stage2"] for r in runs]),
+                              ("supervised, N = 1", results.get(("seg", 1, name), []))):
+            dice = [s["mean_dice"] for s in scores]
+            lines.append([name, label, _cell(dice, digits=3), ", ".join(f"{d:.3f}" for d in dice)])
+    return "\n".join(markdown_table(header, lines))
+
+
 def tables(results: dict, dims: int, tasks: Sequence[str]) -> str:
-    """The Markdown tables of ``run_grid``'s results, one per task under a bold title (and the stage-2 table when
-    ``run_grid`` ran it)."""
+    """The Markdown tables of ``run_grid``'s results, one per task under a bold title (and the stage-2 tables when
+    ``run_grid`` ran them)."""
     titles = {"seg": "Segmentation (test Dice, HD95)", "landmarks": "Landmarks (test MRE, SDR)"}
     text = "\n\n".join(f"**{titles[task]}, {dims}D**\n\n{table(results, task)}" for task in tasks)
     if any(key[0] == "stage2" for key in results):
         text += f"\n\n**Stage 2 on one-shot pseudo-labels (test MRE, SDR), {dims}D**\n\n{stage2_table(results)}"
+    if any(key[0] == "stage2_seg" for key in results):
+        text += (f"\n\n**Stage 2 on propagated label maps (test mean Dice), {dims}D**\n\n"
+                 f"{stage2_seg_table(results)}")
     return text
 
 
@@ -263,7 +338,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", default="0,1", help="seeds (default 0,1)")
     parser.add_argument("--tasks", default="seg,landmarks", help="tasks (default seg,landmarks)")
     parser.add_argument("--stage2", action="store_true",
-                        help="also CC2D stage 2 (one template + one-shot pseudo-labels) for each --checkpoint")
+                        help="also CC2D stage 2 (one template + one-shot pseudo-labels: landmarks, or propagated label "
+                             "maps: seg) for each --checkpoint and task; needs N = 1 in --labeled")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. train.steps=300")
     args = parser.parse_args(argv)

@@ -3,7 +3,8 @@
 Quality suite: each objective pretrains on the demo population with its shipped ``configs/<method>_<D>d.yaml``;
 then one-shot landmarks (``bench_oneshot``: each run, random init, NCC, registration; MRE, SDR, s/image) and
 fine-tuning transfer (``bench_finetune``: segmentation Dice/HD95 and landmark MRE/SDR, N labeled x {the objective
-with the best one-shot MRE, or ``--finetune-methods``} or ``none`` x seeds, and stage 2 on one-shot pseudo-labels).
+with the best one-shot MRE, or ``--finetune-methods``} or ``none`` x seeds, and stage 2 on one-shot pseudo-labels:
+landmark predictions, propagated label maps).
 Speed suite: seconds per step and its ratio to the bare network's forward+backward, and peak memory, per objective
 (``bench_objectives``) and where a step's time goes (``torch.profiler``); view pairs per second (``bench_views``);
 one-shot seconds per image against registration (the quality suite's timings; with the speed suite alone, its own
@@ -195,7 +196,7 @@ def quality_suite(args: argparse.Namespace, budget: Budget, device: str, results
             subjects=budget.ft_subjects,
             test=budget.ft_test, val=budget.ft_val, counts=counts, seeds=seeds, tasks=args.tasks,
             overrides=[f"train.device={device}", *budget.finetune, *args.finetune_override],
-            stage2="landmarks" in args.tasks, variability=args.variability,
+            stage2=True, variability=args.variability,
             progress=lambda line: log.info("fine-tuning %s", line))
 
 
@@ -356,6 +357,7 @@ def render(args: argparse.Namespace, budget: Budget, results: Results, command: 
               "Every number comes from this one machine and one run; times depend on its load (other jobs may have "
               "shared the cores), and quality numbers on the small demo populations and the budgets below.", ""]
     n_train = budget.ft_subjects - budget.ft_test - budget.ft_val
+    stage2 = 1 in bench_finetune.parse_counts(args.labeled)  # run_grid runs stage 2 when N = 1 is fine-tuned
     quality = [
         ["pretraining and one-shot population", f"{budget.subjects} {dims}D demo subjects (`medssl data demo --seed "
                                                 f"0 --variability {args.variability}`); template `subject_000`, "
@@ -368,7 +370,7 @@ def render(args: argparse.Namespace, budget: Budget, results: Results, command: 
                                    f"validation / {budget.ft_test} test"],
         ["fine-tuning", f"`configs/finetune_<task>_{dims}d.yaml` from {', '.join(_finetuned(args, results))} and "
                         f"`none`, tasks {', '.join(args.tasks)}, N labeled {args.labeled}, seeds {args.seeds}"
-                        f"{' (+ stage 2 on one-shot pseudo-labels)' if 'landmarks' in args.tasks else ''}; overrides: "
+                        f"{' (+ stage 2 on one-shot pseudo-labels)' if stage2 else ''}; overrides: "
                         f"`{' '.join([*budget.finetune, *args.finetune_override]) or 'none'}`"],
     ]
     speed = [

@@ -49,6 +49,16 @@ def test_document_has_every_table_and_plot(toy):
     assert {line.split("|")[2].strip() for line in finetune} == {best, "none"}
     assert set(_rows(text, "**Stage 2 on one-shot pseudo-labels")) == {"init", best}  # header + its rows
     assert re.search(rf"\| {best} \| stage 2 \(1 template \+ one-shot pseudo-labels\) \| \d+\.\d\d \|", text)
+    seg_stage2 = text.split("**Stage 2 on propagated label maps (test mean Dice), 2D**", 1)[1].split("\n#", 1)[0]
+    rows = {cells[1]: cells[2:] for cells in ([c.strip() for c in line.strip().strip("|").split("|")]
+                                              for line in seg_stage2.splitlines() if line.startswith(f"| {best} |"))}
+    assert set(rows) == {"one-shot propagation (1 template, no training)",
+                         "stage 2 (1 template + propagated label maps)", "supervised, N = 1"}
+    assert all(re.fullmatch(r"0\.\d{3}|1\.000", cells[0]) for cells in rows.values())  # one seed: no ± SD
+    seg_table = text.split("**Segmentation (test Dice, HD95), 2D**", 1)[1].split("**Landmarks", 1)[0]
+    supervised_n1 = next(line for line in seg_table.splitlines() if line.startswith(f"| 1 | {best} |"))
+    supervised_dice = float(supervised_n1.split("|")[3])  # the N = 1 run stage 2 takes its template from
+    assert float(rows["supervised, N = 1"][0]) == pytest.approx(supervised_dice, abs=0.005)
     assert ("| method | D | patch | batch | s/step | floor s/step | ratio | teacher floor s/step | ratio to teacher floor "
             "| peak MiB |") in text
     assert set(_rows(text, "### Cost per pretraining step")) >= {*METHODS}
