@@ -340,12 +340,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stage2", action="store_true",
                         help="also CC2D stage 2 (one template + one-shot pseudo-labels: landmarks, or propagated label "
                              "maps: seg) for each --checkpoint and task; needs N = 1 in --labeled")
+    parser.add_argument("--skip-random-init", action="store_true",
+                        help="leave out the random-init runs (e.g. for stage 2 alone, which needs only the checkpoints)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. train.steps=300")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
-    inits = {Path(c).name: str(Path(c).resolve()) for c in args.checkpoint} | {"none": "none"}
+    inits = {Path(c).name: str(Path(c).resolve()) for c in args.checkpoint}
+    if not args.skip_random_init:
+        inits["none"] = "none"
+    if not inits:
+        parser.error("nothing to fine-tune: pass --checkpoint or drop --skip-random-init")
     tasks = args.tasks.split(",")
     results = run_grid(inits, args.dim, args.out, subjects=args.subjects, data_seed=args.data_seed, test=args.test,
                        val=args.val, counts=parse_counts(args.labeled),

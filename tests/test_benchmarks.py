@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import bench_objectives, run_all
+from benchmarks import bench_finetune, bench_objectives, run_all
 from medssl.engine.monitor import Monitor
 
 METHODS = ("infoguided", "lewel", "msf", "pgssl")
@@ -75,6 +75,21 @@ def test_document_has_every_table_and_plot(toy):
     assert sorted(figures) == ["benchmarks/finetune.png", "benchmarks/oneshot_mre.png", "benchmarks/step_ratio.png"]
     for figure in figures:
         assert (doc.parent / figure).stat().st_size > 1000
+
+
+def test_finetune_benchmark_can_leave_out_random_init(toy, tmp_path):
+    """``bench_finetune --skip-random-init`` fine-tunes the checkpoints only (stage 2 needs no random init)."""
+    _, work = toy
+    checkpoint = sorted((work / "pretrain").glob("*_2d_*"))[0]
+    out = tmp_path / "ft"
+    bench_finetune.main(["--checkpoint", str(checkpoint), "--skip-random-init", "--dim", "2", "--subjects", "5",
+                         "--test", "1", "--val", "1", "--labeled", "1", "--seeds", "0", "--tasks", "seg", "--out",
+                         str(out), *run_all.BUDGETS[(2, True)].finetune, "train.device=cpu"])  # as the toy run
+    assert sorted(path.name for path in (out / "runs").iterdir()) == [f"seg_{checkpoint.name}_n1_s0"]
+    text = (out / "finetune_table.md").read_text()
+    assert f"| 1 | {checkpoint.name} |" in text and "| none |" not in text
+    with pytest.raises(SystemExit):  # nothing left to fine-tune
+        bench_finetune.main(["--skip-random-init", "--out", str(tmp_path / "nothing")])
 
 
 def test_speed_suite_alone_times_one_shot_matching(tmp_path):
