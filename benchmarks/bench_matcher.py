@@ -10,11 +10,13 @@ landmark's own best match, the matcher before issue 19), ``coarse-to-fine`` sear
 ``+ outliers`` consistency (global search), ``+ ensemble of 3 templates`` (the dimension's default consistency);
 then NCC and registration on the same queries. Per row: mean +- SD over the runs of MRE, the runs' mean median RE
 and SDR, the Spearman correlation of the ``score`` and of ``residual_mm`` with the error (negative / positive =
-predictive), and seconds per query (matching only, the embedding excluded).
+predictive), and seconds per query (matching only, the embedding excluded). ``--errors`` keeps every landmark's
+error, score and residual (to see which landmarks make a row's tail).
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 import tempfile
 import time
@@ -31,6 +33,7 @@ from medssl.data.readers import image_key
 from medssl.matching.oneshot import DEFAULT_CONSISTENCY, OneShotMatcher
 from medssl.matching.run import detect_landmarks_files, image_preparer, load_templates, matching_network
 from medssl.matching.selection import rank_templates
+from medssl.outputs import atomic_writer
 from medssl.report.markdown import markdown_table
 
 MODULE = "benchmarks.bench_matcher"
@@ -44,10 +47,11 @@ def _errors(found, truth: dict, names: list[str], key: str) -> np.ndarray:
     return np.linalg.norm(found.points_mm - np.stack([truth[key][name] for name in names]), axis=1)
 
 
-def score_run(run: Path, data: Path, dims: int,
-              templates: list[str] | None = None) -> tuple[dict[str, dict], list[list[str]]]:
+def score_run(run: Path, data: Path, dims: int, templates: list[str] | None = None,
+              records: list[dict] | None = None) -> tuple[dict[str, dict], list[list[str]]]:
     """Every variant on one checkpoint; returns label -> scores and [templates, queries]. ``templates``: the three
-    template names (default: ranked with this checkpoint, see the module docstring)."""
+    template names (default: ranked with this checkpoint, see the module docstring). ``records``: if given, one
+    dict per matched landmark is appended (``_record``)."""
     paths = {image_key(path): path for path in resolve_images(data / "images")}
     truth = read_landmarks(data / "landmarks.csv")
     network, preprocessing, levels, pyramid = matching_network(run, dims)
@@ -76,10 +80,22 @@ def score_run(run: Path, data: Path, dims: int,
             errors.append(_errors(found, truth, loaded.names, key))
             scores.append(found.scores)
             residuals.append(found.residual_mm)
+            if records is not None:
+                records += _record(run.name, label, key, loaded.names, errors[-1], scores[-1], residuals[-1])
         errors, scores, residuals = np.concatenate(errors), np.concatenate(scores), np.concatenate(residuals)
         rows[label] = summary(errors, seconds / len(queries), scores, residuals)
         log.info("%s %s: MRE %.2f mm, median %.2f", run.name, label, rows[label]["mre"], rows[label]["median"])
     return rows, [list(templates), queries]
+
+
+def _record(run: str, matcher: str, query: str, names: Sequence[str], errors: np.ndarray,
+            scores: np.ndarray | None = None, residuals: np.ndarray | None = None) -> list[dict]:
+    """One row per landmark of one query for ``--errors``."""
+    missing = np.full(len(names), np.nan)
+    return [{"run": run, "matcher": matcher, "query": query, "landmark": name, "error_mm": float(error),
+             "score": float(score), "residual_mm": float(residual)}
+            for name, error, score, residual in zip(names, errors, missing if scores is None else scores,
+                                                    missing if residuals is None else residuals)]
 
 
 def summary(errors: np.ndarray, seconds: float, scores: np.ndarray | None = None,
@@ -95,8 +111,9 @@ def summary(errors: np.ndarray, seconds: float, scores: np.ndarray | None = None
             "seconds": seconds}
 
 
-def baselines(data: Path, templates: list[str], queries: list[str]) -> dict[str, dict]:
-    """NCC and registration from the first template on ``queries``."""
+def baselines(data: Path, templates: list[str], queries: list[str],
+              records: list[dict] | None = None) -> dict[str, dict]:
+    """NCC and registration from the first template on ``queries`` (``records`` as for ``score_run``)."""
     images = {image_key(path): path for path in resolve_images(data / "images")}
     truth = read_landmarks(data / "landmarks.csv")
     rows = {}
@@ -107,10 +124,24 @@ def baselines(data: Path, templates: list[str], queries: list[str]) -> dict[str,
                                          [images[key] for key in queries], Path(tmp) / f"{method}.csv", method=method)
             seconds = (time.perf_counter() - started) / len(queries)
             predicted = read_landmarks(out)
-            errors = np.array([np.linalg.norm(predicted[key][name] - truth[key][name])
-                               for key in queries for name in sorted(truth[key])])
-            rows[label] = summary(errors, seconds)
+            errors = []
+            for key in queries:
+                names = sorted(truth[key])
+                errors.append(np.array([np.linalg.norm(predicted[key][name] - truth[key][name]) for name in names]))
+                if records is not None:
+                    records += _record(label, label, key, names, errors[-1])
+            rows[label] = summary(np.concatenate(errors), seconds)
     return rows
+
+
+def write_csv(path: Path, records: list[dict]) -> Path:
+    """``records`` (``_record`` rows) as a CSV at ``path``, written atomically."""
+    with atomic_writer(path, "w") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(records[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(records)
+    log.info("wrote %d landmark errors to %s", len(records), path)
+    return path
 
 
 def table(per_run: list[dict[str, dict]], reference: dict[str, dict]) -> str:
@@ -139,14 +170,19 @@ def main(argv: Sequence[str] | None = None) -> str:
                         help="demo population (default: bench/dense/data_2d_24s_realistic or data_3d_10s_realistic)")
     parser.add_argument("--skip-baselines", action="store_true", help="leave out NCC and registration")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
+    parser.add_argument("--errors", type=Path, default=None,
+                        help="also write every landmark's error here (CSV: run, matcher, query, landmark, error_mm, "
+                             "score, residual_mm; the baselines' run is their name)")
     args = parser.parse_args(argv)
     log_progress()
     data = args.data or Path("bench/dense") / ("data_2d_24s_realistic" if args.dim == 2 else "data_3d_10s_realistic")
-    per_run, split = [], None
+    per_run, split, records = [], None, []
     for run in args.runs:
-        rows, split = score_run(run, data, args.dim, None if split is None else split[0])  # the first run ranks
+        rows, split = score_run(run, data, args.dim, None if split is None else split[0], records)  # first ranks
         per_run.append(rows)
-    reference = {} if args.skip_baselines else baselines(data, split[0], split[1])
+    reference = {} if args.skip_baselines else baselines(data, split[0], split[1], records)
+    if args.errors is not None:
+        write_csv(args.errors, records)
     text = (f"{args.dim}D, {len(args.runs)} run(s): {', '.join(run.name for run in args.runs)}; templates "
             f"{', '.join(split[0])}; {len(split[1])} queries (default consistency: "
             f"{DEFAULT_CONSISTENCY[args.dim]})\n\n" + table(per_run, reference))

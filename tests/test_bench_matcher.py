@@ -23,7 +23,8 @@ def test_toy_ablation_scores_every_variant_on_the_same_queries(tmp_path):
     run = tmp_path / "run"
     save_model(build_network(spatial_dims=2, channels=(4, 8, 8, 8)), run / "model.pt", spatial_dims=2,
                preprocessing={"modality": "mr"})
-    rows, (templates, queries) = bench_matcher.score_run(run, data, 2)
+    records = []
+    rows, (templates, queries) = bench_matcher.score_run(run, data, 2, records=records)
     assert templates[0] == "subject_000" and len(templates) == 3 and len(set(templates)) == 3
     assert sorted([*templates, *queries]) == [f"subject_{i:03d}" for i in range(6)]
     assert list(rows) == [variant[0] for variant in bench_matcher.VARIANTS]
@@ -34,3 +35,9 @@ def test_toy_ablation_scores_every_variant_on_the_same_queries(tmp_path):
     assert rows["argmax"]["rho_residual"] != rows["argmax"]["rho_residual"]  # NaN: no consistency check
     text = bench_matcher.table([rows, rows], {})
     assert text.count("\n") == 1 + len(bench_matcher.VARIANTS) and "± 0.00" in text
+    # --errors: one row per variant, query and landmark, whose mean is the row's MRE
+    assert len(records) == len(rows) * len(queries) * landmarks
+    argmax = [record["error_mm"] for record in records if record["matcher"] == "argmax"]
+    assert sum(argmax) / len(argmax) == pytest.approx(rows["argmax"]["mre"])
+    written = bench_matcher.write_csv(tmp_path / "errors.csv", records).read_text().splitlines()
+    assert written[0] == "run,matcher,query,landmark,error_mm,score,residual_mm" and len(written) == 1 + len(records)

@@ -60,3 +60,25 @@ def test_the_fitted_map_evaluates_anywhere():
         elsewhere = rng.uniform(0, 50, (5, 2))  # points the fit never saw
         np.testing.assert_allclose(fit.transform(elsewhere), elsewhere @ np.array([[1.1, 0.1], [-0.05, 0.9]])
                                    + [4.0, -2.0], atol=1e-3)
+
+
+def test_robust_affine_is_the_least_median_minimal_subset_and_skips_collinear_ones():
+    import itertools
+
+    rng = np.random.default_rng(4)
+    source = rng.uniform(0, 40, (9, 2))
+    source[:3] = [[0.0, 0.0], [10.0, 10.0], [20.0, 20.0]]  # a collinear triple: no unique affine, skipped
+    target = source * 1.2 + rng.normal(scale=2.0, size=source.shape)
+    homogeneous = np.concatenate([source, np.ones((9, 1))], axis=1)
+    best = np.inf
+    for subset in itertools.combinations(range(9), 3):  # every minimal subset, as few enough to try all
+        corners = homogeneous[list(subset)]
+        if np.linalg.cond(corners) > 1e8:
+            continue
+        solution = np.linalg.solve(corners, target[list(subset)])
+        median = np.median(np.sum((homogeneous @ solution - target) ** 2, axis=1))
+        if median < best:
+            best, expected = median, homogeneous @ solution
+    np.testing.assert_allclose(robust_affine(source, target).predicted, expected, atol=1e-9)
+    with pytest.raises(ValueError, match="one hyperplane"):
+        robust_affine(source[:3].repeat(2, axis=0) + [[0, 0]] * 6, source[:3].repeat(2, axis=0))

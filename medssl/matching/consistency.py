@@ -26,6 +26,7 @@ OUTLIER_CUTOFF = 3.0
 SPLINE_KERNEL = {2: "thin_plate_spline", 3: "linear"}
 _MAX_SUBSETS = 2000  # minimal subsets tried by the affine fit (all of them when there are fewer)
 _SPLINE_ROUNDS = 3
+_SUBSET_CHUNK = 256  # minimal subsets solved and scored together by the affine fit
 
 
 @dataclass(frozen=True)
@@ -75,15 +76,20 @@ def robust_affine(source: np.ndarray, target: np.ndarray, *, min_scale_mm: float
     source, target = _check_pairs(source, target)
     count, dims = source.shape
     homogeneous = np.concatenate([source, np.ones((count, 1))], axis=1)  # (P, D+1)
+    subsets = np.asarray(_subsets(count, dims + 1, np.random.default_rng(seed)))  # (S, D+1)
     best_median, best = np.inf, None
-    for subset in _subsets(count, dims + 1, np.random.default_rng(seed)):
-        corners = homogeneous[list(subset)]  # (D+1, D+1)
-        if np.linalg.cond(corners) > 1e8:  # points on one hyperplane: no unique affine
+    for start in range(0, len(subsets), _SUBSET_CHUNK):  # all subsets of a chunk at once (memory: chunk x P x D)
+        chunk = subsets[start:start + _SUBSET_CHUNK]
+        corners = homogeneous[chunk]  # (s, D+1, D+1)
+        solvable = np.linalg.cond(corners) <= 1e8  # points on one hyperplane: no unique affine
+        if not solvable.any():
             continue
-        solution = np.linalg.solve(corners, target[list(subset)])  # (D+1, D)
-        median = float(np.median(np.sum((homogeneous @ solution - target) ** 2, axis=1)))
-        if median < best_median:
-            best_median, best = median, solution
+        solutions = np.linalg.solve(corners[solvable], target[chunk[solvable]])  # (s', D+1, D)
+        errors = np.tensordot(solutions, homogeneous, axes=([1], [1])) - target.T  # (s', D, P)
+        medians = np.median(np.einsum("sdp,sdp->sp", errors, errors), axis=1)  # (s',) median squared residual
+        first = int(np.argmin(medians))  # the first of equal medians, as subsets are listed
+        if medians[first] < best_median:
+            best_median, best = float(medians[first]), solutions[first]
     if best is None:
         raise ValueError("the points lie on one hyperplane: no affine can be fitted")
     predicted = homogeneous @ best
