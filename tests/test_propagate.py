@@ -62,8 +62,19 @@ def test_a_template_carried_onto_itself_and_onto_a_shifted_copy(demo):
         probabilities = shifted.probabilities.as_tensor()
         assert probabilities.shape[1:] == image.shape[1:]
         assert torch.allclose(probabilities.sum(0), torch.ones(1), atol=1e-4)
-    shared = propagate_labels(matcher, image, label, moved, template_features=dense_features(matcher.embed(image)))
-    assert torch.equal(shared.probabilities.as_tensor(), propagate_labels(matcher, image, label, moved).probabilities)
+    embedding = matcher.embed(image)
+    every = dense_features(embedding, None)
+    shared = propagate_labels(matcher, image, label, moved, template_features=every, vote_levels=len(every))
+    assert torch.equal(shared.probabilities.as_tensor(),
+                       propagate_labels(matcher, image, label, moved, vote_levels=len(every)).probabilities)
+    finest = dense_features(embedding, 2)  # the vote on the two finest levels: their features alone
+    assert len(finest) == 2 and all(torch.equal(a, b) for a, b in zip(finest, every[-2:]))
+    fine = propagate_labels(matcher, image, label, moved, vote_levels=1)
+    assert _dice(fine.labels, moved_truth) > max(0.8, _dice(label, moved_truth) + 0.2)  # random features, one level
+    with pytest.raises(ValueError, match="vote_levels >= 1"):
+        propagate_labels(matcher, image, label, moved, vote_levels=0)
+    with pytest.raises(ValueError, match="dense_features"):  # features of other levels than the vote compares
+        propagate_labels(matcher, image, label, moved, template_features=every)  # the default: VOTE_LEVELS
 
 
 def test_registration_baseline_carries_a_template_onto_itself():
@@ -85,7 +96,7 @@ def demo2d(tmp_path_factory) -> Path:
 def test_segment_oneshot_writes_each_inputs_geometry_and_scores(demo2d, tmp_path, capsys, monkeypatch):
     dims, root = 2, demo2d  # 3D runs the same code (the test above)
     computed = []
-    monkeypatch.setattr(propagate, "dense_features", lambda e: computed.append(e) or dense_features(e))
+    monkeypatch.setattr(propagate, "dense_features", lambda e, *rest: computed.append(e) or dense_features(e, *rest))
     ext = ".png" if dims == 2 else ".nii.gz"
     template, template_label = root / "images" / f"subject_000{ext}", root / "labels" / f"subject_000{ext}"
     out = tmp_path / "seg"
