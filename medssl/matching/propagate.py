@@ -9,7 +9,8 @@ Coarse to fine, in two stages:
    (``robust_spline``: least-median affine, then spline refits without the outliers) gives, for every query voxel,
    its template position.
 2. **Refined** (a smooth vote): each query cell of a ``stride`` grid compares its features on the ``vote_levels``
-   finest levels with the template's within ``window`` voxels of that position, weighted by a softmax of the combined similarity (``temperature``). With
+   finest levels with the template's within ``window`` voxels of that position, weighted by a softmax of the
+   combined similarity (``temperature``). With
    ``vote="positions"`` (default) the weighted mean template position is interpolated to every query voxel and the
    template's one-hot labels are read there (thin structures survive, as in a registration); with ``"labels"`` the
    labels themselves vote and the class probabilities are interpolated.
@@ -52,8 +53,8 @@ log = logging.getLogger(__name__)
 #: the softmax temperature; chosen on the seed-0 2D/3D benchmark populations (docs/segmentation.md)
 STRIDE, WINDOW, TEMPERATURE = {2: 2, 3: 2}, {2: 3, 3: 2}, 0.02
 #: how many of the finest levels the vote compares, per spatial dims (the coarse ones barely change within a window
-#: and hold most channels; 2026-12-04: 3D mean Dice 0.768 -> 0.796 and 32.6 -> 11.4 s per volume against every
-#: level, 2D 0.814 -> 0.820 and 0.79 -> 0.51 s; docs/segmentation.md)
+#: and hold most channels; 2026-12-04: 3D mean Dice 0.768 -> 0.796 and 26.3 -> 10.4 s per volume against every
+#: level, 2D 0.814 -> 0.820 and 0.84 -> 0.51 s; benchmarks.bench_propagate, docs/segmentation.md)
 VOTE_LEVELS = {2: 2, 3: 2}
 VOTES = ("positions", "labels")
 _LINEAR = {2: "bilinear", 3: "trilinear"}
