@@ -80,10 +80,8 @@ def score_variants(checkpoint: str | Path, data: Path, dims: int, count: int, va
         for name, changes in variants.items():
             options = dict(changes)
             matcher.support = int(options.pop("support", DEFAULT_SUPPORT_POINTS))
-            levels = min(int(options.get("vote_levels") or propagate.VOTE_LEVELS[dims]),
-                         len(template_embedding.features))
-            options["vote_levels"] = levels
-            features = propagate.dense_features(template_embedding, levels)
+            options["vote_levels"] = propagate.resolve_vote_levels(options.get("vote_levels"), dims)
+            features = propagate.dense_features(template_embedding, options["vote_levels"])
             seconds.clear()
             pairs, total = [], 0.0
             for query, truth in prepared:

@@ -67,6 +67,8 @@ def test_a_template_carried_onto_itself_and_onto_a_shifted_copy(demo):
     shared = propagate_labels(matcher, image, label, moved, template_features=every, vote_levels=len(every))
     assert torch.equal(shared.probabilities.as_tensor(),
                        propagate_labels(matcher, image, label, moved, vote_levels=len(every)).probabilities)
+    assert propagate.resolve_vote_levels(None, dims) == propagate.VOTE_LEVELS[dims]
+    assert propagate.resolve_vote_levels(3, dims) == 3
     finest = dense_features(embedding, 2)  # the vote on the two finest levels: their features alone
     assert len(finest) == 2 and all(torch.equal(a, b) for a, b in zip(finest, every[-2:]))
     fine = propagate_labels(matcher, image, label, moved, vote_levels=1)

@@ -26,7 +26,7 @@ import itertools
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -103,10 +103,15 @@ def dense_features(embedding: Embedding, vote_levels: int | None = None) -> list
 
 
 def _finest(levels: Sequence, count: int | None) -> list:
-    """The ``count`` finest of ``levels`` (ordered coarse -> fine); all of them for None."""
+    """The ``count`` finest of ``levels`` (ordered coarse -> fine); all of them for None or a larger ``count``."""
     if count is not None and count < 1:
         raise ValueError(f"need vote_levels >= 1 (None: VOTE_LEVELS of the dimension), got {count}")
     return list(levels) if count is None else list(levels)[-count:]
+
+
+def resolve_vote_levels(vote_levels: int | None, spatial_dims: int) -> int:
+    """``vote_levels``, or ``VOTE_LEVELS`` of the dimension for None."""
+    return VOTE_LEVELS[spatial_dims] if vote_levels is None else int(vote_levels)
 
 
 def _one_hot(label: torch.Tensor, classes: int) -> torch.Tensor:
@@ -132,7 +137,7 @@ def propagate_labels(matcher: OneShotMatcher, template: MetaTensor, template_lab
     window = WINDOW[dims] if window is None else int(window)
     if stride < 1 or window < 0 or temperature <= 0:
         raise ValueError(f"need stride >= 1, window >= 0 and temperature > 0, got {stride}, {window}, {temperature}")
-    vote_levels = VOTE_LEVELS[dims] if vote_levels is None else int(vote_levels)
+    vote_levels = resolve_vote_levels(vote_levels, dims)
     device = matcher.device
     labels = template_label.as_tensor().to(device)
     classes = int(classes or int(labels.max()) + 1)
@@ -154,17 +159,16 @@ def propagate_labels(matcher: OneShotMatcher, template: MetaTensor, template_lab
     offsets = torch.as_tensor(list(itertools.product(range(-window, window + 1), repeat=dims)), device=device)  # (M, D)
     shape_t = torch.as_tensor(template_embedding.shape, device=device)
     dense_t = template_features or dense_features(template_embedding, vote_levels)  # per level (N_t, C_l)
-    voting = _finest(range(len(query_embedding.features)), vote_levels)
-    if len(dense_t) != len(voting):
-        raise ValueError(f"template_features hold {len(dense_t)} level(s), the vote compares {len(voting)}: compute "
-                         "them with dense_features(template_embedding, vote_levels)")
+    voting = replace(query_embedding, features=_finest(query_embedding.features, vote_levels))  # sampled per cell
+    if len(dense_t) != len(voting.features):
+        raise ValueError(f"template_features hold {len(dense_t)} level(s), the vote compares {len(voting.features)}: "
+                         "compute them with dense_features(template_embedding, vote_levels)")
     strides_t = torch.as_tensor([int(np.prod(template_embedding.shape[a + 1:])) for a in range(dims)], device=device)
     flat_labels = labels.reshape(-1).long().clamp(0, classes - 1)  # (N_t,)
     votes = []
     for start in range(0, len(query_voxels), _CHUNK):
         count = len(query_voxels[start:start + _CHUNK])
-        query_vectors = matcher.template_vectors(query_embedding, here_mm[start:start + _CHUNK])  # [(n, C_l)]
-        query_vectors = [query_vectors[level] for level in voting]
+        query_vectors = matcher.template_vectors(voting, here_mm[start:start + _CHUNK])  # [(n, C_l)]
         candidates = centres[start:start + _CHUNK].round().long()[:, None] + offsets  # (n, M, D) template voxels
         candidates = torch.minimum(candidates.clamp(min=0), shape_t - 1)
         index = (candidates * strides_t).sum(dim=-1)  # (n, M) flat template voxel
@@ -266,7 +270,7 @@ def propagate_labels_files(checkpoint: str | Path | None, template: str | Path, 
     template_embedding = matcher.embed(template_image) if matcher is not None else None
     template_features = None
     if matcher is not None:  # the template's, once for every image
-        vote_levels = VOTE_LEVELS[dims] if vote_levels is None else int(vote_levels)
+        vote_levels = resolve_vote_levels(vote_levels, dims)
         template_features = dense_features(template_embedding, vote_levels)
     written, seconds = [], 0.0
     for path, name in zip(queries, names):
