@@ -6,7 +6,7 @@ For each variant (``VARIANTS``: keyword changes to ``propagate_labels`` and to t
 template (the population's first image) is propagated onto the next ``--images`` images, prepared as the checkpoint
 prepares them, and scored on that prepared grid (mean Dice over the label classes; ``segment oneshot --truth``
 scores on the input's grid instead). Seconds per image are ``propagate_labels`` alone: the template's embedding and
-dense features are computed once per variant and left out, as ``segment oneshot`` does. The phases columns split
+dense features are computed once per variant (in its precision) and left out, as ``segment oneshot`` does. The phases columns split
 them into the query's embedding, the support matching, the robust spline, and the vote with the rest.
 ``--checkpoint none`` scores random init; registration (``registration_labels``) on the same images unless
 ``--skip-registration``.
@@ -32,16 +32,20 @@ from medssl.report.markdown import markdown_table
 from medssl.transforms.preprocess import Preprocessing
 
 MODULE = "benchmarks.bench_propagate"
-#: variant name -> its changes to the defaults (``support``: the matcher's support points; the rest are
-#: ``propagate_labels`` keywords)
+#: variant name -> its changes to the defaults (``support``: the matcher's support points, ``amp``: its precision;
+#: the rest are ``propagate_labels`` keywords)
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "every level": {"vote_levels": 99},
     "finest level only": {"vote_levels": 1},
     "window 0 (the spline alone)": {"window": 0},
     "stride 4": {"stride": 4},
+    "support search stride 2": {"support_stride": 2},
+    "support search stride 4": {"support_stride": 4},
     "128 support points": {"support": 128},
     "128 support points, stride 4": {"support": 128, "stride": 4},
+    "bf16": {"amp": "bf16"},
+    "128 support points, stride 4, bf16": {"support": 128, "stride": 4, "amp": "bf16"},
 }
 PHASES = ("embed", "support", "spline")
 
@@ -69,7 +73,6 @@ def score_variants(checkpoint: str | Path, data: Path, dims: int, count: int, va
     template_image, template_label = spec.read(template, dims, label_path=labels[image_key(template)])
     prepared = [spec.read(path, dims, label_path=labels[image_key(path)]) for path in queries]
     classes = int(template_label.max()) + 1
-    template_embedding = matcher.embed(template_image)
     seconds: dict[str, float] = {}
     patched = {"embed": matcher.embed, "match_points": matcher.match_points, "robust_spline": propagate.robust_spline}
     matcher.embed = _timed("embed", matcher.embed, seconds)
@@ -80,6 +83,8 @@ def score_variants(checkpoint: str | Path, data: Path, dims: int, count: int, va
         for name, changes in variants.items():
             options = dict(changes)
             matcher.support = int(options.pop("support", DEFAULT_SUPPORT_POINTS))
+            matcher.amp = options.pop("amp", "off")
+            template_embedding = matcher.embed(template_image)  # in the variant's precision, left out of the time
             options["vote_levels"] = propagate.resolve_vote_levels(options.get("vote_levels"), dims)
             features = propagate.dense_features(template_embedding, options["vote_levels"])
             seconds.clear()

@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from medssl import __version__
 
@@ -75,12 +75,12 @@ def _prepare(args: argparse.Namespace) -> None:
     prepare_data(config, data=args.data, out=args.out, workers=args.workers)
 
 
-def _levels(args: argparse.Namespace) -> dict[str, list[int] | None]:
-    """``levels`` and ``pyramid`` keyword arguments from ``--levels`` and ``--pyramid``."""
+def _features(args: argparse.Namespace) -> dict[str, Any]:
+    """``levels``, ``pyramid`` and ``amp`` keyword arguments from ``--levels``, ``--pyramid`` and ``--amp``."""
     from medssl.matching.run import parse_levels
 
     return {"levels": None if args.levels is None else parse_levels(args.levels),
-            "pyramid": None if args.pyramid is None else parse_levels(args.pyramid, "--pyramid")}
+            "pyramid": None if args.pyramid is None else parse_levels(args.pyramid, "--pyramid"), "amp": args.amp}
 
 
 def _landmarks_oneshot(args: argparse.Namespace) -> None:
@@ -90,7 +90,7 @@ def _landmarks_oneshot(args: argparse.Namespace) -> None:
     out = detect_landmarks_files(
         args.checkpoint, args.template, args.template_landmarks, args.images, args.out, method=args.method,
         arch=args.arch, spacing_mm=args.spacing, figure_dir=args.figures, device=pick_device(args.device),
-        truth=args.truth, **_levels(args), search=args.search, consistency=args.consistency,
+        truth=args.truth, **_features(args), search=args.search, consistency=args.consistency,
         min_score=args.min_score,
     )
     if args.truth is not None:
@@ -104,7 +104,7 @@ def _landmarks_select_template(args: argparse.Namespace) -> None:
     from medssl.matching.run import rank_templates_files
 
     rank_templates_files(args.checkpoint, args.images, args.out, arch=args.arch, spacing_mm=args.spacing,
-                         n_points=args.points, device=pick_device(args.device), **_levels(args))
+                         n_points=args.points, device=pick_device(args.device), **_features(args))
 
 
 def _evaluate_landmarks(args: argparse.Namespace) -> None:
@@ -118,7 +118,7 @@ def _segment_oneshot(args: argparse.Namespace) -> None:
 
     propagate_labels_files(args.checkpoint, args.template, args.template_label, args.images, args.out,
                            method=args.method, arch=args.arch, spacing_mm=args.spacing, device=args.device,
-                           **_levels(args))
+                           support=args.support_points, stride=args.stride, **_features(args))
     if args.truth is not None:
         from medssl.metrics.report import evaluate_segmentation_files
 
@@ -283,7 +283,7 @@ def _device_option(p: argparse.ArgumentParser, help: str = "where the network ru
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help=help)
 
 
-def _levels_option(p: argparse.ArgumentParser) -> None:
+def _feature_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--levels", default=None, metavar="L,L",
                    help="feature levels to match with, comma-separated: 0 = bottleneck, then the decoder "
                         "levels coarse to fine (default: those the pretraining objectives trained, as model.pt "
@@ -292,6 +292,9 @@ def _levels_option(p: argparse.ArgumentParser) -> None:
                    help="also embed each image at these multiples of its working spacing (block means), "
                         "comma-separated, including 1: e.g. 1,2 doubles the context in mm (default: the "
                         "pretraining's data.pyramid, as model.pt records; 1 for --checkpoint none)")
+    p.add_argument("--amp", choices=("off", "bf16"), default="off",
+                   help="the network's precision when embedding: off (float32, default) or bf16 (autocast; faster on "
+                        "CUDA and on CPUs with native bfloat16 such as AMX, slower on others)")
 
 
 def _json_option(p: argparse.ArgumentParser) -> None:
@@ -405,7 +408,7 @@ def _add_landmarks_oneshot(sub: _Subparsers) -> None:
     p.add_argument("--truth", type=Path, default=None, metavar="CSV",
                    help="true landmarks: drawn in the figures, and MRE/SDR are reported after predicting")
     _device_option(p)
-    _levels_option(p)
+    _feature_options(p)
     p.add_argument("--search", choices=("global", "coarse-to-fine"), default="global",
                    help="embedding: each landmark's own match is the best point of the whole image (global, "
                         "default) or found coarse level first, finer levels only near it (coarse-to-fine)")
@@ -432,7 +435,7 @@ def _add_landmarks_select_template(sub: _Subparsers) -> None:
     _arch_option(p)
     _spacing_option(p)
     _device_option(p)
-    _levels_option(p)
+    _feature_options(p)
 
 
 # medssl finetune ...
@@ -552,8 +555,13 @@ def _add_segment_oneshot(sub: _Subparsers) -> None:
     _spacing_option(p)
     p.add_argument("--truth", type=Path, default=None, metavar="DATALIST",
                    help="true label maps (a folder or a datalist JSON): Dice and HD95 are reported after predicting")
+    p.add_argument("--support-points", type=_count("support points"), default=None, metavar="N",
+                   help="about N template points are matched for the spline (default 512; 128 is about 4x faster "
+                        "to match, at some cost in Dice: docs/segmentation.md)")
+    p.add_argument("--stride", type=_count("voxels"), default=None, metavar="S",
+                   help="the vote's grid stride in voxels (default 2; 4 is faster at some cost in Dice)")
     _device_option(p)
-    _levels_option(p)
+    _feature_options(p)
 
 
 def _add_evaluate(commands: _Subparsers) -> None:

@@ -23,7 +23,7 @@ def test_toy_variants_and_registration_on_the_same_images(tmp_path):
                preprocessing={"modality": "mr"})
     spline = propagate.robust_spline
     text = bench_propagate.main(["--checkpoint", str(run), "--data", str(data), "--dim", "2", "--images", "2",
-                                 "--variants", "default", "128 support points, stride 4",
+                                 "--variants", "default", "128 support points, stride 4, bf16",
                                  "--out", str(tmp_path / "table.md")])
     assert propagate.robust_spline is spline  # the timers are removed again
     rows = bench_propagate.score_variants(run, data, 2, 1, {"every level": bench_propagate.VARIANTS["every level"]},
@@ -34,4 +34,4 @@ def test_toy_variants_and_registration_on_the_same_images(tmp_path):
     lines = (tmp_path / "table.md").read_text().splitlines()
     assert lines[2].startswith("| variant") and len(lines) == 7  # title, blank, header, rule, 2 rows, registration
     assert lines[-1].startswith("| registration") and lines[-1].split("|")[4].strip() == "1.0"
-    assert "default" in text
+    assert "default" in text and "128 support points, stride 4, bf16" in text

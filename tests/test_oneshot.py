@@ -146,6 +146,42 @@ def test_world_shift_sliding_window_and_ensemble():
     assert np.abs(predicted_mm - (points_mm + moved_mm)).max() < 0.1
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_one_window_embedding_equals_the_sliding_window(dims):
+    """An image one window covers is embedded by the network directly, with the features MONAI's sliding window
+    (one gaussian-weighted window, every level) gives."""
+    from monai.inferers import SlidingWindowInferer
+
+    matcher = tiny_matcher(dims, unet=True)
+    image = as_image(texture(SHAPES[dims], seed=4), affine_for(dims))
+    embedding = matcher.embed(image)
+    assert matcher._windows(embedding.padded_shape) is None
+    padded = torch.zeros(1, 1, *embedding.padded_shape)
+    padded[(slice(None), slice(None), *[slice(0, s) for s in SHAPES[dims]])] = image.as_tensor()
+    inferer = SlidingWindowInferer(roi_size=list(embedding.padded_shape), sw_batch_size=1, overlap=0.5,
+                                   mode="gaussian")
+    with torch.no_grad():
+        windowed = inferer(padded, lambda x: tuple(reversed(matcher.network.forward_features(x))))[::-1]
+    assert len(windowed) == len(embedding.features)
+    for direct, level in zip(embedding.features, windowed):
+        assert torch.allclose(direct, torch.nn.functional.normalize(level[0], dim=0), atol=1e-5)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_bf16_embedding_stays_close_to_float32(dims):
+    """``amp="bf16"`` runs the network in bfloat16 and hands back float32 unit features close to float32's; an
+    unknown precision is refused naming --amp."""
+    image = as_image(texture(SHAPES[dims], seed=5), affine_for(dims))
+    plain = tiny_matcher(dims, unet=True).embed(image)
+    half = tiny_matcher(dims, unet=True, amp="bf16").embed(image)
+    for exact, approximate in zip(plain.features, half.features):
+        assert approximate.dtype == torch.float32 and not torch.equal(exact, approximate)  # it ran in bfloat16
+        cosine = (exact * approximate).sum(dim=0)  # per voxel (a tiny random network: a few voxels of small norm)
+        assert float(cosine.mean()) > 0.995 and float(cosine.min()) > 0.9
+    with pytest.raises(InputError, match="--amp"):
+        tiny_matcher(dims, amp="fp8")
+
+
 LOOK_ALIKE = {2: ((72, 72), (18, 18), (52, 50)), 3: ((36, 36, 36), (10, 10, 10), (26, 25, 26))}  # shape, true, copy
 
 

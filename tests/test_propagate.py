@@ -3,6 +3,7 @@ of itself, the registration baseline, outputs with each input's geometry, and ba
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,11 @@ def test_a_template_carried_onto_itself_and_onto_a_shifted_copy(demo):
         propagate_labels(matcher, image, label, moved, vote_levels=0)
     with pytest.raises(ValueError, match="dense_features"):  # features of other levels than the vote compares
         propagate_labels(matcher, image, label, moved, template_features=every)  # the default: VOTE_LEVELS
+    other = 2 if propagate.SUPPORT_STRIDE[dims] == 4 else 4  # the support search on the other grid follows too
+    coarser = propagate_labels(matcher, image, label, moved, support_stride=other)
+    assert _dice(coarser.labels, moved_truth) > max(0.9, _dice(label, moved_truth) + 0.2)
+    with pytest.raises(ValueError, match="support search stride must divide the padded grid"):
+        propagate_labels(matcher, image, label, moved, support_stride=3)
 
 
 def test_registration_baseline_carries_a_template_onto_itself():
@@ -115,6 +121,37 @@ def test_segment_oneshot_writes_each_inputs_geometry_and_scores(demo2d, tmp_path
     truth = load_label(template_label)  # through the file path (prepare, propagate, back to the input grid):
     itself = load_label(out / template_label.name, like=truth)  # the template onto itself is its own labels
     assert segmentation_scores([(itself, truth)])["mean_dice"] > 0.95
+
+
+def test_segment_oneshot_speed_options(demo2d, tmp_path, caplog, capsys, monkeypatch):
+    """``--amp bf16``, ``--support-points`` and ``--stride`` reach the matcher and the vote (the template onto itself
+    still gives its own labels); with ``--method registration`` they are ignored with a warning; a stride of 0 is a
+    usage error."""
+    from medssl.matching import run as matching_run
+
+    root, made, voted = demo2d, [], []
+    original, vote = matching_run.OneShotMatcher, propagate.propagate_labels
+    monkeypatch.setattr(matching_run, "OneShotMatcher",
+                        lambda *args, **kwargs: made.append(kwargs) or original(*args, **kwargs))
+    monkeypatch.setattr(propagate, "propagate_labels",
+                        lambda *args, **kwargs: voted.append(kwargs) or vote(*args, **kwargs))
+    template, template_label = root / "images" / "subject_000.png", root / "labels" / "subject_000.png"
+    common = ["segment", "oneshot", "--template", str(template), "--template-label", str(template_label),
+              "--images", str(template), "--amp", "bf16", "--support-points", "64", "--stride", "4"]
+    assert main([*common, "--checkpoint", "none", "--out", str(tmp_path / "fast")]) == 0
+    assert [(kwargs["amp"], kwargs["support"]) for kwargs in made] == [("bf16", 64)]
+    assert [kwargs["stride"] for kwargs in voted] == [4]
+    truth = load_label(template_label)
+    itself = load_label(tmp_path / "fast" / template_label.name, like=truth)
+    assert segmentation_scores([(itself, truth)])["mean_dice"] > 0.95
+    with caplog.at_level(logging.WARNING, logger="medssl"):
+        assert main([*common, "--method", "registration", "--out", str(tmp_path / "reg")]) == 0
+    for name in ("--amp", "--support-points", "--stride"):
+        assert f"{name} ignored: --method registration" in caplog.text
+    with pytest.raises(SystemExit) as stopped:  # argparse: a usage error
+        main([*common[:-2], "--stride", "0", "--checkpoint", "none", "--out", str(tmp_path / "bad")])
+    assert stopped.value.code == 2
+    assert "--stride: expected at least 1 of voxels, got 0" in capsys.readouterr().err
 
 
 def test_segment_oneshot_refuses_bad_input(demo2d, tmp_path, capsys):

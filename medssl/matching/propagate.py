@@ -56,6 +56,8 @@ STRIDE, WINDOW, TEMPERATURE = {2: 2, 3: 2}, {2: 3, 3: 2}, 0.02
 #: and hold most channels; 2026-12-04: 3D mean Dice 0.768 -> 0.796 and 26.3 -> 10.4 s per volume against every
 #: level, 2D 0.814 -> 0.820 and 0.84 -> 0.51 s; benchmarks.bench_propagate, docs/segmentation.md)
 VOTE_LEVELS = {2: 2, 3: 2}
+#: the grid stride (voxels) the support points are searched on, per spatial dims (``OneShotMatcher.match_points``)
+SUPPORT_STRIDE = {2: 4, 3: 4}
 VOTES = ("positions", "labels")
 _LINEAR = {2: "bilinear", 3: "trilinear"}
 _CHUNK = 4096  # query positions voted at once
@@ -122,13 +124,15 @@ def _one_hot(label: torch.Tensor, classes: int) -> torch.Tensor:
 def propagate_labels(matcher: OneShotMatcher, template: MetaTensor, template_label: MetaTensor, query: MetaTensor, *,
                      classes: int | None = None, stride: int | None = None, window: int | None = None,
                      temperature: float = TEMPERATURE, vote: str = "positions", vote_levels: int | None = None,
-                     template_embedding: Embedding | None = None, query_embedding: Embedding | None = None,
+                     support_stride: int | None = None, template_embedding: Embedding | None = None,
+                     query_embedding: Embedding | None = None,
                      template_features: list[torch.Tensor] | None = None) -> Propagated:
     """The template's labels on the query's grid (both images prepared alike, one physical scale; the label map on
     the template's grid). ``classes``: the number of classes (default: 1 + the template's largest label);
     ``stride``, ``window``, ``vote_levels`` (None: ``STRIDE``/``WINDOW``/``VOTE_LEVELS`` of the dimension; all levels
     when ``vote_levels`` >= their number), ``temperature`` and ``vote`` (``VOTES``): the refinement (module
-    docstring). Embeddings already computed may be passed in, and the template's ``dense_features`` of the voting
+    docstring); ``support_stride`` (None: ``SUPPORT_STRIDE`` of the dimension): the grid the support points are
+    searched on. Embeddings already computed may be passed in, and the template's ``dense_features`` of the voting
     levels (computed once for many queries: in 3D they cost about as much as the support matching).
     Faster at some cost in Dice: a coarser ``stride`` and fewer ``matcher.support`` points (docs/segmentation.md)."""
     look_up(vote, VOTES, what="vote", path="vote")
@@ -147,7 +151,8 @@ def propagate_labels(matcher: OneShotMatcher, template: MetaTensor, template_lab
     # 1. where: support matches -> a robust spline query mm -> template mm
     support_mm = template_embedding.to_world(support_points(template, matcher.support))  # (P, D)
     vectors = matcher.template_vectors(template_embedding, support_mm)
-    matched_mm = query_embedding.to_world(matcher.match_points(query_embedding, vectors))  # (P, D)
+    support_stride = SUPPORT_STRIDE[dims] if support_stride is None else int(support_stride)
+    matched_mm = query_embedding.to_world(matcher.match_points(query_embedding, vectors, support_stride))  # (P, D)
     spacing = np.asarray(affine_spacing_mm(query_embedding.affine.numpy()))
     fit = robust_spline(matched_mm, support_mm, smoothing=SPLINE_SMOOTHING[dims], min_scale_mm=float(spacing.max()))
     query_voxels = _voxel_grid(query_embedding.shape, stride, device)  # (N, D)
@@ -235,17 +240,24 @@ def propagate_labels_files(checkpoint: str | Path | None, template: str | Path, 
                            images: Sequence[str | Path], out_dir: str | Path, *, method: str = "embedding",
                            arch: str | None = None, spacing_mm: float | Sequence[float] | None = None,
                            device: str | torch.device = "auto", levels: Sequence[int] | None = None,
-                           pyramid: Sequence[int] | None = None, stride: int | None = None, window: int | None = None,
-                           vote_levels: int | None = None, temperature: float = TEMPERATURE) -> list[Path]:
+                           pyramid: Sequence[int] | None = None, support: int | None = None,
+                           stride: int | None = None, window: int | None = None,
+                           vote_levels: int | None = None, temperature: float = TEMPERATURE,
+                           support_stride: int | None = None, amp: str = "off") -> list[Path]:
     """Write one label map per image of ``images`` (folders, datalists or files) into ``out_dir``
     (``label_file_name``: the input's name and format) with the input's shape and affine: the ``template``'s label
     map ``template_label`` carried over by ``method`` ``embedding`` (``propagate_labels`` with ``checkpoint``, a run
     folder / ``model.pt`` or ``"none"`` = random init of ``arch``) or ``registration`` (``registration_labels``;
     ignores ``checkpoint``). ``spacing_mm``: the pixel size of 2D files without geometry; ``levels`` and
     ``pyramid``: the feature levels matched and the spacing factors embedded at (default: those ``model.pt``
-    records); ``stride``, ``window``, ``vote_levels``, ``temperature``: as ``propagate_labels``. Returns the
-    written paths."""
+    records); ``amp``: the network's precision and ``support`` its support points (None: ``DEFAULT_SUPPORT_POINTS``;
+    ``OneShotMatcher``); ``stride``, ``window``, ``vote_levels``,
+    ``temperature``, ``support_stride``: as ``propagate_labels``. Returns the written paths."""
     look_up(method, SEGMENT_METHODS, what="method", path="--method")
+    if method != "embedding":
+        for name, value in (("--support-points", support), ("--stride", stride)):
+            if value is not None:
+                log.warning("%s ignored: --method %s has no vote and no support points", name, method)
     template, template_label = Path(template), Path(template_label)
     queries = [image for path in images for image in resolve_images(path)]
     if not queries:
@@ -258,7 +270,8 @@ def propagate_labels_files(checkpoint: str | Path | None, template: str | Path, 
                                                  *images, *queries])
     dims = load_image(template, spacing_mm=spacing_mm).ndim - 1
     matcher, preprocessing = method_matcher(method, checkpoint, dims, arch=arch, device=device, levels=levels,
-                                            pyramid=pyramid)
+                                            pyramid=pyramid, amp=amp,
+                                            **({} if support is None else {"support": support}))
     prepare = image_preparer(preprocessing, template, dims, spacing_mm,
                              network=None if matcher is None else matcher.network)
     spec, fit = Preprocessing.from_options(prepare.keywords), network_fit(None if matcher is None else matcher.network)
@@ -281,6 +294,7 @@ def propagate_labels_files(checkpoint: str | Path | None, template: str | Path, 
         if matcher is not None:
             probabilities = propagate_labels(matcher, template_image, label, query, classes=classes, stride=stride,
                                              window=window, temperature=temperature, vote_levels=vote_levels,
+                                             support_stride=support_stride,
                                              template_embedding=template_embedding,
                                              template_features=template_features).probabilities
         else:

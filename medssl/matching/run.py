@@ -100,13 +100,14 @@ def matching_network(checkpoint: str | Path, spatial_dims: int, arch: str | None
 
 def method_matcher(method: str, checkpoint: str | Path | None, spatial_dims: int, *, arch: str | None = None,
                    device: str | torch.device = "auto", levels: Sequence[int] | None = None,
-                   pyramid: Sequence[int] | None = None,
+                   pyramid: Sequence[int] | None = None, amp: str = "off",
                    **options: Any) -> tuple[OneShotMatcher | None, dict[str, Any]]:
     """For ``method`` ``embedding``: the ``OneShotMatcher`` (``options``: its keyword arguments) on the network of
-    ``checkpoint`` with its levels and pyramid (``matching_network``) and the model's preprocessing; for the other
-    methods ``(None, {})`` (and a warning when ``levels`` or ``pyramid`` was given, as they use no network)."""
+    ``checkpoint`` with its levels and pyramid (``matching_network``), embedding in precision ``amp``, and the
+    model's preprocessing; for the other methods ``(None, {})`` (and a warning when ``levels``, ``pyramid`` or
+    ``amp`` was given, as they use no network)."""
     if method != "embedding":
-        for name, value in (("--levels", levels), ("--pyramid", pyramid)):
+        for name, value in (("--levels", levels), ("--pyramid", pyramid), ("--amp", None if amp == "off" else amp)):
             if value is not None:
                 log.warning("%s ignored: --method %s uses no network", name, method)
         return None, {}
@@ -114,7 +115,8 @@ def method_matcher(method: str, checkpoint: str | Path | None, spatial_dims: int
         raise InputError("the embedding method needs --checkpoint (a run, its model.pt, or 'none')")
     device = pick_device(device)
     setup = matching_network(checkpoint, spatial_dims, arch, device, levels, pyramid)
-    matcher = OneShotMatcher(setup.network, levels=setup.levels, pyramid=setup.pyramid, device=device, **options)
+    matcher = OneShotMatcher(setup.network, levels=setup.levels, pyramid=setup.pyramid, device=device, amp=amp,
+                             **options)
     return matcher, setup.preprocessing
 
 
@@ -228,7 +230,7 @@ def detect_landmarks_files(checkpoint: str | Path | None, templates: Sequence[Pa
                            device: str = "auto", truth: str | Path | None = None,
                            levels: Sequence[int] | None = None, search: str = "global",
                            consistency: str | None = None, min_score: float | None = None,
-                           pyramid: Sequence[int] | None = None) -> Path:
+                           pyramid: Sequence[int] | None = None, amp: str = "off") -> Path:
     """Predict the templates' landmarks in every image of ``images`` (folders, datalists or files) and write
     ``out_csv`` (world mm, ``score`` and, for the embedding, ``residual_mm``: how far the landmark's own best
     match lay from the consistent answer); returns its path.
@@ -238,8 +240,8 @@ def detect_landmarks_files(checkpoint: str | Path | None, templates: Sequence[Pa
     two ignore ``checkpoint``. ``spacing_mm`` is the pixel size of 2D files without geometry. ``figure_dir``
     receives a PNG per template and per image (with ``truth`` landmarks CSV drawn too, if given). ``levels``: the
     feature levels the embedding matches with and ``pyramid`` the spacing factors it embeds images at (default:
-    those ``model.pt`` records, see ``matching_network``). ``search`` and ``consistency`` (None: the default of the dimension): see
-    ``OneShotMatcher``. ``min_score``: landmarks scoring below it are left out of ``out_csv`` (reported missing by
+    those ``model.pt`` records, see ``matching_network``). ``search``, ``consistency`` (None: the default of the
+    dimension) and ``amp`` (the network's precision): see ``OneShotMatcher``. ``min_score``: landmarks scoring below it are left out of ``out_csv`` (reported missing by
     ``evaluate``) instead of guessed.
     """
     check_method(method)
@@ -262,7 +264,7 @@ def detect_landmarks_files(checkpoint: str | Path | None, templates: Sequence[Pa
                     "in the scores against %s", ", ".join(also_queries), truth)
     dims = load_image(templates[0], spacing_mm=spacing_mm).ndim - 1
     matcher, preprocessing = method_matcher(method, checkpoint, dims, arch=arch, device=device, levels=levels,
-                                            pyramid=pyramid, search=search, consistency=consistency)
+                                            pyramid=pyramid, amp=amp, search=search, consistency=consistency)
     prepare = image_preparer(preprocessing, templates[0], dims, spacing_mm,
                              network=None if matcher is None else matcher.network)
     log.info("one-shot landmarks (%s): %d template(s), %d image(s), grid %s mm", method, len(templates),
@@ -308,11 +310,11 @@ def detect_landmarks_files(checkpoint: str | Path | None, templates: Sequence[Pa
 def rank_templates_files(checkpoint: str | Path, images: Sequence[str | Path], out_csv: str | Path, *,
                          arch: str | None = None, spacing_mm: float | Sequence[float] | None = None,
                          n_points: int = 16, device: str = "auto", levels: Sequence[int] | None = None,
-                         pyramid: Sequence[int] | None = None) -> Path:
+                         pyramid: Sequence[int] | None = None, amp: str = "off") -> Path:
     """Rank the images of ``images`` as one-shot templates (SCP-style, ``selection.rank_templates``) and write
     ``out_csv`` with columns ``rank,image,score`` (rank 1 = the image to label first); returns its path.
     ``levels`` and ``pyramid``: the feature levels matched and the spacing factors embedded at (default: those
-    ``model.pt`` records, see ``matching_network``)."""
+    ``model.pt`` records, see ``matching_network``); ``amp``: the network's precision (``OneShotMatcher``)."""
     paths = [image for path in images for image in resolve_images(path)]
     if len(paths) < 2:
         raise InputError(f"ranking templates needs at least two images, got {len(paths)}")
@@ -321,7 +323,7 @@ def rank_templates_files(checkpoint: str | Path, images: Sequence[str | Path], o
     check_output(out_csv, kind="file", inputs=[checkpoint_input(checkpoint), *images, *paths])
     dims = load_image(paths[0], spacing_mm=spacing_mm).ndim - 1
     matcher, preprocessing = method_matcher("embedding", checkpoint, dims, arch=arch, device=device, levels=levels,
-                                            pyramid=pyramid)
+                                            pyramid=pyramid, amp=amp)
     prepare = image_preparer(preprocessing, paths[0], dims, spacing_mm, network=matcher.network)
     values = rank_templates(matcher, [prepare(p) for p in paths], n_points=n_points)
     order = np.argsort(-values, kind="stable")
