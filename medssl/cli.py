@@ -294,7 +294,7 @@ def _feature_options(p: argparse.ArgumentParser) -> None:
                         "pretraining's data.pyramid, as model.pt records; 1 for --checkpoint none)")
     p.add_argument("--amp", choices=("off", "bf16"), default="off",
                    help="the network's precision when embedding: off (float32, default) or bf16 (autocast; faster on "
-                        "CUDA and on CPUs with native bfloat16 such as AMX, slower on others)")
+                        "CPUs with native bfloat16 such as AMX; emulated, untested for speed, on other CPUs)")
 
 
 def _json_option(p: argparse.ArgumentParser) -> None:

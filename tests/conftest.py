@@ -64,3 +64,19 @@ def validation_section(demo: Path, every: int = 2) -> dict:
     against ``landmarks.csv``."""
     return {"template": str(demo / "images" / "subject_000.png"), "template_landmarks": str(demo / "landmarks.csv"),
             "images": str(demo / "images"), "truth": str(demo / "landmarks.csv"), "every": every}
+
+
+def toy_demo_run(root: Path, subjects: int) -> tuple[Path, Path]:
+    """A 2D demo population of ``subjects`` (seed 0) in ``root/data`` and a tiny random-init network saved as a run
+    in ``root/run`` (its ``model.pt``): the inputs of the benchmarks' toy-size tests. Returns ``(data, run)``."""
+    import torch
+
+    from medssl.data.demo import write_demo_dataset
+    from medssl.networks import build_network, save_model
+
+    data = write_demo_dataset(root / "data", spatial_dims=2, n_subjects=subjects, seed=0)
+    torch.manual_seed(0)
+    run = root / "run"
+    save_model(build_network(spatial_dims=2, channels=(4, 8, 8, 8)), run / "model.pt", spatial_dims=2,
+               preprocessing={"modality": "mr"})
+    return data, run

@@ -4,7 +4,7 @@ ensemble's extra templates left out of all of them), one table row per variant."
 from __future__ import annotations
 
 import pytest
-import torch
+from conftest import toy_demo_run
 
 from medssl.data.landmarks import read_landmarks
 
@@ -14,15 +14,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_toy_ablation_scores_every_variant_on_the_same_queries(tmp_path):
-    from medssl.data.demo import write_demo_dataset
-    from medssl.networks import save_model
-    from medssl.networks import build_network
-
-    data = write_demo_dataset(tmp_path / "data", spatial_dims=2, n_subjects=6, seed=0)
-    torch.manual_seed(0)
-    run = tmp_path / "run"
-    save_model(build_network(spatial_dims=2, channels=(4, 8, 8, 8)), run / "model.pt", spatial_dims=2,
-               preprocessing={"modality": "mr"})
+    data, run = toy_demo_run(tmp_path, subjects=6)
     records = []
     rows, (templates, queries) = bench_matcher.score_run(run, data, 2, records=records)
     assert templates[0] == "subject_000" and len(templates) == 3 and len(set(templates)) == 3

@@ -4,7 +4,7 @@ the phases timed inside the total, and the patched functions put back."""
 from __future__ import annotations
 
 import pytest
-import torch
+from conftest import toy_demo_run
 
 from benchmarks import bench_propagate
 from medssl.matching import propagate
@@ -13,14 +13,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_toy_variants_and_registration_on_the_same_images(tmp_path):
-    from medssl.data.demo import write_demo_dataset
-    from medssl.networks import build_network, save_model
-
-    data = write_demo_dataset(tmp_path / "data", spatial_dims=2, n_subjects=3, seed=0)
-    torch.manual_seed(0)
-    run = tmp_path / "run"
-    save_model(build_network(spatial_dims=2, channels=(4, 8, 8, 8)), run / "model.pt", spatial_dims=2,
-               preprocessing={"modality": "mr"})
+    data, run = toy_demo_run(tmp_path, subjects=3)
     spline = propagate.robust_spline
     text = bench_propagate.main(["--checkpoint", str(run), "--data", str(data), "--dim", "2", "--images", "2",
                                  "--variants", "default", "128 support points, stride 4, bf16",

@@ -45,7 +45,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0  # the cosine decays to lr * min_lr_ratio
     grad_clip: float | None = 1.0  # max global gradient norm; null disables clipping
     amp: Literal["off", "bf16", "fp16"] = "bf16"  # mixed precision on CUDA (on CPU only with cpu_amp)
-    cpu_amp: bool = False  # also autocast on CPU (1.5x faster with native bfloat16 / AMX, slower without it)
+    cpu_amp: bool = False  # also autocast on CPU (1.5x faster with native bfloat16 / AMX; emulated elsewhere)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     deterministic: bool = True  # deterministic kernels (CPU runs are bit-exact given the seed)
     log_every: int = 10

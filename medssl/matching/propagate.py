@@ -41,7 +41,8 @@ from medssl.data.readers import check_image_shape, image_key, label_file_name, l
 from medssl.errors import InputError
 from medssl.matching.baselines import register, to_sitk
 from medssl.matching.consistency import robust_spline
-from medssl.matching.oneshot import SPLINE_SMOOTHING, Embedding, OneShotMatcher, support_points
+from medssl.matching.oneshot import (DEFAULT_SUPPORT_POINTS, SPLINE_SMOOTHING, Embedding, OneShotMatcher,
+                                     support_points)
 from medssl.matching.run import checkpoint_input, image_preparer, method_matcher, network_fit
 from medssl.outputs import check_output
 from medssl.registry import look_up
@@ -271,7 +272,7 @@ def propagate_labels_files(checkpoint: str | Path | None, template: str | Path, 
     dims = load_image(template, spacing_mm=spacing_mm).ndim - 1
     matcher, preprocessing = method_matcher(method, checkpoint, dims, arch=arch, device=device, levels=levels,
                                             pyramid=pyramid, amp=amp,
-                                            **({} if support is None else {"support": support}))
+                                            support=DEFAULT_SUPPORT_POINTS if support is None else support)
     prepare = image_preparer(preprocessing, template, dims, spacing_mm,
                              network=None if matcher is None else matcher.network)
     spec, fit = Preprocessing.from_options(prepare.keywords), network_fit(None if matcher is None else matcher.network)
