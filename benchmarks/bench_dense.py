@@ -1,7 +1,7 @@
 """Equal-budget comparison of the pretraining objectives for one-shot landmarks (issue 13), 2D or 3D.
 
-    python -m benchmarks.bench_dense --dim 2                 # every objective + the composed config, 3 seeds
-    python -m benchmarks.bench_dense --dim 3                 # then: both dims' tables -> docs/dense.md
+    python -m benchmarks.bench_dense --dim 2 --out docs/dense.md   # every objective + the composed config, 3 seeds
+    python -m benchmarks.bench_dense --dim 3 --out docs/dense.md   # then: both dims' tables -> docs/dense.md
     python -m benchmarks.bench_dense --dim 3 --steps 500 --configs infoguided --work bench_shipped \
         --out docs/dense_shipped.md --title "..."           # one config at its shipped budget (its own doc)
 
@@ -14,8 +14,9 @@ this compares features; ``bench_matcher`` compares matchers) and the spacing fac
 init (the network each seed's run of the first config started from, all levels, at that config's pyramid), NCC and
 registration (once). Beside the errors, ``feature_margin`` says why a network matches well or badly: how alike its
 features are at distant positions of one image and at the same landmark of two subjects. Runs and scores are kept
-in ``--work``: a rerun reuses them, so it continues where it stopped. Writes ``--out`` (default ``docs/dense.md``)
-with the tables of every dimension scored so far.
+in ``--work``: a rerun reuses them, so it continues where it stopped. Writes ``--out`` (default ``WORK/dense.md``, so
+that a partial or experimental run never overwrites a committed table) with the tables of every dimension scored so
+far.
 """
 
 from __future__ import annotations
@@ -240,7 +241,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--steps", type=int, default=100, help="pretraining steps of every config (default 100: "
                                                                 "the 3-seed table fits the 2-core CPU)")
     parser.add_argument("--work", type=Path, default=Path("bench_dense"))
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "dense.md")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="the markdown tables (default WORK/dense.md; the committed ones: docs/dense.md)")
     parser.add_argument("--title", default=TITLE, help="the heading of --out")
     parser.add_argument("--skip", nargs="*", default=[], choices=("ncc", "registration"))
     parser.add_argument("--subjects", type=int, default=None, help="population size (default 24 in 2D, 10 in 3D)")
@@ -253,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     run(args.dim, args.configs, [int(s) for s in args.seeds.split(",")], steps, args.work, args.skip, args.subjects,
         args.override, command(argv if argv is not None else sys.argv[1:]))
     log.info("done in %.0f s", time.perf_counter() - started)
-    return render(args.work, args.out, args.title)
+    return render(args.work, args.out or args.work / "dense.md", args.title)
 
 
 if __name__ == "__main__":

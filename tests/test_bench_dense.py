@@ -38,7 +38,11 @@ def test_toy_comparison_and_rerun(tmp_path):
     runs = sorted(p.name for p in (work / "pretrain").iterdir())
     assert len(runs) == 4  # two configs x two seeds, one folder each
     stamps = {p: (work / "pretrain" / p / "model.pt").stat().st_mtime_ns for p in runs}
-    bench_dense.main([*TOY, "--work", str(work), "--out", str(out)])  # a rerun trains nothing again
+    docs = bench_dense.ROOT / "docs" / "dense.md"
+    committed = docs.read_bytes()
+    # a rerun trains nothing again; without --out it writes into --work, never over the committed docs/dense.md
+    assert bench_dense.main([*TOY, "--work", str(work)]) == work / "dense.md"
+    assert docs.read_bytes() == committed and "| infoguided | 2 |" in (work / "dense.md").read_text()
     assert {p: (work / "pretrain" / p / "model.pt").stat().st_mtime_ns for p in runs} == stamps
     assert json.loads((work / "results_2d.json").read_text())["scores"] == results["scores"]
 

@@ -82,3 +82,18 @@ def test_robust_affine_is_the_least_median_minimal_subset_and_skips_collinear_on
     np.testing.assert_allclose(robust_affine(source, target).predicted, expected, atol=1e-9)
     with pytest.raises(ValueError, match="one hyperplane"):
         robust_affine(source[:3].repeat(2, axis=0) + [[0, 0]] * 6, source[:3].repeat(2, axis=0))
+
+
+def test_random_minimal_subsets_are_distinct_uniform_and_seeded():
+    """With too many minimal subsets to try all, ``_MAX_SUBSETS`` random ones: distinct points in each, every point
+    drawn about equally often, the same draw for the same seed."""
+    from medssl.matching.consistency import _MAX_SUBSETS, _subsets
+
+    subsets = _subsets(128, 3, np.random.default_rng(0))
+    assert subsets.shape == (_MAX_SUBSETS, 3) and subsets.min() >= 0 and subsets.max() < 128
+    assert all(len(set(row)) == 3 for row in subsets.tolist())
+    counts = np.bincount(subsets.ravel(), minlength=128)  # expected 2000 * 3 / 128 = 46.9 per point
+    assert counts.min() > 15 and counts.max() < 90
+    np.testing.assert_array_equal(subsets, _subsets(128, 3, np.random.default_rng(0)))
+    assert not np.array_equal(subsets, _subsets(128, 3, np.random.default_rng(1)))
+    assert _subsets(5, 3, np.random.default_rng(0)).shape == (10, 3)  # few enough: every one of them

