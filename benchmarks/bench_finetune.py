@@ -64,6 +64,16 @@ def _cached(out: Path, case: dict, compute: Callable[[], dict]) -> dict:
     return json.loads(done.read_text())["scores"]
 
 
+def random_start_overrides(checkpoint: str | Path) -> list[str]:
+    """Config overrides that give a random start (``checkpoint: none``) the architecture of ``checkpoint``'s
+    ``model.pt`` (its ``network`` options): the pretrained and the random start then differ in their weights only
+    (the 3D pretraining configs use a depth-3 U-Net, the fine-tuning configs' ``size: small`` is depth 4)."""
+    from medssl.networks.model_file import read_model_file
+
+    network = read_model_file(checkpoint)["network"]
+    return [f"network.{key}={json.dumps(network[key])}" for key in ("channels", "dropout", "norm") if key in network]
+
+
 def run_one(task: str, dims: int, checkpoint: str, n_labeled: int | None, seed: int, datalist: Path,
             landmarks_csv: Path, out: Path, overrides: Sequence[str]) -> dict:
     """Fine-tune, predict the test images and score them; returns the scores, reused by ``_cached``."""
@@ -240,6 +250,8 @@ def run_grid(inits: dict[str, str], dims: int, out: Path, *, subjects: int = 24,
     datalist = population(out, dims, subjects=subjects, data_seed=data_seed, test=test, val=val,
                           variability=variability)
     root = datalist.parent
+    pretrained = [init for init in inits.values() if init != "none"]
+    random_start = random_start_overrides(pretrained[0]) if pretrained else []  # the first pretrained network's
     results: dict[tuple, list[dict]] = {}
     for task in tasks:
         for n in counts:
@@ -247,7 +259,8 @@ def run_grid(inits: dict[str, str], dims: int, out: Path, *, subjects: int = 24,
                 for seed in seeds:
                     started = time.perf_counter()
                     scores = run_one(task, dims, init, n, seed, datalist, root / "landmarks.csv",
-                                     out / "runs" / f"{task}_{name}_n{n or 'all'}_s{seed}", overrides)
+                                     out / "runs" / f"{task}_{name}_n{n or 'all'}_s{seed}",
+                                     [*overrides, *(random_start if init == "none" else [])])
                     results.setdefault((task, n or "all", name), []).append(scores)
                     score = _cell([scores["mean_dice"] if task == "seg" else scores["mre_mm"]])
                     seconds = time.perf_counter() - started

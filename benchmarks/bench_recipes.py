@@ -1,16 +1,17 @@
 """Which fine-tuning recipe lets a pretrained start pay off with few labels (segmentation, issue 17).
 
     python -m benchmarks.bench_recipes --checkpoint RUN --dim 2 --out bench/recipes_2d
+    python -m benchmarks.bench_recipes --checkpoint RUN --dim 3 --subjects 10 --test 3 --val 2 --out bench/recipes_3d
 
-For every recipe (``RECIPES``: changes to ``BASE``, both overrides of the shipped ``finetune_seg_2d.yaml``), N
-labeled images (``--labeled``, default 1,3) and seed (``--seeds``, default 0,1,2; the seed also picks the labeled
-images): segmentation fine-tuning from the first ``--checkpoint`` and, for the recipes that also apply to a random
-start (``RANDOM_TOO``), from random init; each further ``--checkpoint`` (other pretraining objectives or budgets) with
-the first recipe. Every run predicts and scores the held-out test images of a fresh demo population (as
+For every recipe (``RECIPES``: changes to ``BASE``, both overrides of the shipped ``finetune_seg_2d.yaml``; in 3D
+``RECIPES_3D`` and ``BASE_3D``, of ``finetune_seg_3d.yaml``), N labeled images (``--labeled``, default 1,3) and seed
+(``--seeds``, default 0,1,2; the seed also picks the labeled images): segmentation fine-tuning from the first
+``--checkpoint`` and, for the recipes that also apply to a random start (``RANDOM_TOO``), from random init with the
+first checkpoint's architecture (``random_start_overrides``); each further ``--checkpoint`` (other pretraining
+objectives or budgets) with the first recipe. Every run predicts and scores the held-out test images of a fresh demo population (as
 ``bench_finetune``: seed 1, 24 subjects, 15 training / 3 validation / 6 test). The table gives the test mean Dice
 (mean ± SD over seeds) and the gain over random init under the closest recipe that also applies to it (the same
-one, else e.g. ``300 steps`` for ``fresh decoder, 300 steps``). 2D only: the budgets of ``BASE`` are the 2D
-config's (a 3D study needs its own). Finished runs
+one, else e.g. ``300 steps`` for ``fresh decoder, 300 steps``). Finished runs
 are kept in ``--out`` (``scores.json``): a rerun continues where it stopped. Extra overrides at the end apply to
 every run (a toy budget: ``train.steps=2 train.val_every=2 train.warmup_steps=0``).
 """
@@ -23,7 +24,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from benchmarks.bench_finetune import population, run_one
+from benchmarks.bench_finetune import population, random_start_overrides, run_one
 from benchmarks.common import argument_parser, emit
 from medssl.report.markdown import markdown_table
 
@@ -44,6 +45,17 @@ RECIPES = {
 }
 #: the recipes that change a random start too (the others only concern pretrained weights)
 RANDOM_TOO = ("150 steps", "strong augmentation", "300 steps")
+#: the 3D study: the keys of ``BASE`` at the 3D config's values (1000 steps; one 3D run with its prediction and
+#: scoring took 286-292 s on the 2-core CPU)
+BASE_3D = ["train.steps=1000", *BASE[1:]]
+RECIPES_3D = {
+    "1000 steps": [],
+    "fresh decoder": ["train.decoder_init=random"],
+    "encoder frozen 100 steps": ["train.freeze_encoder_steps=100"],
+}
+RANDOM_TOO_3D = ("1000 steps",)
+#: per spatial dims: (base overrides, recipes, the recipes that change a random start too)
+STUDIES = {2: (BASE, RECIPES, RANDOM_TOO), 3: (BASE_3D, RECIPES_3D, RANDOM_TOO_3D)}
 
 
 def slug(text: str) -> str:
@@ -62,12 +74,14 @@ def run_study(checkpoints: Sequence[str], dims: int, out: Path, *, counts: Seque
               test: int = 6, val: int = 3, progress: Callable[[str], None] = print) -> list[dict]:
     """Every (recipe, init, N, seed) run of the study on the demo population of ``subjects`` (``test`` and ``val``
     held out); rows ``{recipe, init, n, dice: [per seed]}``."""
-    recipes = RECIPES if recipes is None else recipes
+    base, shipped, random_too = STUDIES[dims]
+    recipes = shipped if recipes is None else recipes
     datalist = population(out, dims, subjects=subjects, test=test, val=val)
     names = {path: name for name, path in map(named, checkpoints)}
     first = next(iter(names))
+    random_start = random_start_overrides(first)  # random init gets the first checkpoint's architecture
     cases = [(recipe, first) for recipe in recipes]
-    cases += [(recipe, "none") for recipe in recipes if recipe in RANDOM_TOO]
+    cases += [(recipe, "none") for recipe in recipes if recipe in random_too]
     cases += [(next(iter(recipes)), other) for other in list(names)[1:]]
     rows = []
     for recipe, init in cases:
@@ -78,7 +92,7 @@ def run_study(checkpoints: Sequence[str], dims: int, out: Path, *, counts: Seque
                 started = time.perf_counter()
                 scores = run_one("seg", dims, init, n, seed, datalist, datalist.parent / "landmarks.csv",
                                  out / "runs" / f"{slug(recipe)}_{slug(name)}_n{n}_s{seed}",
-                                 [*BASE, *recipes[recipe], *overrides])
+                                 [*base, *recipes[recipe], *overrides, *(random_start if init == "none" else [])])
                 dice.append(float(scores["mean_dice"]))
                 progress(f"{recipe} / {name} N={n} seed {seed}: mean Dice {dice[-1]:.3f} "
                          f"({time.perf_counter() - started:.0f} s)")
@@ -116,20 +130,25 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--checkpoint", action="append", required=True,
                         help="pretraining run folder, or NAME=FOLDER to name it in the table; the first gets every "
                              "recipe, the others the first recipe")
-    parser.add_argument("--dim", type=int, choices=(2,), default=2, help="2 (the recipes' budgets are 2D ones)")
+    parser.add_argument("--dim", type=int, choices=(2, 3), default=2, help="2 (default) or 3: each has its recipes")
     parser.add_argument("--labeled", default="1,3", help="numbers of labeled images (default 1,3)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--subjects", type=int, default=24, help="demo subjects (default 24)")
     parser.add_argument("--test", type=int, default=6, help="test subjects (default 6)")
     parser.add_argument("--val", type=int, default=3, help="validation subjects (default 3)")
-    parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES),
-                        help="a subset of the recipes (gains need one that also runs from random init)")
+    parser.add_argument("--recipes", nargs="+", choices=sorted({*RECIPES, *RECIPES_3D}), default=None,
+                        help="a subset of the dimension's recipes (default all; gains need one that also runs from "
+                             "random init)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run")
     args = parser.parse_args(argv)
+    recipes = STUDIES[args.dim][1]
+    unknown = [name for name in args.recipes or () if name not in recipes]
+    if unknown:
+        parser.error(f"--recipes {', '.join(unknown)}: not a {args.dim}D recipe (those are: {', '.join(recipes)})")
     rows = run_study(args.checkpoint, args.dim, args.out, counts=[int(n) for n in args.labeled.split(",")],
                      seeds=[int(s) for s in args.seeds.split(",")], overrides=args.overrides,
-                     recipes={name: RECIPES[name] for name in args.recipes}, subjects=args.subjects,
+                     recipes={name: recipes[name] for name in args.recipes or recipes}, subjects=args.subjects,
                      test=args.test, val=args.val,
                      progress=lambda line: print(line, flush=True))
     path = args.out / "recipes_table.md"

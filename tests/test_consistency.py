@@ -97,3 +97,22 @@ def test_random_minimal_subsets_are_distinct_uniform_and_seeded():
     np.testing.assert_array_equal(subsets, _subsets(128, 3, np.random.default_rng(0)))
     assert not np.array_equal(subsets, _subsets(128, 3, np.random.default_rng(1)))
     assert _subsets(5, 3, np.random.default_rng(0)).shape == (10, 3)  # few enough: every one of them
+
+
+def test_the_fits_run_blas_on_one_thread_and_restore_it_after():
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from medssl.matching.consistency import serial_blas
+
+    def blas_threads() -> list[int]:
+        return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+    seen = []
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = blas_threads()
+        assert serial_blas(lambda: seen.append(blas_threads()) or 7)() == 7
+        assert blas_threads() == before  # the caller's setting back
+    assert before and seen[0] and all(count == 1 for count in seen[0])  # NumPy's wheels ship OpenBLAS
+    source, _, noisy, _ = _pairs(2)
+    fit = robust_spline(source, noisy, smoothing=1.0)  # the decorated fits still fit
+    assert np.isfinite(fit.transform(source[:3])).all()

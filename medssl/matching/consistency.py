@@ -9,16 +9,22 @@ registration, and each landmark is read off it. Outliers go in two stages: least
 beyond ``OUTLIER_CUTOFF`` robust scales of the spline. Written here because neither MONAI, SimpleITK nor
 scikit-image fits a transform to point pairs with outliers without a fixed, data-dependent residual threshold; the
 spline itself is SciPy's ``RBFInterpolator``.
+
+The fits run NumPy's BLAS on one thread (``serial_blas``): their matrices are small, and OpenBLAS worker threads left
+spinning after a call slowed the network pass that follows on a 2-core CPU by about 2x (2D label propagation 113 ->
+76 ms per image, docs/segmentation.md).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TypeVar
 
 import numpy as np
 from scipy.interpolate import RBFInterpolator
+from threadpoolctl import ThreadpoolController
 
 #: residuals beyond this many robust standard deviations are outliers
 OUTLIER_CUTOFF = 3.0
@@ -27,6 +33,24 @@ SPLINE_KERNEL = {2: "thin_plate_spline", 3: "linear"}
 _MAX_SUBSETS = 2000  # minimal subsets tried by the affine fit (all of them when there are fewer)
 _SPLINE_ROUNDS = 3
 _SUBSET_CHUNK = 256  # minimal subsets solved and scored together by the affine fit
+_Function = TypeVar("_Function", bound=Callable)
+
+
+@functools.cache
+def _blas_pools() -> ThreadpoolController:
+    """The thread pools of the loaded native libraries (found once, on first use: a few ms)."""
+    return ThreadpoolController()
+
+
+def serial_blas(function: _Function) -> _Function:
+    """``function`` with NumPy's BLAS limited to one thread while it runs (restored after; torch's own threads are
+    untouched)."""
+    @functools.wraps(function)
+    def wrapped(*args, **kwargs):
+        with _blas_pools().limit(limits=1, user_api="blas"):
+            return function(*args, **kwargs)
+
+    return wrapped
 
 
 @dataclass(frozen=True)
@@ -70,6 +94,7 @@ def _check_pairs(source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np
     return source, target
 
 
+@serial_blas
 def robust_affine(source: np.ndarray, target: np.ndarray, *, min_scale_mm: float = 0.0,
                   seed: int = 0) -> Deformation:
     """Least-median-of-squares affine from ``source`` to ``target`` (both ``(P, D)`` mm, P >= D + 2): the exact
@@ -98,6 +123,7 @@ def robust_affine(source: np.ndarray, target: np.ndarray, *, min_scale_mm: float
     residuals = np.linalg.norm(predicted - target, axis=1)
     scale = _robust_scale(residuals, min_scale_mm)
 
+    @serial_blas
     def transform(points: np.ndarray) -> np.ndarray:
         points = np.asarray(points, dtype=np.float64)
         return np.concatenate([points, np.ones((len(points), 1))], axis=1) @ best
@@ -105,6 +131,7 @@ def robust_affine(source: np.ndarray, target: np.ndarray, *, min_scale_mm: float
     return Deformation(predicted, residuals, scale, residuals <= OUTLIER_CUTOFF * scale, transform)
 
 
+@serial_blas
 def robust_spline(source: np.ndarray, target: np.ndarray, *, smoothing: float, min_scale_mm: float = 0.0,
                   seed: int = 0) -> Deformation:
     """A smoothing thin-plate spline (affine part + bending, ``smoothing`` as in SciPy's ``RBFInterpolator``) from
@@ -127,6 +154,7 @@ def robust_spline(source: np.ndarray, target: np.ndarray, *, smoothing: float, m
 
 def _chunked(spline: RBFInterpolator, chunk: int = 32768) -> Callable[[np.ndarray], np.ndarray]:
     """``spline`` evaluated a chunk of points at a time (its kernel matrix is points x centres)."""
+    @serial_blas
     def transform(points: np.ndarray) -> np.ndarray:
         points = np.asarray(points, dtype=np.float64)
         return np.concatenate([spline(points[start:start + chunk]) for start in range(0, len(points), chunk)]) \
