@@ -44,7 +44,7 @@ def _blas_pools() -> ThreadpoolController:
 
 def serial_blas(function: _Function) -> _Function:
     """``function`` with NumPy's BLAS limited to one thread while it runs (restored after; torch's own threads are
-    untouched)."""
+    untouched). Not ``ThreadpoolController().wrap``: that scans the loaded libraries when the module is imported."""
     @functools.wraps(function)
     def wrapped(*args, **kwargs):
         with _blas_pools().limit(limits=1, user_api="blas"):
