@@ -168,6 +168,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--runs", type=Path, nargs="+", required=True, help="pretraining run folders (model.pt)")
     parser.add_argument("--data", type=Path, default=None,
                         help="demo population (default: bench/dense/data_2d_24s_realistic or data_3d_10s_realistic)")
+    parser.add_argument("--templates", default=None,
+                        help="the ensemble's three templates, comma-separated image names (default: subject_000 and "
+                             "the two the first run ranks best), to compare runs matched in separate commands")
     parser.add_argument("--skip-baselines", action="store_true", help="leave out NCC and registration")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     parser.add_argument("--errors", type=Path, default=None,
@@ -176,9 +179,12 @@ def main(argv: Sequence[str] | None = None) -> str:
     args = parser.parse_args(argv)
     log_progress()
     data = args.data or Path("bench/dense") / ("data_2d_24s_realistic" if args.dim == 2 else "data_3d_10s_realistic")
+    templates = None if args.templates is None else [name.strip() for name in args.templates.split(",")]
+    if templates is not None and len(templates) != 3:
+        raise SystemExit(f"--templates needs three image names, got {args.templates!r}")
     per_run, split, records = [], None, []
     for run in args.runs:
-        rows, split = score_run(run, data, args.dim, None if split is None else split[0], records)  # first ranks
+        rows, split = score_run(run, data, args.dim, templates if split is None else split[0], records)  # first ranks
         per_run.append(rows)
     reference = {} if args.skip_baselines else baselines(data, split[0], split[1], records)
     if args.errors is not None:

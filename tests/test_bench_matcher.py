@@ -33,3 +33,12 @@ def test_toy_ablation_scores_every_variant_on_the_same_queries(tmp_path):
     assert sum(argmax) / len(argmax) == pytest.approx(rows["argmax"]["mre"])
     written = bench_matcher.write_csv(tmp_path / "errors.csv", records).read_text().splitlines()
     assert written[0] == "run,matcher,query,landmark,error_mm,score,residual_mm" and len(written) == 1 + len(records)
+
+
+def test_templates_option_fixes_the_ensemble_across_commands(tmp_path):
+    data, run = toy_demo_run(tmp_path, subjects=6)
+    text = bench_matcher.main(["--dim", "2", "--runs", str(run), "--data", str(data), "--skip-baselines",
+                               "--templates", "subject_003, subject_001,subject_005"])
+    assert "templates subject_003, subject_001, subject_005; 3 queries" in text
+    with pytest.raises(SystemExit, match="three image names"):
+        bench_matcher.main(["--dim", "2", "--runs", str(run), "--data", str(data), "--templates", "subject_003"])

@@ -63,6 +63,7 @@ DEFAULT_SUPPORT_POINTS = 512
 FOREGROUND = 0.1  # support points lie where the intensity is above this fraction of the image's range
 _PEAK_POOL = 16  # candidate_peaks looks for local maxima among this many highest voxels per wanted peak first
 _SUPPORT_STRIDE = 2  # support points are searched on every second voxel, then refined
+_PAD_MULTIPLE = 4  # padded images are multiples of this too: support search strides up to 4 divide their grid
 _SUPPORT_MAP_VOXELS = 2 ** 24  # similarity-map voxels held at once when matching support points (64 MiB float32)
 #: linear interpolation mode of F.interpolate per number of spatial dims
 _LINEAR = {2: "bilinear", 3: "trilinear"}
@@ -292,7 +293,9 @@ class OneShotMatcher:
         """Features of ``image`` ``(C, *S)`` (already prepared: oriented, resampled, in [0, 1]): the chosen levels
         in ``levels`` order, or with several ``pyramid`` factors every factor's, coarse -> fine by stride."""
         shape = tuple(int(s) for s in image.shape[1:])
-        divisor = 2 * int(self.network.min_size_divisor) * max(self.pyramid)  # every factor's grid on the coarsest
+        # every factor's image divisible by the network's divisor (windows then start on its coarsest grid) and the
+        # support searches' strides, no more: the network pays for padded voxels (90x108x94 -> 96x112x96 in 3D)
+        divisor = math.lcm(int(self.network.min_size_divisor) * math.lcm(*self.pyramid), _PAD_MULTIPLE)
         padded = convert_to_tensor(DivisiblePad(k=divisor, mode="constant", method="end")(image.as_tensor().float()),
                                    track_meta=False)  # (C, *P)
         padded_shape = tuple(int(s) for s in padded.shape[1:])
