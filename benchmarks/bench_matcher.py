@@ -53,6 +53,10 @@ def score_run(run: Path, data: Path, dims: int, templates: list[str] | None = No
     template names (default: ranked with this checkpoint, see the module docstring). ``records``: if given, one
     dict per matched landmark is appended (``_record``)."""
     paths = {image_key(path): path for path in resolve_images(data / "images")}
+    unknown = [name for name in templates or () if name not in paths]
+    if unknown:
+        raise SystemExit(f"--templates {', '.join(unknown)}: no such image in {data / 'images'} "
+                         f"(its images: {', '.join(sorted(paths))})")
     truth = read_landmarks(data / "landmarks.csv")
     network, preprocessing, levels, pyramid = matching_network(run, dims)
     prepare = image_preparer(preprocessing, next(iter(paths.values())), dims, network=network)

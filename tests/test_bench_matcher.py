@@ -42,3 +42,6 @@ def test_templates_option_fixes_the_ensemble_across_commands(tmp_path):
     assert "templates subject_003, subject_001, subject_005; 3 queries" in text
     with pytest.raises(SystemExit, match="three image names"):
         bench_matcher.main(["--dim", "2", "--runs", str(run), "--data", str(data), "--templates", "subject_003"])
+    with pytest.raises(SystemExit, match="subject_042: no such image"):
+        bench_matcher.main(["--dim", "2", "--runs", str(run), "--data", str(data), "--skip-baselines",
+                            "--templates", "subject_003,subject_042,subject_005"])
