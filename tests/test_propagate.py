@@ -177,7 +177,8 @@ def test_segment_oneshot_refuses_bad_input(demo2d, tmp_path, capsys):
 def test_every_default_support_search_stride_divides_the_padded_grid():
     """Images are padded to a multiple of ``_PAD_MULTIPLE`` (and the network's divisor) so that the support search
     grid of every dimension divides them: the two constants live in two modules and must agree."""
-    from medssl.matching.oneshot import _PAD_MULTIPLE
+    from medssl.matching.oneshot import _PAD_MULTIPLE, _SUPPORT_STRIDE
     from medssl.matching.propagate import SUPPORT_STRIDE
 
     assert all(_PAD_MULTIPLE % stride == 0 for stride in SUPPORT_STRIDE.values())
+    assert _PAD_MULTIPLE % _SUPPORT_STRIDE == 0  # the landmark matcher's support search too
