@@ -90,8 +90,8 @@ def test_registration_baseline_carries_a_template_onto_itself():
     image[12:36, 10:30] = 1.0
     image[20:28, 16:24] = 2.0
     affine = torch.eye(3, dtype=torch.float64)
-    template = MetaTensor(torch.as_tensor(image)[None] + 0.01 * torch.rand(1, 48, 40, generator=torch.Generator().manual_seed(0)),
-                          affine=affine)
+    noise = 0.01 * torch.rand(1, 48, 40, generator=torch.Generator().manual_seed(0))
+    template = MetaTensor(torch.as_tensor(image)[None] + noise, affine=affine)
     label = MetaTensor(torch.as_tensor(np.rint(image)).long()[None], affine=affine)
     warped = registration_labels(template, label, template, bspline_spacing_mm=None, iterations=10)
     assert warped.shape == (3, 48, 40) and _dice(MetaTensor(warped.as_tensor().argmax(0, keepdim=True), affine=affine), label) > 0.9
