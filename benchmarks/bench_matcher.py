@@ -1,4 +1,4 @@
-"""One-shot matcher ablation (issue 19): the same pretrained checkpoints, matched four ways, against registration.
+"""One-shot matcher ablation (issue 19): the same pretrained checkpoints, matched five ways, against registration.
 
     python -m benchmarks.bench_matcher --dim 2 --runs bench/dense/pretrain/infoguided_2d_*  --out docs/matcher_2d.md
     python -m benchmarks.bench_matcher --dim 3 --runs bench/dense/pretrain/pgssl_3d_38fc5bdb --out docs/matcher_3d.md
@@ -6,8 +6,8 @@
 Data: the realistic demo population ``bench_dense`` pretrains on (``--data``). Template ``subject_000``; the
 ensemble adds the two images ``select-template`` ranks best among the others (with the first run's features);
 those two are left out of the queries of *every* row, so all rows score the same queries. Rows: ``argmax`` (each
-landmark's own best match, the matcher before issue 19), ``coarse-to-fine`` search, ``+ thin-plate`` and
-``+ outliers`` consistency (global search), ``+ ensemble of 3 templates`` (the dimension's default consistency);
+landmark's own best match, the matcher before issue 19), ``coarse-to-fine`` search, ``+ thin-plate``, ``+ outliers``
+and ``+ dense`` consistency (global search), ``+ ensemble of 3 templates`` (the dimension's default consistency);
 then NCC and registration on the same queries. Per row: mean +- SD over the runs of MRE, the runs' mean median RE
 and SDR, the Spearman correlation of the ``score`` and of ``residual_mm`` with the error (negative / positive =
 predictive), and seconds per query (matching only, the embedding excluded). ``--errors`` keeps every landmark's
@@ -40,6 +40,7 @@ MODULE = "benchmarks.bench_matcher"
 log = logging.getLogger(MODULE)
 VARIANTS = (("argmax", "global", "none", 1), ("coarse-to-fine", "coarse-to-fine", "none", 1),
             ("+ thin-plate", "global", "thin-plate", 1), ("+ outliers", "global", "outliers", 1),
+            ("+ dense", "global", "dense", 1),
             ("+ ensemble of 3 templates", "global", None, 3))  # label, search, consistency, templates
 
 

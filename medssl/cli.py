@@ -412,11 +412,12 @@ def _add_landmarks_oneshot(sub: _Subparsers) -> None:
     p.add_argument("--search", choices=("global", "coarse-to-fine"), default="global",
                    help="embedding: each landmark's own match is the best point of the whole image (global, "
                         "default) or found coarse level first, finer levels only near it (coarse-to-fine)")
-    p.add_argument("--consistency", choices=("thin-plate", "outliers", "none"), default=None,
+    p.add_argument("--consistency", choices=("thin-plate", "outliers", "dense", "none"), default=None,
                    help="embedding: read each landmark off a robust thin-plate spline through the matches of the "
                         "landmarks and of a grid of template support points (thin-plate; stops jumps to look-alike "
-                        "structures), only the landmarks whose own match the spline rejects (outliers), or keep "
-                        "each landmark's own best match (none); default thin-plate in 2D, outliers in 3D")
+                        "structures), only the landmarks whose own match the spline rejects (outliers), off that "
+                        "spline refined by registering the features densely (dense), or keep "
+                        "each landmark's own best match (none); default thin-plate in 2D, dense in 3D")
     p.add_argument("--min-score", type=float, default=None, metavar="S",
                    help="leave landmarks scoring below S out of the CSV (reported missing) instead of guessing")
 

@@ -12,7 +12,9 @@ notion of where the landmark should be): ``search="coarse-to-fine"`` finds each 
 first and lets every finer level search only a window around the previous answer; ``consistency="thin-plate"``
 also matches a grid of support points over the template's foreground and reads each landmark off a robust
 thin-plate spline through all the matches (``consistency.robust_spline``): a feature-driven registration
-(``"outliers"``: the spline replaces only the landmarks whose own match it rejects).
+(``"outliers"``: the spline replaces only the landmarks whose own match it rejects); ``consistency="dense"`` refines
+that spline by a dense feature registration (``feature_registration``: thousands of template points pull on one smooth
+displacement) and reads every landmark off the refined map.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from medssl.data.geometry import voxel_to_world, world_to_voxel
 from medssl.data.readers import check_image_shape
 from medssl.errors import InputError
 from medssl.matching.consistency import robust_spline
+from medssl.matching.feature_registration import DEFAULT_SAMPLES, register_features, sample_voxels
 from medssl.registry import look_up
 from medssl.transforms.preprocess import Preprocessing
 from medssl.transforms.views import check_pyramid
@@ -53,10 +56,11 @@ SEARCH_MODES = ("global", "coarse-to-fine")
 #: a 3D demo volume's network pass 1.2 -> 0.8 s on 2 cores, features at cosine >= 0.999 to float32's; on CUDA and
 #: on CPUs that emulate bfloat16 not measured)
 AMP_MODES = ("off", "bf16")
-CONSISTENCY_MODES = ("thin-plate", "outliers", "none")
-#: the consistency check per spatial dims when none is chosen (measured, docs/oneshot.md: in 3D reading every
-#: landmark off the spline costs precision, SDR 2 mm 30.6 -> 10.0 %, so there it only replaces the outliers)
-DEFAULT_CONSISTENCY = {2: "thin-plate", 3: "outliers"}
+CONSISTENCY_MODES = ("thin-plate", "outliers", "dense", "none")
+#: the consistency check per spatial dims when none is chosen (measured, docs/oneshot.md: in 3D the spline refined
+#: by the dense registration, one template 3.40 -> 2.60 mm against "outliers" at 3.6 s more per template; in 2D it
+#: gains 7 % at 6x the matching time, so there the spline alone)
+DEFAULT_CONSISTENCY = {2: "thin-plate", 3: "dense"}
 #: thin-plate smoothing per spatial dims (SciPy ``RBFInterpolator`` units: the kernels are in mm)
 SPLINE_SMOOTHING = {2: 3000.0, 3: 100.0}
 DEFAULT_SUPPORT_POINTS = 512
@@ -128,12 +132,14 @@ class Embedding:
 
 @dataclass(frozen=True)
 class Reference:
-    """A template as the matcher uses it: unit feature vectors per level ``(L + N, C_l)`` and world positions
-    ``points_mm`` ``(L + N, D)`` of its ``landmarks`` (the first ``L``) and then of its ``N`` support points."""
+    """A template as the matcher uses it: unit feature vectors per level ``(L + N + M, C_l)`` and world positions
+    ``points_mm`` ``(L + N + M, D)`` of its ``landmarks`` (the first ``L``), then of its ``N`` support points, then
+    of its ``samples`` (``M``, the points a dense feature registration compares; 0 without one)."""
 
     vectors: list[torch.Tensor]
     points_mm: np.ndarray
     landmarks: int
+    samples: int = 0
 
     @property
     def landmark_vectors(self) -> list[torch.Tensor]:
@@ -141,7 +147,20 @@ class Reference:
 
     @property
     def support_vectors(self) -> list[torch.Tensor]:
-        return [vector[self.landmarks:] for vector in self.vectors]
+        return [vector[self.landmarks:len(vector) - self.samples] for vector in self.vectors]
+
+    @property
+    def spline_points_mm(self) -> np.ndarray:
+        """The landmarks and support points ``(L + N, D)`` mm: the points the robust spline is fitted on."""
+        return self.points_mm[:len(self.points_mm) - self.samples]
+
+    @property
+    def sample_vectors(self) -> list[torch.Tensor]:
+        return [vector[len(vector) - self.samples:] for vector in self.vectors]
+
+    @property
+    def sample_points_mm(self) -> np.ndarray:
+        return self.points_mm[len(self.points_mm) - self.samples:]
 
 
 @dataclass(frozen=True)
@@ -237,10 +256,12 @@ class OneShotMatcher:
     of the combined map over the whole image). ``consistency``: ``"thin-plate"`` (``support`` grid points of the
     template's foreground are matched too; each landmark is read off a robust thin-plate spline through all
     matches, ``smoothing`` default ``SPLINE_SMOOTHING``), ``"outliers"`` (the same spline, but a landmark whose
-    own match is an inlier of it keeps that match), ``"none"`` (each landmark's own best match) or None
-    (``DEFAULT_CONSISTENCY`` of the image's dimension). ``pyramid``: working-spacing factors the image is embedded
-    at (default ``(1,)``): at factor ``f`` the image is averaged over ``f^D`` voxel blocks before the network sees
-    it (``f`` times the receptive field in mm); its levels join the others as levels of stride ``f`` times theirs.
+    own match is an inlier of it keeps that match), ``"dense"`` (the spline refined by a dense feature registration
+    of ``samples`` random template voxels, ``feature_registration.register_features``, every landmark read off
+    it), ``"none"`` (each landmark's own best match) or None (``DEFAULT_CONSISTENCY`` of the image's dimension).
+    ``pyramid``: working-spacing factors the image is embedded at (default ``(1,)``): at factor ``f`` the image is
+    averaged over ``f^D`` voxel blocks before the network sees it (``f`` times the receptive field in mm); its levels
+    join the others as levels of stride ``f`` times theirs.
     ``amp``: ``"off"`` (float32) or ``"bf16"`` (the network's forward pass autocast to bfloat16; ``AMP_MODES``); the
     features are compared in float32 either way.
     """
@@ -249,7 +270,7 @@ class OneShotMatcher:
                  roi_size: int | Sequence[int] | None = None, candidates: int = 4, search: str = "global",
                  consistency: str | None = None, support: int = DEFAULT_SUPPORT_POINTS,
                  smoothing: float | None = None, pyramid: Sequence[int] = (1,), device: str | torch.device = "cpu",
-                 amp: str = "off"):
+                 amp: str = "off", samples: int = DEFAULT_SAMPLES):
         look_up(combine, COMBINE_MODES, what="combine mode", path="combine")
         look_up(amp, AMP_MODES, what="precision", path="--amp")
         look_up(search, SEARCH_MODES, what="search", path="--search")
@@ -265,6 +286,9 @@ class OneShotMatcher:
         if int(support) < 1:
             raise InputError(f"the number of support points must be >= 1, got {support}")
         self.support = int(support)
+        if int(samples) < 1:
+            raise InputError(f"the number of dense registration samples must be >= 1, got {samples}")
+        self.samples = int(samples)
         self.smoothing = smoothing
         self.pyramid = check_pyramid(pyramid, "--pyramid")
         self.amp = amp
@@ -335,12 +359,17 @@ class OneShotMatcher:
 
     def reference(self, template: Embedding, image: MetaTensor, points_mm: np.ndarray) -> Reference:
         """The ``Reference`` of a template: its landmarks ``(L, D)`` mm and, with a consistency check, the
-        ``support_points`` of its ``image`` (the image ``template`` embeds)."""
+        ``support_points`` of its ``image`` (the image ``template`` embeds); with the dense check also ``samples``
+        random voxels of it (``sample_voxels``, seed 0)."""
         landmarks = np.asarray(points_mm, dtype=np.float64).reshape(-1, template.spatial_dims)
-        points = landmarks
-        if (self.consistency or DEFAULT_CONSISTENCY[template.spatial_dims]) != "none":
+        points, samples = landmarks, 0
+        mode = self.consistency or DEFAULT_CONSISTENCY[template.spatial_dims]
+        if mode != "none":
             points = np.concatenate([landmarks, template.to_world(support_points(image, self.support))])
-        return Reference(self.template_vectors(template, points), points, landmarks=len(landmarks))
+        if mode == "dense":
+            dense = template.to_world(sample_voxels(template.shape, self.samples))
+            points, samples = np.concatenate([points, dense]), len(dense)
+        return Reference(self.template_vectors(template, points), points, landmarks=len(landmarks), samples=samples)
 
     def combine_levels(self, cosines: Sequence[torch.Tensor]) -> torch.Tensor:
         """Per-level cosine maps (same shape) -> combined score: geometric mean of the clamped cosines (product
@@ -468,13 +497,15 @@ class OneShotMatcher:
         ensemble; within the ``search`` windows), re-scored and refined on the feature field (``refine``). With
         a consistency check the support points are matched too, a robust thin-plate spline from each template's
         points to the matches gives each landmark's answer (``"outliers"``: only where the landmark's own match is
-        an outlier of the spline), and several templates vote by the median."""
+        an outlier of the spline; ``"dense"``: off the spline refined by a dense feature registration), and several
+        templates vote by the median."""
         landmark_vectors = [reference.landmark_vectors for reference in references]
         maps = self._searched_maps(query, landmark_vectors)  # (L, *S)
         voxels, scores = self.refine(query, landmark_vectors, candidate_peaks(maps, self.candidates))
         own = query.to_world(voxels)  # (L, D)
         mode = self.consistency or DEFAULT_CONSISTENCY[query.spatial_dims]
-        too_few = [len(reference.points_mm) for reference in references if len(reference.points_mm) < own.shape[1] + 2]
+        too_few = [len(reference.spline_points_mm) for reference in references
+                   if len(reference.spline_points_mm) < own.shape[1] + 2]
         if mode == "none" or too_few:
             if mode != "none":
                 log.warning("no consistency check: a template has %d landmark and support point(s), a robust fit "
@@ -485,11 +516,17 @@ class OneShotMatcher:
         answers = []
         for reference in references:
             support = query.to_world(self.match_points(query, reference.support_vectors))  # (N, D)
-            fit = robust_spline(reference.points_mm, np.concatenate([own, support]), smoothing=smoothing,
+            fit = robust_spline(reference.spline_points_mm, np.concatenate([own, support]), smoothing=smoothing,
                                 min_scale_mm=float(spacing.max()))
             answer = fit.predicted[:len(own)]
             if mode == "outliers":  # a landmark whose own match agrees with the spline keeps it
                 answer = np.where(fit.inliers[:len(own), None], own, answer)
+            elif mode == "dense" and reference.samples:  # a reference made for another check has none: the spline
+                samples = reference.sample_points_mm
+                displacement = register_features(reference.sample_vectors, samples, fit.transform(samples),
+                                                 query.features, query.padded_shape, query.affine, query.shape)
+                landmarks = reference.points_mm[:reference.landmarks]
+                answer = fit.transform(landmarks) + displacement(landmarks)
             answers.append(answer)
         points = np.median(np.stack(answers), axis=0)  # (L, D): the templates vote
         at = torch.as_tensor(query.to_voxel(points), dtype=torch.float32, device=self.device)[:, None]  # (L, 1, D)
