@@ -10,8 +10,8 @@ registration does with intensities: the points on either side of a structure hol
 Each point's similarity is tabulated once per feature level on the whole voxels within ``radius_mm`` of where the
 starting map puts it. A dot product is linear in the features, so the table's interpolation equals the similarity
 of the interpolated features (before their renormalisation); the optimiser then reads only the tables (about
-0.05 s per step for 20 000 points and the 8 levels of the shipped 3D network on 2 CPU cores, against 0.35 s for
-sampling the feature maps themselves). Written here because
+0.05 s per step for 20 000 points and the 8 levels of the shipped 3D network on 2 CPU cores, against about 0.35 s,
+estimated from per-level timings, for sampling the feature maps themselves). Written here because
 MONAI's registration blocks (``Warp``, ``BendingEnergyLoss``) act on whole images and dense fields, and neither
 MONAI nor SimpleITK registers multi-channel feature maps by a similarity given as tables.
 """

@@ -59,7 +59,7 @@ AMP_MODES = ("off", "bf16")
 CONSISTENCY_MODES = ("thin-plate", "outliers", "dense", "none")
 #: the consistency check per spatial dims when none is chosen (measured, docs/oneshot.md: in 3D the spline refined
 #: by the dense registration, one template 3.40 -> 2.60 mm against "outliers" at 3.6 s more per template; in 2D it
-#: gains 7 % at 6x the matching time, so there the spline alone)
+#: gains 6-8 % at 6x the matching time, so there the spline alone)
 DEFAULT_CONSISTENCY = {2: "thin-plate", 3: "dense"}
 #: thin-plate smoothing per spatial dims (SciPy ``RBFInterpolator`` units: the kernels are in mm)
 SPLINE_SMOOTHING = {2: 3000.0, 3: 100.0}
