@@ -59,15 +59,21 @@ def shifted_pair(dims: int, shift_voxels: tuple[float, ...]):
     return torch.as_tensor(template, dtype=torch.float32), torch.as_tensor(query, dtype=torch.float32)
 
 
-def register(template: torch.Tensor, query: torch.Tensor, dims: int) -> tuple[Displacement, np.ndarray]:
+def template_samples(template: torch.Tensor, dims: int) -> tuple[np.ndarray, torch.Tensor]:
+    """Sampled template voxels ``(N, D)`` away from the border and the template's features there ``(N, C)``."""
     shape = SHAPES[dims]
     voxels = sample_voxels(shape, count=2000, seed=0)
-    inside = voxels[(voxels >= 3).all(1) & (voxels < np.array(shape) - 3).all(1)]  # away from the border
+    inside = voxels[(voxels >= 3).all(1) & (voxels < np.array(shape) - 3).all(1)]
     grid = (2.0 * (torch.as_tensor(inside, dtype=torch.float32) + 0.5) / torch.as_tensor(shape) - 1.0)
     grid = grid.flip(-1).reshape(1, -1, *[1] * (dims - 1), dims)
     vectors = F.grid_sample(template[None], grid, mode="bilinear", align_corners=False).reshape(len(template), -1).T
-    points_mm = to_world(inside, dims)
-    field = register_features([vectors], points_mm, points_mm, [query], shape, affine(dims),
+    return inside, vectors
+
+
+def register(template: torch.Tensor, query: torch.Tensor, dims: int) -> tuple[Displacement, np.ndarray]:
+    voxels, vectors = template_samples(template, dims)
+    points_mm = to_world(voxels, dims)
+    field = register_features([vectors], points_mm, points_mm, [query], SHAPES[dims], affine(dims),
                               control_spacing_mm=8.0, radius_mm=4.0, steps=150)
     return field, points_mm
 
@@ -106,16 +112,14 @@ def test_samples_outside_the_query_image_are_left_out(dims):
     shift = (2.0, -1.0, 1.0)[:dims]
     template, query = shifted_pair(dims, shift)
     shape = SHAPES[dims]
-    inside = sample_voxels(shape, count=2000, seed=0)
-    inside = inside[(inside >= 3).all(1) & (inside < np.array(shape) - 3).all(1)]
-    grid = (2.0 * (torch.as_tensor(inside, dtype=torch.float32) + 0.5) / torch.as_tensor(shape) - 1.0)
-    vectors = F.grid_sample(template[None], grid.flip(-1).reshape(1, -1, *[1] * (dims - 1), dims),
-                            mode="bilinear", align_corners=False).reshape(len(template), -1).T
+    inside, vectors = template_samples(template, dims)
     cut = [shape[0] // 2, *shape[1:]]  # the query "ends" halfway along the first axis
     outside = torch.as_tensor(inside[:, 0] > cut[0] - 0.5)
     vectors = torch.where(outside[:, None], -vectors, vectors)
     points_mm = to_world(inside, dims)
-    kwargs = dict(control_spacing_mm=8.0, radius_mm=4.0, steps=150)
+    # one control cell over the whole toy image, so that the reversed half would pull the other half's answer:
+    # without leaving them out the median is 0.98 (2D) and 9.8 mm (3D) off; with an 8 mm grid only 0.002 / 0.05 mm
+    kwargs = dict(control_spacing_mm=64.0, radius_mm=4.0, steps=150)
     field = register_features([vectors], points_mm, points_mm, [query], shape, affine(dims), cut, **kwargs)
     found = field(points_mm[~outside.numpy()])
     expected_mm = np.asarray(shift) * np.asarray(SPACING[dims])

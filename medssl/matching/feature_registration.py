@@ -27,6 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medssl.correspondence import flat_index, offset_cube
+from medssl.data.geometry import spacing_mm as affine_spacing_mm
+
 #: control-grid spacing (mm), search radius around the starting map (mm), smoothness weight, Adam steps and step
 #: size (in units of the query's largest voxel side); chosen on the seed-1 3D demo population, which the matcher's
 #: tables do not use (docs/oneshot.md)
@@ -55,16 +58,10 @@ class _Table:
         position = torch.minimum(position, (self.width - 1).to(position) - 1e-4)
         low = position.floor()
         fraction = position - low
-        corners = torch.as_tensor(list(itertools.product((0, 1), repeat=dims)), device=voxels.device)  # (2^D, D)
-        cells = low.long()[:, None, :] + corners  # (N, 2^D, D)
-        index = (cells * _row_major(self.width)).sum(-1)  # (N, 2^D)
+        corners = offset_cube(torch.arange(2, device=voxels.device), dims)  # (2^D, D)
+        index = flat_index(low.long()[:, None, :] + corners, self.width)  # (N, 2^D)
         weights = torch.where(corners.bool(), fraction[:, None, :], 1.0 - fraction[:, None, :]).prod(-1)
         return (weights * self.values.gather(1, index)).sum(1)
-
-
-def _row_major(width: torch.Tensor) -> torch.Tensor:
-    """Strides ``(D,)`` of a row-major array of shape ``width``."""
-    return torch.cumprod(torch.cat([width.flip(0)[:-1].new_ones(1), width.flip(0)[:-1]]), 0).flip(0)
 
 
 def similarity_tables(vectors: Sequence[torch.Tensor], levels: Sequence[torch.Tensor], voxels: torch.Tensor,
@@ -80,11 +77,10 @@ def similarity_tables(vectors: Sequence[torch.Tensor], levels: Sequence[torch.Te
         width = torch.as_tensor([2 * r + 1 for r in reach], device=voxels.device)
         corner = ((voxels + 0.5) / stride - 0.5).round().long() - torch.as_tensor(reach, device=voxels.device)
         flat = level.reshape(level.shape[0], -1).T.contiguous()  # (V, C): one row per level voxel
-        steps = _row_major(size)
         values = torch.empty(len(voxels), int(width.prod()), device=voxels.device)
         for column, offset in enumerate(itertools.product(*[range(int(w)) for w in width])):
             cells = torch.minimum((corner + torch.as_tensor(offset, device=voxels.device)).clamp(min=0), size - 1)
-            values[:, column] = (flat.index_select(0, (cells * steps).sum(-1)) * vector).sum(-1)
+            values[:, column] = (flat.index_select(0, flat_index(cells, size)) * vector).sum(-1)
         tables.append(_Table(values, corner.float(), width, stride))
     return tables
 
@@ -153,7 +149,7 @@ def register_features(vectors: Sequence[torch.Tensor], points_mm: np.ndarray, st
     start = torch.as_tensor(np.asarray(start_mm), dtype=torch.float32, device=device)
     affine = torch.as_tensor(affine, dtype=torch.float64)
     to_voxel = torch.linalg.inv(affine).to(device=device, dtype=torch.float32)  # world mm -> voxel (homogeneous)
-    spacing = affine[:-1, :-1].norm(dim=0).tolist()  # mm per voxel along each array axis
+    spacing = affine_spacing_mm(affine)  # mm per voxel along each array axis
     dims = points.shape[1]
 
     def voxels_of(world: torch.Tensor) -> torch.Tensor:
